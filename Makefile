@@ -1,0 +1,43 @@
+# Set-up and entry points. Every target installs what it needs first (idempotent).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+FAIRSEQ_VERSION ?= 0.12.3.1
+FAIRSEQ_DEPS := "hydra-core==1.3.2" "omegaconf==2.3.0" numpy cython cffi regex sacrebleu tqdm bitarray \
+	scikit-learn packaging sentencepiece tensorboardX matplotlib pytest
+
+.PHONY: install test test-fast demo bench format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	# Reuse a torch that is already importable (e.g. a CUDA build a GPU user brought);
+	# otherwise pin the CPU build so pip never resolves an unpinned multi-GB CUDA torch.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install $(FAIRSEQ_DEPS)
+	$(PY) -c "import fairseq" 2>/dev/null || \
+		$(PIP) install --no-deps --no-build-isolation "fairseq-fixed==$(FAIRSEQ_VERSION)"
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not e2e"
+
+demo: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/demo.py
+
+bench: install
+	$(PY) scripts/bench_throughput.py
+
+format:
+	$(PY) -m ruff format atbptt_fairseq scripts tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,15 @@
+"""atbptt_fairseq: adaptive truncated backpropagation through time for fairseq (``--user-dir``).
+
+fairseq imports ``tasks/`` and ``models/`` of a user dir by itself; criterions are imported here.
+"""
+
+import argparse
+
+import torch
+
+# fairseq's own (legacy) checkpoints pickle an argparse.Namespace; allow it under torch's
+# default weights_only loading so they still load with --user-dir atbptt_fairseq.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+from atbptt_fairseq import criterions, models, tasks  # noqa: E402,F401

@@ -1,0 +1,73 @@
+"""Cross-entropy over the scored positions of a TBPTT segment."""
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+
+@dataclass
+class TbpttCrossEntropyConfig(FairseqDataclass):
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+@register_criterion("tbptt_cross_entropy", dataclass=TbpttCrossEntropyConfig)
+class TbpttCrossEntropyCriterion(FairseqCriterion):
+    """Summed token cross-entropy over ``sample["target"]``, which holds only the scored positions
+    (the model computes logits only from ``output_start`` on, so the overlap prefix is context).
+
+    Normalised like fairseq's ``cross_entropy`` (loss in base 2, perplexity derived). The state
+    the model carries on is handed back to the task as ``sample["carried_state"]``.
+    """
+
+    def __init__(self, task, sentence_avg: bool) -> None:
+        super().__init__(task)
+        self.sentence_avg = sentence_avg
+
+    def forward(self, model, sample, reduce: bool = True):
+        logits, extra = model(**sample["net_input"])  # B x K x V
+        target = sample["target"]  # B x K
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            target.reshape(-1),
+            ignore_index=self.padding_idx,
+            reduction="sum" if reduce else "none",
+        )
+        sample["carried_state"] = extra.get("carried_state")
+        ntokens = sample["ntokens"]
+        sample_size = target.size(0) if self.sentence_avg else ntokens
+        logging_output = {
+            "loss": loss.data,
+            "ntokens": ntokens,
+            "nsentences": target.size(0),
+            "sample_size": sample_size,
+        }
+        if "truncation_length" in sample:
+            logging_output["trunc_k"] = sample["truncation_length"]
+            logging_output["tbptt_parts"] = 1
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        loss_sum = sum(log.get("loss", 0) for log in logging_outputs)
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        # divide by log(2) to report the loss in base 2, as fairseq's cross_entropy does
+        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        if sample_size != ntokens:
+            metrics.log_scalar("nll_loss", loss_sum / ntokens / math.log(2), ntokens, round=3)
+            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        else:
+            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+        parts = sum(log.get("tbptt_parts", 0) for log in logging_outputs)
+        if parts > 0:
+            trunc_k = sum(log.get("trunc_k", 0) for log in logging_outputs) / parts
+            metrics.log_scalar("trunc_k", trunc_k, weight=1, round=1)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,191 @@
+"""A stateful LSTM language model for truncated backpropagation through time.
+
+The recurrent state is an explicit input and output of ``forward`` so that the task can carry it
+across segments; evaluation streams (validation, ``fairseq-eval-lm``) carry their own state inside
+the model, keyed by stream name, because fairseq's scorer calls ``model(**net_input)`` and keeps
+nothing between batches.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.utils import safe_getattr
+from torch import Tensor, nn
+
+LstmState = Tuple[Tensor, Tensor]  # (h, c), each num_layers x B x H
+
+
+@dataclass
+class TbpttLstmLmConfig(FairseqDataclass):
+    embed_dim: int = field(default=512, metadata={"help": "token embedding dimension"})
+    hidden_size: int = field(default=512, metadata={"help": "LSTM hidden units per layer"})
+    num_layers: int = field(default=1, metadata={"help": "number of stacked LSTM layers"})
+    dropout: float = field(
+        default=0.2,
+        metadata={"help": "dropout on the embeddings, between LSTM layers and before the output"},
+    )
+    tie_embeddings: bool = field(
+        default=False,
+        metadata={"help": "share the input embedding and output projection (needs embed_dim == hidden_size)"},
+    )
+
+
+class TbpttLstmDecoder(FairseqDecoder):
+    """Embedding, dropout, fused multi-layer ``nn.LSTM``, dropout, (tied) output projection."""
+
+    def __init__(self, cfg: TbpttLstmLmConfig, dictionary) -> None:
+        super().__init__(dictionary)
+        if cfg.tie_embeddings and cfg.embed_dim != cfg.hidden_size:
+            raise ValueError(
+                f"--tie-embeddings needs --embed-dim ({cfg.embed_dim}) == --hidden-size "
+                f"({cfg.hidden_size}); change one of them"
+            )
+        num_tokens = len(dictionary)
+        self.num_layers = cfg.num_layers
+        self.hidden_size = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(num_tokens, cfg.embed_dim, padding_idx=dictionary.pad())
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(
+            cfg.embed_dim,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        if cfg.tie_embeddings:
+            self.output_weight = self.embed_tokens.weight
+        else:
+            self.output_weight = nn.Parameter(torch.empty(num_tokens, cfg.hidden_size))
+            nn.init.normal_(self.output_weight, std=cfg.hidden_size**-0.5)
+        self.output_bias = nn.Parameter(torch.zeros(num_tokens))
+        nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
+        self._stream_states: Dict[str, LstmState] = {}
+
+    def zero_state(self, batch_size: int) -> LstmState:
+        weight = self.embed_tokens.weight
+        shape = (self.num_layers, batch_size, self.hidden_size)
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
+    def project(self, features: Tensor) -> Tensor:
+        """Output logits for LSTM features (... x H -> ... x V)."""
+        return F.linear(self.dropout(features), self.output_weight, self.output_bias)
+
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        state: Optional[LstmState] = None,
+        carry_offset: Optional[int] = None,
+        output_start: int = 0,
+        stream: Optional[str] = None,
+        start_of_stream: bool = False,
+        **unused,
+    ) -> Tuple[Tensor, Dict[str, object]]:
+        """Run the LSTM over ``prev_output_tokens`` (B x T) from ``state``.
+
+        ``carry_offset``: also return the (detached) state after that many steps as
+        ``carried_state``, the state the next segment starts from (overlap TBPTT).
+        ``output_start``: compute logits only from that position on (earlier positions are context).
+        ``stream``: carry the state inside the model under this key (evaluation), starting from zero
+        when ``start_of_stream`` is set or the batch size changed.
+        """
+        batch_size, length = prev_output_tokens.shape
+        if stream is not None:
+            state = None if start_of_stream else self._stream_states.get(stream)
+            if state is not None and state[0].size(1) != batch_size:
+                state = None
+        if state is None:
+            state = self.zero_state(batch_size)
+        x = self.dropout(self.embed_tokens(prev_output_tokens))  # B x T x E
+        if carry_offset is not None and 0 < carry_offset < length:
+            head, carried = self.lstm(x[:, :carry_offset], state)
+            tail, final = self.lstm(x[:, carry_offset:], carried)
+            features = torch.cat([head, tail], dim=1)  # B x T x H
+        else:
+            features, final = self.lstm(x, state)
+            carried = state if carry_offset == 0 else final
+        logits = self.project(features[:, output_start:])  # B x (T - output_start) x V
+        if stream is not None:
+            self._stream_states[stream] = (final[0].detach(), final[1].detach())
+        extra = {
+            "state": final,
+            "carried_state": (carried[0].detach(), carried[1].detach()),
+        }
+        return logits, extra
+
+    def step(self, tokens: Tensor, state: LstmState) -> Tuple[Tensor, LstmState]:
+        """One recurrent step: tokens (B,), state -> logits B x V and the full next state.
+
+        Used by the bias estimator, which needs every step's state in the autograd graph.
+        """
+        x = self.dropout(self.embed_tokens(tokens.unsqueeze(1)))  # B x 1 x E
+        _, next_state = self.lstm(x, state)
+        # logits from the returned h (not the output tensor, a separate autograd node), so the
+        # gradient at lag 0 flows through the state
+        return self.project(next_state[0][-1]), next_state
+
+    def reset_streams(self) -> None:
+        self._stream_states.clear()
+
+    def max_positions(self) -> int:
+        return int(1e9)
+
+
+@register_model("tbptt_lstm_lm", dataclass=TbpttLstmLmConfig)
+class TbpttLstmLanguageModel(FairseqLanguageModel):
+    """Stateful LSTM LM; see :class:`TbpttLstmDecoder` for the state protocol."""
+
+    @classmethod
+    def build_model(cls, cfg: TbpttLstmLmConfig, task) -> "TbpttLstmLanguageModel":
+        return cls(TbpttLstmDecoder(cfg, task.target_dictionary))
+
+    def zero_state(self, batch_size: int) -> LstmState:
+        return self.decoder.zero_state(batch_size)
+
+    def step(self, tokens: Tensor, state: LstmState) -> Tuple[Tensor, LstmState]:
+        return self.decoder.step(tokens, state)
+
+    def reset_streams(self) -> None:
+        self.decoder.reset_streams()
+
+
+def _fill_defaults(cfg, **arch_values) -> None:
+    """Set every config field not given by the user: the architecture's value, else the default."""
+    defaults = TbpttLstmLmConfig()
+    for config_field in fields(TbpttLstmLmConfig):
+        name = config_field.name
+        fallback = arch_values.get(name, getattr(defaults, name))
+        setattr(cfg, name, safe_getattr(cfg, name, fallback))
+
+
+@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_ptb")
+def tbptt_lstm_lm_ptb(cfg) -> None:
+    """The paper's PTB model: 1 layer of 900 units, tied embeddings, dropout 0.2."""
+    _fill_defaults(cfg, embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True)
+
+
+@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_wiki2")
+def tbptt_lstm_lm_wiki2(cfg) -> None:
+    """The paper's WikiText-2 model: 1 layer of 512 units, tied embeddings, dropout 0.2."""
+    _fill_defaults(cfg, embed_dim=512, hidden_size=512, num_layers=1, dropout=0.2, tie_embeddings=True)
+
+
+@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_copy")
+def tbptt_lstm_copy(cfg) -> None:
+    """The paper's copy-task model: embedding 50, 2 layers of 50 units, untied, no dropout."""
+    _fill_defaults(cfg, embed_dim=50, hidden_size=50, num_layers=2, dropout=0.0, tie_embeddings=False)
+
+
+@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_tiny")
+def tbptt_lstm_lm_tiny(cfg) -> None:
+    """A few thousand parameters, for tests."""
+    _fill_defaults(cfg, embed_dim=16, hidden_size=16, num_layers=1, dropout=0.0, tie_embeddings=True)

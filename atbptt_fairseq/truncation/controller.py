@@ -1,0 +1,189 @@
+"""The controller that holds the truncation length K and re-estimates it on a schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .bias import CUMULATIVE_MODES, choose_truncation_length, estimate_bias
+from .gradient_profile import GradientProfile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TruncationDecision:
+    """Outcome of one re-estimation of K."""
+
+    truncation_length: int  # K in use after the decision
+    relative_bias: float  # delta_hat at that K, mean over the R estimates
+    decay_rate: float  # mean beta_hat over the R estimates
+    seconds: float  # wall time of the whole estimate
+    changed: bool
+
+
+class TruncationController:
+    """Holds K and decides when and how to re-estimate it.
+
+    Adaptive mode (``target_bias`` set) moves K to the mean of R independent choices of the
+    smallest K whose estimated relative bias is below the target. Monitor mode (``target_bias``
+    None) keeps K fixed and only reports the estimated relative bias at it. The gradient profiles
+    come from a ``measure`` callable, so this class knows nothing about models or data.
+    """
+
+    def __init__(
+        self,
+        initial_length: int,
+        min_length: int,
+        max_length: int,
+        target_bias: float | None,
+        window: int,
+        burnin: int,
+        num_sequences: int,
+        num_estimates: int,
+        interval: int,
+        cumulative: str = "approx",
+    ) -> None:
+        if target_bias is not None and not 0.0 < target_bias < 1.0:
+            raise ValueError(
+                f"target_bias must lie strictly between 0 and 1 (got {target_bias}); "
+                "unset it to train with a fixed truncation length"
+            )
+        if not 1 <= min_length <= initial_length <= max_length:
+            raise ValueError(
+                "truncation lengths must satisfy 1 <= min_length <= initial_length <= max_length "
+                f"(got {min_length}, {initial_length}, {max_length}); adjust them"
+            )
+        if window < max_length:
+            raise ValueError(
+                f"window ({window}) must be at least max_length ({max_length}): the bias is only "
+                "estimated for K up to the window; enlarge the window or lower max_length"
+            )
+        if burnin < 0:
+            raise ValueError(f"burnin must be >= 0 (got {burnin})")
+        if num_sequences < 1:
+            raise ValueError(f"num_sequences must be >= 1 (got {num_sequences})")
+        if num_estimates < 1:
+            raise ValueError(f"num_estimates must be >= 1 (got {num_estimates})")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1 update (got {interval})")
+        if cumulative not in CUMULATIVE_MODES:
+            raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES} (got {cumulative!r})")
+        self.min_length = min_length
+        self.max_length = max_length
+        self.target_bias = target_bias
+        self.window = window
+        self.burnin = burnin
+        self.num_sequences = num_sequences
+        self.num_estimates = num_estimates
+        self.interval = interval
+        self.cumulative = cumulative
+        self._truncation_length = initial_length
+        self._last_estimate_update: int | None = None
+        self.last_decision: TruncationDecision | None = None
+
+    @property
+    def truncation_length(self) -> int:
+        """K currently in use."""
+        return self._truncation_length
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether K follows the estimates (otherwise they are only monitored)."""
+        return self.target_bias is not None
+
+    def is_due(self, num_updates: int) -> bool:
+        """Whether to estimate at this update: every ``interval`` updates, once per update."""
+        return (
+            num_updates > 0
+            and num_updates % self.interval == 0
+            and num_updates != self._last_estimate_update
+        )
+
+    def estimate(
+        self, measure: Callable[[], GradientProfile], num_updates: int
+    ) -> TruncationDecision:
+        """Run R measurements, estimate the bias of each and update K (adaptive mode only).
+
+        ``measure`` must draw fresh sequences on each call. A profile that is not finite (e.g. a
+        NaN loss) leaves K as it is and reports nan.
+        """
+        start = time.perf_counter()
+        self._last_estimate_update = num_updates
+        previous_length = self._truncation_length
+        estimates = []
+        for _ in range(self.num_estimates):
+            profile = measure()
+            if profile.norms.numel() < self.max_length:
+                raise ValueError(
+                    f"measured window of {profile.norms.numel()} lags is shorter than max_length "
+                    f"({self.max_length}); measure windows of {self.window} steps"
+                )
+            if not bool(torch.isfinite(profile.norms).all()):
+                logger.warning(
+                    "gradient profile at update %d is not finite; keeping truncation length %d",
+                    num_updates,
+                    previous_length,
+                )
+                return self._decide(previous_length, math.nan, math.nan, start)
+            estimates.append(estimate_bias(profile, self.cumulative))
+
+        if self.adaptive:
+            choices = [
+                choose_truncation_length(
+                    estimate, self.target_bias, self.min_length, self.max_length
+                )
+                for estimate in estimates
+            ]
+            mean_choice = int(sum(choices) / len(choices))
+            self._truncation_length = min(max(mean_choice, self.min_length), self.max_length)
+
+        length = self._truncation_length
+        relative_bias = _mean([float(estimate.relative_bias[length - 1]) for estimate in estimates])
+        decay_rate = _mean([estimate.decay_rate for estimate in estimates])
+        return self._decide(previous_length, relative_bias, decay_rate, start)
+
+    def _decide(
+        self, previous_length: int, relative_bias: float, decay_rate: float, start: float
+    ) -> TruncationDecision:
+        self.last_decision = TruncationDecision(
+            truncation_length=self._truncation_length,
+            relative_bias=relative_bias,
+            decay_rate=decay_rate,
+            seconds=time.perf_counter() - start,
+            changed=self._truncation_length != previous_length,
+        )
+        return self.last_decision
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        decision = self.last_decision
+        return {
+            "truncation_length": int(self._truncation_length),
+            "last_estimate_update": self._last_estimate_update,
+            "last_decision": None if decision is None else dataclasses.asdict(decision),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule and the last decision; K only in adaptive mode.
+
+        In monitor mode the configured K wins, so a resumed fixed-K run can change it. A restored
+        K is clipped to the current bounds.
+        """
+        self._last_estimate_update = state["last_estimate_update"]
+        decision = state["last_decision"]
+        self.last_decision = None if decision is None else TruncationDecision(**decision)
+        if self.adaptive:
+            length = int(state["truncation_length"])
+            self._truncation_length = min(max(length, self.min_length), self.max_length)
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values))

@@ -1,0 +1,268 @@
+"""Turn any raw text (a file, or a directory of .txt files) into a binarized LM corpus.
+
+The lines are split contiguously: the first lines are train, then valid, and the last lines test
+(``--valid-fraction`` / ``--test-fraction``, 5% each by default, or ``--split-ratio 90,5,5``).
+Contiguous rather than shuffled so that the text keeps its order, which a recurrent model that
+carries its state across lines relies on. Empty lines are dropped; fairseq appends </s> to every
+kept line.
+
+Two tokenizations:
+    word level (default)   whitespace tokens, optional --lowercase; --vocab-size N keeps the N most
+                           frequent train words, the rest become <unk> (fairseq --nwordssrc)
+    subwords               --spm-vocab-size N trains SentencePiece on the train split, saves the
+                           model as DEST/spm.model and encodes every split to pieces
+
+    python scripts/prepare_text.py --input book.txt --dest data-bin/book --lowercase
+    python scripts/prepare_text.py --input texts/ --dest data-bin/texts_spm --spm-vocab-size 8000
+
+A directory is read as all the *.txt files directly in it (not in subdirectories), sorted by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prepare_common import (  # noqa: E402
+    SPLITS,
+    check_destination,
+    fail,
+    log,
+    run_preprocess,
+    split_counts,
+    staged_directory,
+    work_directory,
+    write_lines,
+    write_split_files,
+)
+
+FAIRSEQ_SPECIAL_SYMBOLS = 4  # <s>, <pad>, </s>, <unk> come first in every fairseq dictionary
+SPM_BATCH_LINES = 10000
+
+
+def list_input_files(path: Path) -> list[Path]:
+    """The text files to read: the file itself, or every *.txt directly in a directory, sorted."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        if not files:
+            raise fail(f"directory {path} contains no .txt files; give a text file or directory")
+        return files
+    raise fail(f"input {path} does not exist; give a text file or a directory of .txt files")
+
+
+def normalize_line(line: str, lowercase: bool) -> str:
+    """Whitespace-tokenize a line and join the tokens with single spaces."""
+    text = " ".join(line.split())
+    return text.lower() if lowercase else text
+
+
+def iter_text_lines(files: list[Path], lowercase: bool) -> Iterator[str]:
+    """Non-empty normalized lines of all files, in order."""
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    text = normalize_line(line, lowercase)
+                    if text:
+                        yield text
+        except UnicodeDecodeError as exc:
+            raise fail(f"{path} is not UTF-8 text ({exc.reason}); convert it to UTF-8 first")
+
+
+def parse_split_ratio(text: str) -> tuple[float, float]:
+    """(valid, test) fractions from 'train,valid,test' weights such as '90,5,5' or '0.8:0.1:0.1'."""
+    parts = text.replace(":", ",").split(",")
+    try:
+        weights = [float(part) for part in parts]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or min(weights) <= 0:
+        raise fail(f"--split-ratio wants three positive numbers like 90,5,5, got {text!r}")
+    total = sum(weights)
+    return weights[1] / total, weights[2] / total
+
+
+def resolve_fractions(args: argparse.Namespace) -> tuple[float, float]:
+    """(valid, test) fractions from --split-ratio or --valid-/--test-fraction."""
+    if args.split_ratio is not None:
+        if args.valid_fraction is not None or args.test_fraction is not None:
+            raise fail("--split-ratio cannot be combined with --valid-fraction/--test-fraction")
+        return parse_split_ratio(args.split_ratio)
+    valid = 0.05 if args.valid_fraction is None else args.valid_fraction
+    test = 0.05 if args.test_fraction is None else args.test_fraction
+    if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
+        raise fail(
+            f"fractions must be in (0, 1) with valid + test < 1, got valid {valid} and test {test}"
+        )
+    return valid, test
+
+
+def train_sentencepiece(train: Path, model_prefix: Path, vocab_size: int, model_type: str) -> Path:
+    """Train a SentencePiece model on the train split; returns the .model path."""
+    import sentencepiece as spm
+
+    log(f"training SentencePiece ({model_type}, vocabulary {vocab_size}) on {train.name}")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(train),
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            bos_id=-1,
+            eos_id=-1,
+            minloglevel=2,
+        )
+    except (RuntimeError, OSError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        message = lines[-1].rsplit("] ", 1)[-1]  # drop sentencepiece's source location
+        raise fail(f"SentencePiece training failed: {message}")
+    return model_prefix.with_suffix(".model")
+
+
+def encode_file(model: Path, source: Path, target: Path) -> None:
+    """Encode every line of ``source`` to space-separated pieces in ``target``."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
+        with open(source, encoding="utf-8") as handle:
+            for line in handle:
+                batch.append(line.rstrip("\n"))
+                if len(batch) == SPM_BATCH_LINES:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def pieces() -> Iterator[str]:
+        for batch in batches():
+            for encoded in processor.encode(batch, out_type=str):
+                yield " ".join(encoded)
+
+    write_lines(target, pieces())
+
+
+def prepare_lines(
+    read_lines: Callable[[], Iterable[str]],
+    dest: Path,
+    *,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    vocab_size: int | None = None,
+    spm_vocab_size: int | None = None,
+    spm_model_type: str = "unigram",
+    force: bool = False,
+) -> None:
+    """Split normalized non-empty lines into train/valid/test, tokenize and binarize into ``dest``.
+
+    ``read_lines`` is called twice (count, then write) so large inputs are streamed, not held.
+    """
+    if vocab_size is not None and spm_vocab_size is not None:
+        raise fail("--vocab-size and --spm-vocab-size exclude each other; choose one")
+    for name, value in (("--vocab-size", vocab_size), ("--spm-vocab-size", spm_vocab_size)):
+        if value is not None and value < 1:
+            raise fail(f"{name} must be a positive number, got {value}")
+    check_destination(dest, force)
+    n_lines = sum(1 for _ in read_lines())
+    counts = split_counts(n_lines, valid_fraction, test_fraction)
+    log(f"read {n_lines} non-empty lines")
+
+    with work_directory(dest) as work, staged_directory(dest, force) as stage:
+        splits = write_split_files(read_lines(), counts, work)
+        if spm_vocab_size is None:
+            nwords = None if vocab_size is None else vocab_size + FAIRSEQ_SPECIAL_SYMBOLS
+            run_preprocess(stage, splits, nwordssrc=nwords, what="words")
+            return
+        model = train_sentencepiece(splits["train"], stage / "spm", spm_vocab_size, spm_model_type)
+        encoded = {split: work / f"{split}.spm" for split in SPLITS}
+        for split in SPLITS:
+            encode_file(model, splits[split], encoded[split])
+        with open(encoded["train"], encoding="utf-8") as handle:
+            n_pieces = sum(len(line.split()) for line in handle)
+        log(f"train: {n_pieces} pieces")
+        run_preprocess(stage, encoded, what="pieces")
+
+
+def add_split_options(parser: argparse.ArgumentParser) -> None:
+    """--valid-fraction, --test-fraction and --split-ratio (shared with prepare_bible.py)."""
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        help="fraction of lines (after train) for valid (default 0.05)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="fraction of lines (the last ones) for test (default 0.05)",
+    )
+    parser.add_argument(
+        "--split-ratio",
+        default=None,
+        help="train,valid,test weights instead of the fractions, e.g. 90,5,5",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--input", type=Path, required=True, help="a text file or a directory of .txt files"
+    )
+    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_split_options(parser)
+    parser.add_argument("--lowercase", action="store_true", help="lowercase the text")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="word level: keep the N most frequent train words, the rest become <unk>",
+    )
+    parser.add_argument(
+        "--spm-vocab-size",
+        type=int,
+        default=None,
+        help="use SentencePiece subwords with this vocabulary size (model saved as DEST/spm.model)",
+    )
+    parser.add_argument(
+        "--spm-model-type",
+        choices=("unigram", "bpe", "char", "word"),
+        default="unigram",
+        help="SentencePiece model type (with --spm-vocab-size)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Read the input, split it contiguously and binarize it into --dest."""
+    args = build_parser().parse_args(argv)
+    valid_fraction, test_fraction = resolve_fractions(args)
+    files = list_input_files(args.input)
+    log(f"reading {len(files)} file(s) from {args.input}")
+    prepare_lines(
+        lambda: iter_text_lines(files, args.lowercase),
+        args.dest,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        vocab_size=args.vocab_size,
+        spm_vocab_size=args.spm_vocab_size,
+        spm_model_type=args.spm_model_type,
+        force=args.force,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Tests of the data-preparation scripts (tiny inputs; e2e ones run fairseq-preprocess)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import prepare_bible  # noqa: E402
+import prepare_common  # noqa: E402
+import prepare_copy_task  # noqa: E402
+import prepare_lm_corpus  # noqa: E402
+import prepare_text  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def load_split(dest: Path, split: str) -> list[list[str]]:
+    """Token strings of every sentence of a binarized split (with the trailing </s>)."""
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(dest / "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(str(dest / split), dictionary)
+    assert dataset is not None, f"no binarized {split} in {dest}"
+    return [[dictionary[i] for i in dataset[k].tolist()] for k in range(len(dataset))]
+
+
+def check_blocks(inputs: list[str], targets: list[str]) -> list[int]:
+    """Assert every complete block's target is the input block shifted by m; return the m's."""
+    assert len(inputs) == len(targets)
+    starts = [i for i, tok in enumerate(inputs) if tok == "#"]
+    assert starts and starts[0] == 0
+    lengths = []
+    for begin, end in zip(starts, starts[1:]):
+        m = (end - begin) // 2
+        assert end - begin == 2 * m
+        block, target = inputs[begin:end], targets[begin:end]
+        assert set(block[1:m]) <= set("ABCD") and block[m:] == ["_"] * m
+        assert target == ["_"] * m + block[:m]
+        lengths.append(m)
+    last = starts[-1]  # the cut last block: the same shift holds for the part that is there
+    for i in range(last, len(inputs)):
+        assert targets[i] == ("_" if i - last < lengths[-1] else inputs[i - lengths[-1]]) or (
+            len(set(lengths)) > 1  # variable m: the cut block's m is unknown, checked above
+        )
+    return lengths
+
+
+def error_of(excinfo: pytest.ExceptionInfo) -> str:
+    """The message of a user-facing SystemExit (must be a one-line 'error: ...')."""
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def write_text(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def fake_corpus_lines(n: int, offset: int = 0) -> list[str]:
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "<unk>", "N", "ran"]
+    return [
+        " " + " ".join(words[(i * 7 + j * 3 + offset) % len(words)] for j in range(3 + i % 5))
+        for i in range(n)
+    ]
+
+
+def no_leftovers(parent: Path) -> None:
+    """No staging or scratch directories left next to the destination."""
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------------
+# copy task
+# ------------------------------------------------------------------------------------------------
+
+
+def test_copy_task_fixed_shapes_and_shift() -> None:
+    inputs, targets = prepare_copy_task.generate_split(57, 3, 10, 10, seed=1, split="train")
+    assert len(inputs) == len(targets) == 3
+    for inp, tgt in zip(inputs, targets):
+        inp_tokens, tgt_tokens = inp.split(), tgt.split()
+        assert len(inp_tokens) == len(tgt_tokens) == 57
+        assert set(check_blocks(inp_tokens, tgt_tokens)) == {10}
+
+
+def test_copy_task_variable_lengths() -> None:
+    inputs, targets = prepare_copy_task.generate_split(400, 4, 5, 10, seed=3, split="valid")
+    lengths = []
+    for inp, tgt in zip(inputs, targets):
+        assert len(inp.split()) == 400
+        lengths += check_blocks(inp.split(), tgt.split())
+    assert set(lengths) <= set(range(5, 11)) and len(set(lengths)) > 2
+
+
+def test_copy_task_determinism() -> None:
+    first = prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
+    assert first == prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
+    assert first != prepare_copy_task.generate_split(100, 2, 5, 10, seed=8, split="train")
+    assert first != prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="test")
+
+
+def test_copy_task_length_options(tmp_path: Path) -> None:
+    parse = prepare_copy_task.build_parser().parse_args
+    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x"])) == (10, 10)
+    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x", "--variable"])) == (5, 10)
+    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x", "--max-length", "8"])) == (5, 8)
+    for bad in (["--min-length", "7", "--max-length", "3"], ["--fixed-length", "4", "--variable"]):
+        with pytest.raises(SystemExit) as excinfo:
+            prepare_copy_task.main(["--dest", str(tmp_path / "c"), *bad])
+        error_of(excinfo)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.e2e
+def test_copy_task_binarized(tmp_path: Path) -> None:
+    dest = tmp_path / "copy"
+    sizes = ["--train-steps", "60", "--valid-steps", "30", "--test-steps", "25", "--columns", "4"]
+    prepare_copy_task.main(["--dest", str(dest), "--variable", "--seed", "5", *sizes])
+    targets_dir = dest / "targets"
+    assert (dest / "dict.txt").read_text() == (targets_dir / "dict.txt").read_text()
+    symbols = [line.split()[0] for line in (dest / "dict.txt").read_text().splitlines()]
+    assert symbols == ["_", "#", "A", "B", "C", "D"]
+    for split, steps in zip(SPLITS, (60, 30, 25)):
+        inputs, targets = load_split(dest, split), load_split(targets_dir, split)
+        assert len(inputs) == len(targets) == 4
+        raw = (dest / "raw" / f"{split}.input.txt").read_text().splitlines()
+        for k, (inp, tgt) in enumerate(zip(inputs, targets)):
+            assert len(inp) == len(tgt) == steps + 1 and inp[-1] == tgt[-1] == "</s>"
+            assert inp[:-1] == raw[k].split()
+            check_blocks(inp[:-1], tgt[:-1])
+    no_leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# common helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_split_counts() -> None:
+    assert prepare_common.split_counts(100, 0.05, 0.05) == (90, 5, 5)
+    assert prepare_common.split_counts(3, 0.05, 0.05) == (1, 1, 1)
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_common.split_counts(2, 0.05, 0.05)
+    assert "too few" in error_of(excinfo)
+
+
+def test_download_checksum_ok_mismatch_offline(tmp_path: Path) -> None:
+    source = write_text(tmp_path / "remote" / "file.txt", ["hello world"])
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    target = tmp_path / "downloads" / "file.txt"
+    prepare_common.download(source.as_uri(), target, md5)
+    assert target.read_bytes() == source.read_bytes()
+    target.unlink()
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_common.download(source.as_uri(), target, "0" * 32)
+    assert "checksum mismatch" in error_of(excinfo)
+    assert not target.exists() and not target.with_name("file.txt.part").exists()
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_common.download((tmp_path / "missing.zip").as_uri(), target, md5)
+    assert "cannot download" in error_of(excinfo)
+
+
+def test_staged_directory_cleans_up_on_error(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with prepare_common.staged_directory(dest, force=False) as stage:
+            (stage / "train.bin").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert not dest.exists()
+    no_leftovers(tmp_path)
+
+
+def test_interrupted_preprocess_leaves_no_destination(tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_text, "run_preprocess", broken)
+    source = write_text(tmp_path / "in.txt", ["a b c"] * 30)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_text.main(["--input", str(source), "--dest", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("precious")
+    source = write_text(tmp_path / "in.txt", ["a b c"] * 30)
+    for main, args in (
+        (prepare_text.main, ["--input", str(source)]),
+        (prepare_copy_task.main, []),
+        (prepare_lm_corpus.main, ["--corpus", "ptb", "--source-dir", str(tmp_path)]),
+        (prepare_bible.main, []),
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            main([*args, "--dest", str(dest)])
+        assert "--force" in error_of(excinfo)
+    assert (dest / "keep.txt").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_text
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
+def test_text_empty_input(tmp_path: Path, content: str) -> None:
+    source = tmp_path / "empty.txt"
+    source.write_text(content)
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_text.main(["--input", str(source), "--dest", str(tmp_path / "out")])
+    assert "no non-empty lines" in error_of(excinfo)
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_bad_inputs_and_options(tmp_path: Path) -> None:
+    dest = ["--dest", str(tmp_path / "out")]
+    (tmp_path / "nothing").mkdir()
+    source = write_text(tmp_path / "in.txt", ["a b"] * 20)
+    for args in (
+        ["--input", str(tmp_path / "missing.txt")],
+        ["--input", str(tmp_path / "nothing")],
+        ["--input", str(source), "--valid-fraction", "0.6", "--test-fraction", "0.5"],
+        ["--input", str(source), "--split-ratio", "90,5"],
+        ["--input", str(source), "--split-ratio", "8,1,1", "--test-fraction", "0.1"],
+        ["--input", str(source), "--vocab-size", "10", "--spm-vocab-size", "10"],
+        ["--input", str(source), "--vocab-size", "0"],
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            prepare_text.main([*args, *dest])
+        error_of(excinfo)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_text_word_level_vocab_and_force(tmp_path: Path) -> None:
+    texts = tmp_path / "texts"
+    lines = [f"The Cat {'sat ' * (i % 3)}on mat{i % 40} ." for i in range(200)]
+    write_text(texts / "a.txt", lines[:120] + ["", "   "])
+    write_text(texts / "b.txt", lines[120:])
+    (texts / "notes.md").write_text("ignored\n")
+    dest = tmp_path / "words"
+    args = ["--input", str(texts), "--dest", str(dest), "--lowercase", "--split-ratio", "8,1,1"]
+    prepare_text.main([*args, "--vocab-size", "5"])
+    train, valid, test = (load_split(dest, split) for split in SPLITS)
+    assert (len(train), len(valid), len(test)) == (160, 20, 20)
+    assert valid[0][:-1] == lines[160].lower().split() or "<unk>" in valid[0]
+    assert test[-1][-1] == "</s>" and len(test[-1]) == len(lines[-1].split()) + 1
+    real_words = [w for w in (dest / "dict.txt").read_text().split()[::2] if "madeup" not in w]
+    assert len(real_words) == 5 and "the" in real_words and "The" not in real_words
+    assert any("<unk>" in sentence for sentence in train)
+
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_text.main(args)
+    assert "--force" in error_of(excinfo)
+    prepare_text.main([*args, "--force"])
+    assert len([w for w in (dest / "dict.txt").read_text().split()[::2] if "madeup" not in w]) > 5
+    assert not any("<unk>" in sentence for sentence in load_split(dest, "train"))
+    no_leftovers(tmp_path)
+
+
+@pytest.mark.e2e
+def test_text_sentencepiece(tmp_path: Path) -> None:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
+    lines = [" ".join(words[(i + j) % 8] + words[(i * j) % 8] for j in range(6)) for i in range(120)]
+    source = write_text(tmp_path / "in.txt", lines)
+    dest = tmp_path / "spm"
+    prepare_text.main(["--input", str(source), "--dest", str(dest), "--spm-vocab-size", "60"])
+    assert (dest / "spm.model").is_file()
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(dest / "spm.model"))
+    train = load_split(dest, "train")
+    test = load_split(dest, "test")
+    assert len(train) == 108 and len(test) == 6
+    assert all(piece != "<unk>" for sentence in train for piece in sentence)
+    assert processor.decode(train[0][:-1]) == lines[0]
+    assert processor.decode(test[-1][:-1]) == lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_lm_corpus
+# ------------------------------------------------------------------------------------------------
+
+
+def make_wikitext(root: Path, name: str = "wikitext-2") -> dict[str, list[str]]:
+    """A tiny WikiText-like release below ``root`` (with the empty lines of the real one)."""
+    kept = {}
+    for k, split in enumerate(SPLITS):
+        lines = fake_corpus_lines(12 - 3 * k, offset=k)
+        text = [" = Heading = ", ""] + [line for line in lines for line in (line, "")]
+        write_text(root / name / f"wiki.{split}.tokens", text)
+        kept[split] = [" = Heading = "] + lines
+    return kept
+
+
+@pytest.mark.e2e
+def test_lm_corpus_ptb_source_dir(tmp_path: Path) -> None:
+    data = tmp_path / "simple-examples" / "data"
+    lines = {split: fake_corpus_lines(n, k) for k, (split, n) in enumerate(zip(SPLITS, (20, 6, 5)))}
+    for split in SPLITS:
+        write_text(data / f"ptb.{split}.txt", lines[split])
+    dest = tmp_path / "bin" / "ptb"
+    prepare_lm_corpus.main(["--corpus", "ptb", "--source-dir", str(tmp_path), "--dest", str(dest)])
+    for split in SPLITS:
+        sentences = load_split(dest, split)
+        assert [s[:-1] for s in sentences] == [line.split() for line in lines[split]]
+    assert "<unk>" not in (dest / "dict.txt").read_text().split()  # a special symbol already
+    no_leftovers(tmp_path / "bin")
+
+
+@pytest.mark.e2e
+def test_lm_corpus_wikitext_source_dir_drops_empty_lines(tmp_path: Path) -> None:
+    kept = make_wikitext(tmp_path / "src")
+    dest = tmp_path / "wt2"
+    prepare_lm_corpus.main(
+        ["--corpus", "wikitext2", "--source-dir", str(tmp_path / "src" / "wikitext-2")]
+        + ["--dest", str(dest)]
+    )
+    for split in SPLITS:
+        assert [s[:-1] for s in load_split(dest, split)] == [x.split() for x in kept[split]]
+
+
+def fake_wikitext_download(tmp_path: Path, monkeypatch, md5: str | None = None) -> Path:
+    """Serve a generated wikitext-2-v1.zip from a file:// URL in place of the real one."""
+    make_wikitext(tmp_path / "build")
+    archive = tmp_path / "remote" / "wikitext-2-v1.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((tmp_path / "build").rglob("*")):
+            zf.write(path, path.relative_to(tmp_path / "build").as_posix())
+    shutil.rmtree(tmp_path / "build")
+    remote = prepare_lm_corpus.Remote(
+        archive.name, archive.as_uri(), md5 or hashlib.md5(archive.read_bytes()).hexdigest()
+    )
+    corpus = dataclasses.replace(prepare_lm_corpus.CORPORA["wikitext2"], remotes=(remote,))
+    monkeypatch.setitem(prepare_lm_corpus.CORPORA, "wikitext2", corpus)
+    return archive
+
+
+@pytest.mark.e2e
+def test_lm_corpus_fake_download_ok(tmp_path: Path, monkeypatch) -> None:
+    fake_wikitext_download(tmp_path, monkeypatch)
+    dest = tmp_path / "bin" / "wt2"
+    prepare_lm_corpus.main(["--corpus", "wikitext2", "--dest", str(dest)])
+    assert (tmp_path / "bin" / "downloads" / "wikitext-2-v1.zip").is_file()
+    assert len(load_split(dest, "train")) == 13
+    no_leftovers(tmp_path / "bin")
+
+
+def test_lm_corpus_fake_download_checksum_mismatch(tmp_path: Path, monkeypatch) -> None:
+    fake_wikitext_download(tmp_path, monkeypatch, md5="0123456789abcdef0123456789abcdef")
+    dest = tmp_path / "bin" / "wt2"
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_lm_corpus.main(["--corpus", "wikitext2", "--dest", str(dest)])
+    assert "checksum mismatch for wikitext-2-v1.zip" in error_of(excinfo)
+    assert not dest.exists()
+    assert not list((tmp_path / "bin" / "downloads").iterdir())
+
+
+def test_lm_corpus_base_url_uses_real_checksums(tmp_path: Path) -> None:
+    for split in SPLITS:
+        write_text(tmp_path / "mirror" / f"ptb.{split}.txt", fake_corpus_lines(5))
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_lm_corpus.main(
+            ["--corpus", "ptb", "--base-url", (tmp_path / "mirror").as_uri()]
+            + ["--dest", str(tmp_path / "ptb")]
+        )
+    assert "expected md5 f26c4b92c5fdc7b3f8c7cdcb991d8420" in error_of(excinfo)
+
+
+def test_lm_corpus_missing_source_files(tmp_path: Path) -> None:
+    write_text(tmp_path / "ptb.train.txt", ["a b"])
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_lm_corpus.main(
+            ["--corpus", "ptb", "--source-dir", str(tmp_path), "--dest", str(tmp_path / "out")]
+        )
+    assert "cannot find" in error_of(excinfo)
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_bible
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bible_tokenize_and_missing_command(monkeypatch, tmp_path: Path) -> None:
+    assert prepare_bible.tokenize("And God said, Let there be light: and LORD'S well-favoured.") == (
+        "and god said , let there be light : and lord's well-favoured ."
+    )
+    monkeypatch.setattr(prepare_bible.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_bible.main(["--dest", str(tmp_path / "kjv")])
+    assert "apt-get install bible-kjv" in error_of(excinfo)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv is not installed")
+def test_bible_subset(tmp_path: Path) -> None:
+    dest = tmp_path / "kjv"
+    prepare_bible.main(["--dest", str(dest), "--max-lines", "200"])
+    train, valid, test = (load_split(dest, split) for split in SPLITS)
+    assert (len(train), len(valid), len(test)) == (180, 10, 10)
+    assert train[0] == "in the beginning god created the heaven and the earth . </s>".split()
+    assert not any(token[0].isupper() for sentence in train for token in sentence[:-1])

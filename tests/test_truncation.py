@@ -1,0 +1,356 @@
+"""Unit tests of the truncation layer: gradient profile, bias estimate, choice of K, controller."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from atbptt_fairseq.truncation import (
+    GradientProfile,
+    TruncationController,
+    choose_truncation_length,
+    estimate_bias,
+    fit_decay_rate,
+    measure_gradient_profile,
+    measure_gradient_profile_naive,
+    sample_windows,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def geometric_profile(
+    beta: float, window: int, scale: float = 2.5, dim: int = 3
+) -> GradientProfile:
+    """phi_k = scale * beta^k exactly; every mean gradient points the same way, so the exact
+    cumulative norm equals the approximate one."""
+    norms = scale * beta ** torch.arange(window, dtype=torch.float64)  # W
+    direction = torch.ones(dim, dtype=torch.float64) / math.sqrt(dim)  # D, unit vector
+    return GradientProfile(norms=norms, mean_gradients=norms[:, None] * direction, num_sequences=1)
+
+
+def make_controller(**overrides) -> TruncationController:
+    options = {
+        "initial_length": 10,
+        "min_length": 2,
+        "max_length": 50,
+        "target_bias": 0.1,
+        "window": 100,
+        "burnin": 10,
+        "num_sequences": 4,
+        "num_estimates": 3,
+        "interval": 5,
+    }
+    options.update(overrides)
+    return TruncationController(**options)
+
+
+class TinyLSTMLM(nn.Module):
+    """Embedding -> 2-layer LSTM -> linear readout, stepped one token at a time."""
+
+    def __init__(self, vocab: int = 11, embed: int = 6, hidden: int = 8, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers)
+        self.readout = nn.Linear(hidden, vocab)
+        self.layers, self.hidden = layers, hidden
+
+    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.layers, batch, self.hidden)  # layers x B x H
+        return torch.zeros(shape), torch.zeros(shape)
+
+    def step(self, tokens, state):
+        _, (h, c) = self.lstm(self.embed(tokens)[None], state)  # 1 x B x E in
+        return self.readout(h[-1]), (h, c)  # logits from the returned state
+
+
+def lstm_setup(num_sequences: int = 4, burnin: int = 3, window: int = 7):
+    torch.manual_seed(0)
+    model = TinyLSTMLM()
+    inputs = torch.randint(0, 11, (num_sequences, burnin + window))  # S x (burnin + W)
+    targets = torch.randint(0, 11, (num_sequences,))  # S
+    return model, model.zero_state(num_sequences), inputs, targets, burnin
+
+
+# ---------------------------------------------------------------------------------------------
+# Decay rate, bias and choice of K: closed forms
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.95])
+def test_fit_decay_rate_recovers_exact_geometric_rate(beta):
+    assert fit_decay_rate(geometric_profile(beta, 2000).norms) == pytest.approx(beta, abs=1e-6)
+
+
+def test_fit_decay_rate_drops_underflow_and_needs_two_points():
+    norms = 0.8 ** torch.arange(10, dtype=torch.float64)
+    norms[7:] = 0.0  # log = -inf: dropped
+    norms[5] = math.exp(-60)  # log < -50: dropped
+    assert fit_decay_rate(norms) == pytest.approx(0.8, abs=1e-9)
+    assert math.isnan(fit_decay_rate(torch.tensor([1.0, 0.0, float("nan")])))
+
+
+@pytest.mark.parametrize("cumulative", ["approx", "exact"])
+@pytest.mark.parametrize(
+    "beta, window, expected",
+    [
+        (0.9, 2000, {0.9: 2, 0.5: 7, 0.1: 22}),
+        (0.95, 2000, {0.9: 3, 0.5: 14, 0.1: 45}),
+        (0.95, 100, {0.1: 46}),  # the finite window lowers G_low
+    ],
+)
+def test_choose_truncation_length_closed_form(cumulative, beta, window, expected):
+    estimate = estimate_bias(geometric_profile(beta, window), cumulative=cumulative)
+    assert estimate.decay_rate == pytest.approx(beta, abs=1e-6)
+    for target, length in expected.items():
+        # 0.9^1 == 0.9 is a tie; strictly below means K = 2 there.
+        assert choose_truncation_length(estimate, target, 1, window) == length
+
+
+def test_bias_estimate_geometric_closed_form():
+    beta, window = 0.9, 2000
+    estimate = estimate_bias(geometric_profile(beta, window, scale=1.0))
+    lengths = torch.arange(1, window + 1, dtype=torch.float64)
+    # E(K) = beta^K / (1 - beta) on both sides of the tail anchor tau (no double count at tau).
+    assert estimate.tail_anchor == window - window // 10 - 1
+    torch.testing.assert_close(estimate.absolute_bias, beta**lengths / (1 - beta))
+    torch.testing.assert_close(estimate.cumulative_norm, (1 - beta**lengths) / (1 - beta))
+    assert estimate.gradient_lower_bound == pytest.approx(1 / (1 - beta))
+    torch.testing.assert_close(estimate.relative_bias, beta**lengths)
+
+
+def test_exact_and_approx_cumulative_differ_when_gradients_cancel():
+    norms = torch.ones(10, dtype=torch.float64)
+    alternating = torch.tensor([[1.0], [-1.0]] * 5, dtype=torch.float64)  # W x 1
+    profile = GradientProfile(norms=norms, mean_gradients=alternating, num_sequences=1)
+    assert estimate_bias(profile, "approx").cumulative_norm[-1] == pytest.approx(10.0)
+    assert estimate_bias(profile, "exact").cumulative_norm[-1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="cumulative"):
+        estimate_bias(profile, "bogus")
+
+
+def test_choose_truncation_length_clips_to_bounds():
+    estimate = estimate_bias(geometric_profile(0.9, 2000))
+    assert choose_truncation_length(estimate, 0.1, 30, 100) == 30
+    assert choose_truncation_length(estimate, 0.1, 1, 10) == 10
+    # nothing below the target: W, then clipped
+    assert choose_truncation_length(estimate, 1e-300, 1, 5000) == 2000
+
+
+def test_non_decaying_norms_give_max_length_and_warn(caplog):
+    growing = GradientProfile(
+        norms=1.05 ** torch.arange(50, dtype=torch.float64),
+        mean_gradients=torch.zeros(50, 2, dtype=torch.float64),
+        num_sequences=1,
+    )
+    estimate = estimate_bias(growing)
+    assert estimate.decay_rate > 1
+    with caplog.at_level(logging.WARNING):
+        assert choose_truncation_length(estimate, 0.1, 2, 40) == 40
+    assert "do not decay" in caplog.text
+
+
+def test_unbounded_relative_bias_gives_max_length_and_warns(caplog):
+    # decaying norms, but the exact cumulative norm is zero: no positive lower bound on the gradient
+    profile = geometric_profile(0.9, 50)
+    profile.mean_gradients = torch.zeros_like(profile.mean_gradients)
+    estimate = estimate_bias(profile, "exact")
+    assert estimate.gradient_lower_bound == 0.0
+    with caplog.at_level(logging.WARNING):
+        assert choose_truncation_length(estimate, 0.1, 2, 40) == 40
+    assert "not finite" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient profile
+
+
+def test_linear_rnn_profile_decays_at_the_spectral_radius():
+    torch.manual_seed(0)
+    rho, hidden, vocab, num_sequences, burnin, window = 0.8, 6, 5, 8, 4, 25
+    orthogonal, _ = torch.linalg.qr(torch.randn(hidden, hidden))
+    recurrence = rho * orthogonal  # H x H, spectral radius rho
+    embedding = torch.randn(vocab, hidden)  # V x H, the input map U applied to one-hot tokens
+    readout = torch.randn(vocab, hidden)  # V x H
+
+    def step(tokens, state):
+        (h,) = state  # B x H
+        next_h = h @ recurrence.T + embedding[tokens]
+        return next_h @ readout.T, (next_h,)
+
+    inputs = torch.randint(0, vocab, (num_sequences, burnin + window))
+    targets = torch.randint(0, vocab, (num_sequences,))
+    initial_state = (torch.zeros(num_sequences, hidden),)
+    profile = measure_gradient_profile(step, initial_state, inputs, targets, burnin)
+    assert profile.norms.shape == (window,)
+    assert profile.mean_gradients.shape == (window, hidden)
+    assert profile.num_sequences == num_sequences
+    assert fit_decay_rate(profile.norms) == pytest.approx(rho, abs=1e-3)
+
+
+def test_single_backward_matches_one_backward_per_lag():
+    model, state, inputs, targets, burnin = lstm_setup()
+    fast = measure_gradient_profile(model.step, state, inputs, targets, burnin, batch_dim=1)
+    naive = measure_gradient_profile_naive(model.step, state, inputs, targets, burnin, batch_dim=1)
+    window = inputs.shape[1] - burnin
+    assert fast.mean_gradients.shape == (window, 2 * model.layers * model.hidden)
+    torch.testing.assert_close(fast.norms, naive.norms, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.mean_gradients, naive.mean_gradients, atol=1e-5, rtol=1e-5)
+    assert bool((fast.norms > 0).all())  # lag 0 included: the readout reaches the last state
+
+
+def test_measurement_leaves_parameter_grads_and_initial_state_alone():
+    model, state, inputs, targets, burnin = lstm_setup()
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    model.readout.bias.grad = None  # a None .grad must stay None
+    grads_before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    state_before = tuple(tensor.clone() for tensor in state)
+    measure_gradient_profile(model.step, state, inputs, targets, burnin, batch_dim=1)
+    for parameter, before in zip(model.parameters(), grads_before):
+        if before is None:
+            assert parameter.grad is None
+        else:
+            assert torch.equal(parameter.grad, before)
+    for tensor, before in zip(state, state_before):
+        assert torch.equal(tensor, before)
+        assert not tensor.requires_grad
+
+
+def test_measurement_ignores_callers_no_grad_and_autocast():
+    model, state, inputs, targets, burnin = lstm_setup()
+    reference = measure_gradient_profile(model.step, state, inputs, targets, burnin, batch_dim=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = measure_gradient_profile(model.step, state, inputs, targets, burnin, batch_dim=1)
+    assert inside.norms.dtype == torch.float32
+    torch.testing.assert_close(inside.norms, reference.norms)
+
+
+def test_sample_windows_shapes_range_and_determinism():
+    stream = torch.arange(100)
+    inputs, targets = stream, stream + 1  # target = next token
+    windows, final_targets = sample_windows(
+        inputs, targets, 16, 30, torch.Generator().manual_seed(3)
+    )
+    assert windows.shape == (16, 30) and final_targets.shape == (16,)
+    offsets = windows[:, 0]
+    assert bool(((offsets >= 0) & (offsets <= 70)).all())
+    assert torch.equal(windows, offsets[:, None] + torch.arange(30))  # contiguous windows
+    assert torch.equal(final_targets, windows[:, -1] + 1)
+    again, again_targets = sample_windows(inputs, targets, 16, 30, torch.Generator().manual_seed(3))
+    assert torch.equal(windows, again) and torch.equal(final_targets, again_targets)
+    full, _ = sample_windows(inputs, targets, 4, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(full, stream.expand(4, 100))
+    with pytest.raises(ValueError, match="does not fit"):
+        sample_windows(inputs, targets, 4, 101, torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Controller
+
+
+def measuring(*betas: float, window: int = 100):
+    """A measure() callable returning geometric profiles with the given rates in turn."""
+    profiles = iter([geometric_profile(beta, window) for beta in betas])
+    return lambda: next(profiles)
+
+
+def test_controller_schedule():
+    controller = make_controller(interval=5)
+    assert [n for n in range(16) if controller.is_due(n)] == [5, 10, 15]
+    controller.estimate(measuring(0.9, 0.9, 0.9), num_updates=10)
+    assert not controller.is_due(10)  # already estimated at this update
+    assert controller.is_due(15)
+
+
+def test_controller_adapts_to_mean_of_choices():
+    controller = make_controller(target_bias=0.1, num_estimates=3)
+    # choices: 0.9 -> 22, 0.95 -> 46, 0.9 -> 22 (W = 100); int(mean) = 30
+    decision = controller.estimate(measuring(0.9, 0.95, 0.9), num_updates=5)
+    assert decision.truncation_length == controller.truncation_length == 30
+    assert decision.changed
+    assert decision.decay_rate == pytest.approx((0.9 + 0.95 + 0.9) / 3, abs=1e-6)
+    # delta_hat(K) = beta^K / (1 - 2 beta^W): the lower bound G_low is reached at K = W
+    expected_bias = [beta**30 / (1 - 2 * beta**100) for beta in (0.9, 0.95, 0.9)]
+    assert decision.relative_bias == pytest.approx(sum(expected_bias) / 3, rel=1e-6)
+    assert decision.seconds >= 0
+    assert controller.last_decision == decision
+    same = controller.estimate(measuring(0.9, 0.95, 0.9), num_updates=10)
+    assert same.truncation_length == 30 and not same.changed
+
+
+def test_controller_clips_to_bounds():
+    controller = make_controller(min_length=2, max_length=20, num_estimates=1)
+    assert controller.estimate(measuring(0.95), 5).truncation_length == 20
+    assert controller.estimate(measuring(0.3), 10).truncation_length == 2
+
+
+def test_controller_monitor_mode_keeps_length_and_reports_bias():
+    controller = make_controller(target_bias=None, initial_length=10, num_estimates=2)
+    assert not controller.adaptive
+    decision = controller.estimate(measuring(0.9, 0.9), 5)
+    assert decision.truncation_length == 10 and not decision.changed
+    assert decision.relative_bias == pytest.approx(0.9**10, rel=1e-3)
+
+
+def test_controller_keeps_length_on_non_finite_profile(caplog):
+    controller = make_controller(initial_length=10, num_estimates=2)
+    broken = geometric_profile(0.9, 100)
+    broken.norms[3] = float("nan")
+    profiles = iter([geometric_profile(0.9, 100), broken])
+    with caplog.at_level(logging.WARNING):
+        decision = controller.estimate(lambda: next(profiles), 5)
+    assert controller.truncation_length == 10
+    assert decision.truncation_length == 10 and not decision.changed
+    assert math.isnan(decision.relative_bias) and math.isnan(decision.decay_rate)
+    assert "not finite" in caplog.text
+    assert not controller.is_due(5)
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"target_bias": 0.0}, "target_bias"),
+        ({"target_bias": 1.0}, "target_bias"),
+        ({"min_length": 0}, "min_length"),
+        ({"initial_length": 1}, "initial_length"),
+        ({"initial_length": 60}, "initial_length"),
+        ({"window": 40}, "window"),
+        ({"interval": 0}, "interval"),
+        ({"num_estimates": 0}, "num_estimates"),
+        ({"num_sequences": 0}, "num_sequences"),
+        ({"burnin": -1}, "burnin"),
+        ({"cumulative": "bogus"}, "cumulative"),
+    ],
+)
+def test_controller_rejects_invalid_options(overrides, option):
+    with pytest.raises(ValueError, match=option):
+        make_controller(**overrides)
+
+
+def test_controller_state_dict_round_trip(tmp_path):
+    controller = make_controller(num_estimates=1)
+    controller.estimate(measuring(0.9), num_updates=5)
+    state = controller.state_dict()
+    path = tmp_path / "controller.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded == state
+
+    restored = make_controller(num_estimates=1)
+    restored.load_state_dict(loaded)
+    assert restored.truncation_length == controller.truncation_length == 22
+    assert restored.last_decision == controller.last_decision
+    assert not restored.is_due(5) and restored.is_due(10)
+
+    monitor = make_controller(target_bias=None, initial_length=12)
+    monitor.load_state_dict(loaded)
+    assert monitor.truncation_length == 12  # monitor mode: the configured K wins
+
+    fresh = make_controller()
+    fresh.load_state_dict(fresh.state_dict())  # before any estimate: no decision yet
+    assert fresh.last_decision is None and fresh.truncation_length == 10
