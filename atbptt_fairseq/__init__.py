@@ -1,6 +1,6 @@
 """atbptt_fairseq: adaptive truncated backpropagation through time for fairseq (``--user-dir``).
 
-fairseq imports ``tasks/`` and ``models/`` of a user dir by itself; criterions are imported here.
+fairseq imports ``tasks/`` and ``models/`` of a user dir by itself; criterions and optim here.
 """
 
 import argparse
@@ -12,4 +12,4 @@ import torch
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([argparse.Namespace])
 
-from atbptt_fairseq import criterions, models, tasks  # noqa: E402,F401
+from atbptt_fairseq import criterions, models, optim, tasks  # noqa: E402,F401

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_common import check_destination, fail, log  # noqa: E402
-from prepare_text import add_split_options, prepare_lines, resolve_fractions  # noqa: E402
+from prepare_common import check_destination, fail, log
+from prepare_text import add_split_options, prepare_lines, resolve_fractions
 
 BIBLE_COMMAND = ("bible", "-f", "Gen1:1-Rev22:21")
 REFERENCE = re.compile(r"^\S*?\d+:\d+\s+")
@@ -45,11 +45,11 @@ def install_bible() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "bible-kjv"]
     log("installing bible-kjv with apt-get")
-    if subprocess.run(install, env=env, capture_output=True).returncode == 0:
+    if subprocess.run(install, check=False, env=env, capture_output=True).returncode == 0:
         return
     log("apt-get install failed; running apt-get update and retrying")
-    subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-    proc = subprocess.run(install, env=env, capture_output=True, text=True)
+    subprocess.run(["apt-get", "update"], check=False, env=env, capture_output=True)
+    proc = subprocess.run(install, check=False, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["no output"]
         raise fail(f"apt-get install -y bible-kjv failed: {lines[-1]}")

@@ -20,8 +20,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 
@@ -137,7 +137,7 @@ def run_preprocess(
     if thresholdsrc is not None:
         cmd += ["--thresholdsrc", str(thresholdsrc)]
     log(f"binarizing {what} with fairseq-preprocess")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         last = lines[-1].strip() if lines else "no output"
@@ -247,12 +247,13 @@ def download(
     if path.is_file() and file_digest(path, algorithm) == expected.lower():
         log(f"using verified {path}")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     log(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc

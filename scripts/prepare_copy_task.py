@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_common import (  # noqa: E402
+from prepare_common import (
     SPLITS,
     check_destination,
     fail,
@@ -91,7 +91,9 @@ def resolve_lengths(args: argparse.Namespace) -> tuple[int, int]:
     variable = args.variable or args.min_length is not None or args.max_length is not None
     if variable:
         if args.fixed_length is not None:
-            raise fail("--fixed-length cannot be combined with --variable/--min-length/--max-length")
+            raise fail(
+                "--fixed-length cannot be combined with --variable/--min-length/--max-length"
+            )
         lo = PAPER_VARIABLE_LENGTHS[0] if args.min_length is None else args.min_length
         hi = PAPER_VARIABLE_LENGTHS[1] if args.max_length is None else args.max_length
     else:
@@ -124,13 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-length", type=int, default=None, help="smallest m (variable mode)")
     parser.add_argument("--max-length", type=int, default=None, help="largest m (variable mode)")
-    parser.add_argument("--train-steps", type=int, default=4000, help="tokens per train column")
-    parser.add_argument("--valid-steps", type=int, default=1000, help="tokens per valid column")
-    parser.add_argument("--test-steps", type=int, default=1000, help="tokens per test column")
     parser.add_argument(
-        "--columns", type=int, default=64, help="number of columns (lines) in every split"
+        "--train-steps",
+        type=int,
+        default=4000,
+        help="tokens per train column (default %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument(
+        "--valid-steps",
+        type=int,
+        default=1000,
+        help="tokens per valid column (default %(default)s)",
+    )
+    parser.add_argument(
+        "--test-steps", type=int, default=1000, help="tokens per test column (default %(default)s)"
+    )
+    parser.add_argument(
+        "--columns",
+        type=int,
+        default=64,
+        help="number of columns (lines) in every split (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing --dest")
     return parser
 

@@ -20,14 +20,15 @@ Downloads are checked against the MD5 sums that torchtext uses and kept in --dow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_common import (  # noqa: E402
+from prepare_common import (
     SPLITS,
     check_destination,
     download,
@@ -160,16 +161,13 @@ def iter_kept_lines(path: Path, drop_empty_lines: bool) -> Iterator[str]:
 def stage_split(path: Path, out: Path, drop_empty_lines: bool) -> Path:
     """Check a split file (count lines/tokens); write a filtered copy to ``out`` if needed."""
     lines = tokens = 0
-    handle = open(out, "w", encoding="utf-8") if drop_empty_lines else None
-    try:
+    with contextlib.ExitStack() as stack:
+        copy = stack.enter_context(open(out, "w", encoding="utf-8")) if drop_empty_lines else None
         for line in iter_kept_lines(path, drop_empty_lines):
             lines += 1
             tokens += len(line.split())
-            if handle is not None:
-                handle.write(line + "\n")
-    finally:
-        if handle is not None:
-            handle.close()
+            if copy is not None:
+                copy.write(line + "\n")
     if tokens == 0:
         raise fail(f"{path} has no text; check the --source-dir or the download")
     log(f"{path.name}: {lines} lines, {tokens} tokens")

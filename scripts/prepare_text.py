@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_common import (  # noqa: E402
+from prepare_common import (
     SPLITS,
     check_destination,
     fail,

@@ -14,11 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import prepare_bible  # noqa: E402
-import prepare_common  # noqa: E402
-import prepare_copy_task  # noqa: E402
-import prepare_lm_corpus  # noqa: E402
-import prepare_text  # noqa: E402
+import prepare_bible
+import prepare_common
+import prepare_copy_task
+import prepare_lm_corpus
+import prepare_text
 
 SPLITS = ("train", "valid", "test")
 
@@ -39,23 +39,29 @@ def load_split(dest: Path, split: str) -> list[list[str]]:
 
 
 def check_blocks(inputs: list[str], targets: list[str]) -> list[int]:
-    """Assert every complete block's target is the input block shifted by m; return the m's."""
+    """Assert every block's target is the input block shifted by m; return the complete blocks' m.
+
+    Blocks start at the '#' markers of the input; the last block is cut at the line end, and its
+    m is where its target's '#' is (if the cut left it in).
+    """
     assert len(inputs) == len(targets)
     starts = [i for i, tok in enumerate(inputs) if tok == "#"]
     assert starts and starts[0] == 0
     lengths = []
-    for begin, end in zip(starts, starts[1:]):
-        m = (end - begin) // 2
-        assert end - begin == 2 * m
+    for begin, end in zip(starts, starts[1:] + [len(inputs)]):
         block, target = inputs[begin:end], targets[begin:end]
-        assert set(block[1:m]) <= set("ABCD") and block[m:] == ["_"] * m
-        assert target == ["_"] * m + block[:m]
-        lengths.append(m)
-    last = starts[-1]  # the cut last block: the same shift holds for the part that is there
-    for i in range(last, len(inputs)):
-        assert targets[i] == ("_" if i - last < lengths[-1] else inputs[i - lengths[-1]]) or (
-            len(set(lengths)) > 1  # variable m: the cut block's m is unknown, checked above
-        )
+        complete = end < len(inputs)
+        if complete:
+            m = (end - begin) // 2
+            assert end - begin == 2 * m
+            lengths.append(m)
+        elif "#" in target:
+            m = target.index("#")
+        else:  # cut before the copy starts: the target is blank so far
+            assert set(target) == {"_"} and set(block[1:]) <= set("ABCD_")
+            continue
+        assert set(block[1:m]) <= set("ABCD") and set(block[m:]) <= {"_"}
+        assert target == (["_"] * m + block[:m])[: len(target)]
     return lengths
 
 
@@ -178,10 +184,9 @@ def test_download_checksum_ok_mismatch_offline(tmp_path: Path) -> None:
 
 def test_staged_directory_cleans_up_on_error(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with prepare_common.staged_directory(dest, force=False) as stage:
-            (stage / "train.bin").write_text("partial")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), prepare_common.staged_directory(dest, False) as stage:
+        (stage / "train.bin").write_text("partial")
+        raise RuntimeError("interrupted")
     assert not dest.exists()
     no_leftovers(tmp_path)
 
@@ -261,10 +266,11 @@ def test_text_word_level_vocab_and_force(tmp_path: Path) -> None:
     prepare_text.main([*args, "--vocab-size", "5"])
     train, valid, test = (load_split(dest, split) for split in SPLITS)
     assert (len(train), len(valid), len(test)) == (160, 20, 20)
-    assert valid[0][:-1] == lines[160].lower().split() or "<unk>" in valid[0]
-    assert test[-1][-1] == "</s>" and len(test[-1]) == len(lines[-1].split()) + 1
     real_words = [w for w in (dest / "dict.txt").read_text().split()[::2] if "madeup" not in w]
     assert len(real_words) == 5 and "the" in real_words and "The" not in real_words
+    for sentence, line in ((valid[0], lines[160]), (test[-1], lines[-1])):
+        expected = [w if w in real_words else "<unk>" for w in line.lower().split()]
+        assert sentence == expected + ["</s>"]
     assert any("<unk>" in sentence for sentence in train)
 
     with pytest.raises(SystemExit) as excinfo:
@@ -279,10 +285,12 @@ def test_text_word_level_vocab_and_force(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_text_sentencepiece(tmp_path: Path) -> None:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
-    lines = [" ".join(words[(i + j) % 8] + words[(i * j) % 8] for j in range(6)) for i in range(120)]
+    lines = [
+        " ".join(words[(i + j) % 8] + words[(i * j) % 8] for j in range(6)) for i in range(120)
+    ]
     source = write_text(tmp_path / "in.txt", lines)
     dest = tmp_path / "spm"
-    prepare_text.main(["--input", str(source), "--dest", str(dest), "--spm-vocab-size", "60"])
+    prepare_text.main(["--input", str(source), "--dest", str(dest), "--spm-vocab-size", "30"])
     assert (dest / "spm.model").is_file()
     import sentencepiece as spm
 
@@ -401,9 +409,9 @@ def test_lm_corpus_missing_source_files(tmp_path: Path) -> None:
 
 
 def test_bible_tokenize_and_missing_command(monkeypatch, tmp_path: Path) -> None:
-    assert prepare_bible.tokenize("And God said, Let there be light: and LORD'S well-favoured.") == (
-        "and god said , let there be light : and lord's well-favoured ."
-    )
+    assert prepare_bible.tokenize(
+        "And God said, Let there be light: and LORD'S well-favoured."
+    ) == ("and god said , let there be light : and lord's well-favoured .")
     monkeypatch.setattr(prepare_bible.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit) as excinfo:
         prepare_bible.main(["--dest", str(tmp_path / "kjv")])
@@ -417,5 +425,6 @@ def test_bible_subset(tmp_path: Path) -> None:
     prepare_bible.main(["--dest", str(dest), "--max-lines", "200"])
     train, valid, test = (load_split(dest, split) for split in SPLITS)
     assert (len(train), len(valid), len(test)) == (180, 10, 10)
-    assert train[0] == "in the beginning god created the heaven and the earth . </s>".split()
+    first_verse = "in the beginning god created the heaven and the earth ."
+    assert train[0] == [*first_verse.split(), "</s>"]
     assert not any(token[0].isupper() for sentence in train for token in sentence[:-1])

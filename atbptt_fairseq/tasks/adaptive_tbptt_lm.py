@@ -443,7 +443,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             # fairseq retries the same samples after an fp16/amp overflow or an OOM: rewind
             self.cursor, self._carried_state = copy.deepcopy(self._before_last_call[0]), self._before_last_call[1]
         else:
-            if self.controller.is_due(update_num) and (self.controller.adaptive or self.cfg.monitor_bias):
+            if self._estimating and self.controller.is_due(update_num):
                 self._estimate(core, update_num)
             self._scale_learning_rate(optimizer)
         self._last_call = call
@@ -458,11 +458,19 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
 
+    @property
+    def _estimating(self) -> bool:
+        return self.controller.adaptive or self.cfg.monitor_bias
+
+    def _lr_factor(self) -> float:
+        """The paper's learning-rate scaling with K, relative to K0."""
+        ratio = self.controller.truncation_length / self.cfg.truncation_length
+        return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.cfg.lr_scaling]
+
     def _scale_learning_rate(self, optimizer) -> None:
         if self.cfg.lr_scaling == "none":
             return
-        ratio = self.controller.truncation_length / self.cfg.truncation_length
-        factor = math.sqrt(ratio) if self.cfg.lr_scaling == "sqrt" else ratio
+        factor = self._lr_factor()
         current = optimizer.get_lr()
         if self._lr_set is None or current != self._lr_set:
             self._lr_base = current  # the scheduler set a new base learning rate
@@ -529,9 +537,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if decision is not None:
             logging_output["bias_hat"] = decision.relative_bias
             logging_output["beta_hat"] = decision.decay_rate
-        world_size, _ = _world()
-        logging_output["est_sec"] = self._pending_estimate_seconds / world_size
-        self._pending_estimate_seconds = 0.0
+        if self._estimating:
+            world_size, _ = _world()
+            logging_output["est_sec"] = self._pending_estimate_seconds / world_size
+            self._pending_estimate_seconds = 0.0
+        if self.cfg.lr_scaling != "none":
+            logging_output["lr_scale"] = self._lr_factor()
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         super().reduce_metrics(logging_outputs, criterion)
@@ -542,8 +553,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
             if any(key in log for log in logging_outputs):
                 value = sum(log.get(key, 0.0) for log in logging_outputs) / parts
                 metrics.log_scalar(key, value, round=4)
-        seconds = sum(log.get("est_sec", 0.0) for log in logging_outputs)
-        metrics.log_scalar_sum("est_sec", seconds, round=2)
+        if any("lr_scale" in log for log in logging_outputs):
+            value = sum(log.get("lr_scale", 0.0) for log in logging_outputs) / parts
+            metrics.log_scalar("lr_scale", value, round=3)
+        if any("est_sec" in log for log in logging_outputs):
+            seconds = sum(log.get("est_sec", 0.0) for log in logging_outputs)
+            metrics.log_scalar_sum("est_sec", seconds, round=2)
 
     # ------------------------------------------------------------------------- evaluation
 

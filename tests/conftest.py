@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny generated corpora binarized by the real fairseq-preprocess, CLI runners."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+USER_DIR = str(REPO / "atbptt_fairseq")
+
+
+def run_cli(tool: str, *args: str, cwd: Path = REPO, check: bool = True) -> str:
+    """Run a fairseq command-line tool from this environment; return stdout and stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [str(BIN / tool), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} exited {result.returncode}:\n{output[-4000:]}")
+    return output
+
+
+def json_records(output: str, tag: str) -> List[Dict[str, str]]:
+    """The JSON records that fairseq logged under ``tag`` (train_inner, train, valid)."""
+    records = []
+    for line in output.splitlines():
+        marker = f"| {tag} | "
+        if marker in line:
+            records.append(json.loads(line.split(marker, 1)[1]))
+        elif f"[{tag}][INFO] - " in line:
+            records.append(json.loads(line.split("[INFO] - ", 1)[1]))
+    return records
+
+
+def write_corpus(directory: Path, lines: Dict[str, List[str]]) -> Path:
+    """Write split text files and binarize them with fairseq-preprocess; return the data dir."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, split_lines in lines.items():
+        (directory / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
+    destination = directory / "data-bin"
+    run_cli(
+        "fairseq-preprocess",
+        "--only-source",
+        "--trainpref", str(directory / "train.txt"),
+        "--validpref", str(directory / "valid.txt"),
+        "--testpref", str(directory / "test.txt"),
+        "--destdir", str(destination),
+        "--workers", "1",
+    )  # fmt: skip
+    return destination
+
+
+def random_sentences(count: int, vocabulary: int, seed: int) -> List[str]:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocabulary)]
+    weights = [1.0 / (rank + 1) for rank in range(vocabulary)]
+    return [
+        " ".join(rng.choices(words, weights, k=rng.randint(3, 12))) for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """About 3k training tokens over a 40-word Zipf vocabulary."""
+    directory = tmp_path_factory.mktemp("tiny")
+    return write_corpus(
+        directory,
+        {
+            "train": random_sentences(400, 40, seed=1),
+            "valid": random_sentences(40, 40, seed=2),
+            "test": random_sentences(40, 40, seed=3),
+        },
+    )

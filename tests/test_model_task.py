@@ -1,0 +1,101 @@
+"""The model's state protocol and the task's segment building, in process on a tiny corpus."""
+
+import torch
+from fairseq.data import Dictionary
+
+from atbptt_fairseq.models.tbptt_lstm_lm import (
+    TbpttLstmDecoder,
+    TbpttLstmLanguageModel,
+    TbpttLstmLmConfig,
+)
+from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
+
+
+def make_decoder(vocabulary: int = 30, layers: int = 2) -> TbpttLstmDecoder:
+    dictionary = Dictionary()
+    for i in range(vocabulary):
+        dictionary.add_symbol(f"w{i}")
+    config = TbpttLstmLmConfig(embed_dim=8, hidden_size=8, num_layers=layers, dropout=0.0)
+    torch.manual_seed(0)
+    return TbpttLstmDecoder(config, dictionary).eval()
+
+
+def test_carry_offset_returns_the_state_after_that_many_steps():
+    decoder = make_decoder()
+    tokens = torch.randint(4, 30, (3, 12))
+    logits, extra = decoder(tokens, carry_offset=5, output_start=4)
+    _, head = decoder(tokens[:, :5])
+    full_logits, full = decoder(tokens)
+    assert logits.shape == (3, 8, len(decoder.dictionary))
+    torch.testing.assert_close(logits, full_logits[:, 4:])
+    torch.testing.assert_close(extra["carried_state"], head["state"])
+    torch.testing.assert_close(extra["state"], full["state"])
+    assert not extra["carried_state"][0].requires_grad
+
+
+def test_step_matches_the_fused_forward():
+    decoder = make_decoder()
+    tokens = torch.randint(4, 30, (2, 6))
+    full_logits, _ = decoder(tokens)
+    state = decoder.zero_state(2)
+    for t in range(6):
+        logits, state = decoder.step(tokens[:, t], state)
+        torch.testing.assert_close(logits, full_logits[:, t])
+
+
+def test_evaluation_streams_carry_their_own_state():
+    decoder = make_decoder()
+    tokens = torch.randint(4, 30, (1, 20))
+    full_logits, _ = decoder(tokens)
+    first, _ = decoder(tokens[:, :7], stream="valid", start_of_stream=True)
+    decoder(tokens[:, :3], stream="other", start_of_stream=True)
+    second, _ = decoder(tokens[:, 7:], stream="valid")
+    torch.testing.assert_close(torch.cat([first, second], 1), full_logits)
+    restarted, _ = decoder(tokens[:, :7], stream="valid", start_of_stream=True)
+    torch.testing.assert_close(restarted, first)
+
+
+def make_task(data, **overrides) -> AdaptiveTbpttLmTask:
+    config = AdaptiveTbpttLmConfig(data=str(data), seed=1, train_subset="train", **overrides)
+    task = AdaptiveTbpttLmTask.setup_task(config)
+    task.load_dataset("train")
+    return task
+
+
+def test_training_segments_carry_the_state_exactly(tiny_corpus):
+    """Segment by segment, with the carried state, scores equal one forward over each column."""
+    for style in ("overlap", "disjoint"):
+        task = make_task(tiny_corpus, truncation_length=7, tbptt_style=style)
+        iterator = task.get_batch_iterator(task.dataset("train"), max_sentences=3)
+        slots = list(iterator.next_epoch_itr(shuffle=False))
+        model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1))
+        inputs, targets = task._train_columns
+        reference, _ = model(inputs)
+        scored_logits, scored_targets = [], []
+        with torch.no_grad():
+            for slot in slots + slots[:2]:  # into the next pass
+                batch = task._training_batch(slot, torch.device("cpu"))
+                logits, extra = model(**batch["net_input"])
+                task._carried_state = extra["carried_state"]
+                scored_logits.append(logits)
+                scored_targets.append(batch["target"])
+        length = inputs.size(1)
+        first_pass = torch.cat(scored_logits[: len(slots)], 1)
+        torch.testing.assert_close(first_pass, reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.cat(scored_targets[: len(slots)], 1), targets)
+        second_pass = torch.cat(scored_logits[len(slots) :], 1)
+        torch.testing.assert_close(second_pass, reference[:, : second_pass.size(1)], atol=1e-5, rtol=1e-5)
+        assert first_pass.size(1) == length and task.cursor.passes == 1
+
+
+def test_each_rank_gets_its_own_columns_and_the_same_slot_count(tiny_corpus):
+    task = make_task(tiny_corpus, truncation_length=5)
+    counts, columns = [], []
+    for rank in range(2):
+        iterator = task.get_batch_iterator(task.dataset("train"), max_sentences=2, num_shards=2, shard_id=rank)
+        counts.append(len(iterator))
+        columns.append(task._train_columns[0])
+    single = make_task(tiny_corpus, truncation_length=5)
+    single.get_batch_iterator(single.dataset("train"), max_sentences=4)
+    assert counts[0] == counts[1]
+    assert torch.equal(torch.cat(columns), single._train_columns[0])
