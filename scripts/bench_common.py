@@ -1,0 +1,385 @@
+"""Shared helpers of the benchmark scripts (``bench_throughput.py``, ``bench_estimator.py``).
+
+Synthetic corpora binarized with fairseq-preprocess, ``fairseq-train`` runs whose JSON log lines
+are parsed (and time-stamped by this process as they arrive), thread and device settings, robust
+summaries and plain-text tables. Nothing here imports fairseq at module level, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO_ROOT / "atbptt_fairseq"
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def log(message: str) -> None:
+    """One progress line on stderr (stdout carries the results)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> SystemExit:
+    """The one-line user-facing error for ``raise fail(...)``."""
+    return SystemExit(f"error: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Threads and devices
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_threads(threads: int) -> int:
+    """Intra-op threads for every contender: ``threads`` if positive, else torch's default."""
+    import torch
+
+    if threads > 0:
+        return threads
+    return torch.get_num_threads()
+
+
+def apply_threads(threads: int) -> None:
+    """Set the intra-op thread count of this process (the in-process contenders)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment of a ``fairseq-train`` child: the same thread count as this process.
+
+    torch reads ``OMP_NUM_THREADS`` at start-up for its intra-op pool (fairseq never calls
+    ``torch.set_num_threads``); MKL gets the same number.
+    """
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; checks that ``cuda`` is usable."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise fail("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels, so that wall-clock readings cover the work (no-op on CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def fairseq_device_args(device: str) -> list[str]:
+    """``fairseq-train`` options for the device: ``--cpu``, or nothing (fairseq uses GPU 0)."""
+    return ["--cpu"] if device == "cpu" else []
+
+
+def fairseq_cli(name: str) -> str:
+    """Path of a fairseq console script, next to this interpreter (the venv) or on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise fail(f"{name} not found next to {sys.executable} or on PATH; run `make install`")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic corpus
+# --------------------------------------------------------------------------------------------
+
+
+def zipf_tokens(vocab: int, count: int, seed: int, exponent: float = 1.0):
+    """``count`` word ids in ``[0, vocab)`` drawn i.i.d. from a Zipf-like law p(r) ~ 1/r^s."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, vocab + 1) ** exponent
+    return rng.choice(vocab, size=count, p=weights / weights.sum())
+
+
+def make_corpus(
+    dest: Path, vocab: int, train_tokens: int, valid_tokens: int = 2000, seed: int = 0
+) -> Path:
+    """Write a random Zipf corpus with ``vocab`` word types and binarize it; return ``dest``.
+
+    Lines of 30 words (fairseq adds ``</s>`` to each). The first train line lists every word once,
+    so the dictionary holds all ``vocab`` words (plus fairseq's 4 specials, padded to a multiple
+    of 8) however rare the tail is. Reuses ``dest`` if it is already complete.
+    """
+    dest = Path(dest)
+    if (dest / "dict.txt").is_file() and (dest / "train.bin").is_file():
+        return dest
+    raw = dest / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    line_length = 30
+    for split, count, offset in (("train", train_tokens, 0), ("valid", valid_tokens, 1)):
+        ids = zipf_tokens(vocab, count, seed + offset)
+        with open(raw / f"{split}.txt", "w", encoding="utf-8") as out:
+            if split == "train":
+                out.write(" ".join(f"w{i}" for i in range(vocab)) + "\n")
+            for start in range(0, count, line_length):
+                out.write(" ".join(f"w{i}" for i in ids[start : start + line_length]) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.preprocess",
+        "--only-source",
+        "--trainpref",
+        str(raw / "train.txt"),
+        "--validpref",
+        str(raw / "valid.txt"),
+        "--destdir",
+        str(dest),
+        "--workers",
+        "1",
+    ]
+    log(f"binarizing a {train_tokens:,}-token random corpus (V {vocab}) into {dest}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(1), check=False)
+    if proc.returncode != 0:
+        raise fail(f"fairseq-preprocess failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return dest
+
+
+def dictionary_size(data_dir: Path) -> int:
+    """Number of entries of the fairseq dictionary of ``data_dir`` (the model's vocabulary)."""
+    from fairseq.data import Dictionary
+
+    return len(Dictionary.load(str(Path(data_dir) / "dict.txt")))
+
+
+def load_token_stream(data_dir: Path, split: str = "train"):
+    """A binarized split as one 1-D LongTensor of token ids (``</s>`` at line ends)."""
+    import torch
+    from fairseq.data import data_utils
+
+    dataset = data_utils.load_indexed_dataset(str(Path(data_dir) / split), None)
+    if dataset is None:
+        raise fail(f"{data_dir}/{split}.bin not found")
+    return torch.cat([dataset[i].long() for i in range(len(dataset))])
+
+
+# --------------------------------------------------------------------------------------------
+# fairseq-train runs and their JSON logs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogLine:
+    """One ``train_inner`` record of a ``--log-format json`` run, stamped on arrival here."""
+
+    stats: dict[str, float]
+    arrival: float  # time.perf_counter() of this process when the line was read
+
+    @property
+    def updates(self) -> int:
+        return int(self.stats["num_updates"])
+
+
+@dataclass
+class TrainRun:
+    """A finished ``fairseq-train`` run: its ``train_inner`` lines and wall times."""
+
+    lines: list[LogLine]
+    seconds: float  # launch to exit, start-up included
+    output: list[str] = field(default_factory=list)
+
+
+def _parse_json_record(line: str) -> tuple[str, dict[str, Any]] | None:
+    """``(tag, stats)`` of a fairseq JSON progress line, else None."""
+    if " | INFO | " not in line or "{" not in line:
+        return None
+    head, _, body = line.partition("{")
+    tag = head.rstrip(" |").rsplit("|", 1)[-1].strip()
+    try:
+        stats = json.loads("{" + body)
+    except json.JSONDecodeError:
+        return None
+    return tag, stats
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def run_fairseq_train(args: Sequence[str], threads: int, label: str) -> TrainRun:
+    """Run ``fairseq-train ARGS`` and collect its ``train_inner`` lines as they arrive.
+
+    ``ARGS`` must include ``--log-format json``. Raises with the tail of the output on failure.
+    """
+    cmd = [fairseq_cli("fairseq-train"), *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=child_env(threads),
+        cwd=str(REPO_ROOT),
+    )
+    lines: list[LogLine] = []
+    output: list[str] = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        now = time.perf_counter()
+        output.append(raw.rstrip("\n"))
+        record = _parse_json_record(raw)
+        if record is not None and record[0] == "train_inner":
+            stats = {key: _number(value) for key, value in record[1].items()}
+            lines.append(LogLine(stats=stats, arrival=now))
+    code = proc.wait()
+    seconds = time.perf_counter() - start
+    if code != 0:
+        tail = "\n".join(output[-25:])
+        raise fail(f"{label}: fairseq-train exited with {code}; last output:\n{tail}")
+    if not lines:
+        raise fail(f"{label}: fairseq-train wrote no train_inner lines; lower --log-interval")
+    return TrainRun(lines=lines, seconds=seconds, output=output)
+
+
+@dataclass
+class Throughput:
+    """Scored tokens over wall time after the warm-up lines of one run."""
+
+    tokens: float
+    seconds_log: float  # sum over lines of tokens / wps (fairseq's own clock)
+    seconds_clock: float  # between the arrival of the last warm-up line and the last line
+    interval_rates: list[float]  # tokens/s of every measured log interval (fairseq's wps)
+    updates: int
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second by fairseq's clock (the headline figure)."""
+        return self.tokens / self.seconds_log
+
+    @property
+    def rate_clock(self) -> float:
+        """Tokens per second by this process's clock (cross-check)."""
+        return self.tokens / self.seconds_clock
+
+
+def throughput_from_log(run: TrainRun, warmup_lines: int) -> Throughput:
+    """Token rate of the ``train_inner`` lines after the first ``warmup_lines``.
+
+    Each line covers the updates since the previous one: ``wpb`` (mean scored tokens per update)
+    times that count is its token count, and fairseq's ``wps`` meter (reset at every log line,
+    so it spans the whole interval) gives its duration as tokens / wps.
+    """
+    if len(run.lines) <= warmup_lines:
+        raise fail(
+            f"only {len(run.lines)} log lines, none after {warmup_lines} warm-up lines; "
+            "raise --updates or lower the warm-up"
+        )
+    tokens = seconds = 0.0
+    rates = []
+    previous = run.lines[warmup_lines - 1] if warmup_lines > 0 else None
+    previous_updates = previous.updates if previous is not None else 0
+    for line in run.lines[warmup_lines:]:
+        count = line.stats["wpb"] * (line.updates - previous_updates)
+        previous_updates = line.updates
+        tokens += count
+        seconds += count / line.stats["wps"]
+        rates.append(line.stats["wps"])
+    start = previous.arrival if previous is not None else run.lines[0].arrival
+    clock = max(run.lines[-1].arrival - start, 1e-9)
+    updates = run.lines[-1].updates - (previous.updates if previous is not None else 0)
+    return Throughput(tokens, seconds, clock, rates, updates)
+
+
+def last_value(run: TrainRun, key: str) -> float:
+    """The value of ``key`` in the last ``train_inner`` line that has it (nan if none)."""
+    for line in reversed(run.lines):
+        if key in line.stats:
+            return line.stats[key]
+    return float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries and tables
+# --------------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    """Median, nan for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def rotate(items: Sequence[Any], shift: int) -> list[Any]:
+    """``items`` rotated left by ``shift`` (repeat r starts with contender r)."""
+    if not items:
+        return []
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    cells = [[str(cell) for cell in header]] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(cells[0]), rule] + [render(row) for row in cells[1:]])
+
+
+def verdict(met: bool) -> str:
+    """``met`` / ``NOT met``."""
+    return "met" if met else "NOT met"
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` (indented JSON) when a path is given."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(payload, out, indent=2, sort_keys=False)
+        out.write("\n")
+    log(f"wrote {path}")
+
+
+def machine_summary(threads: int, device: str) -> dict[str, Any]:
+    """Versions, thread count, device and load, recorded with the figures."""
+    import platform
+
+    import torch
+
+    summary: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+    }
+    if hasattr(os, "getloadavg"):
+        summary["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device.startswith("cuda"):
+        summary["gpu"] = torch.cuda.get_device_name(0)
+    return summary

@@ -1,0 +1,168 @@
+"""End to end through the real fairseq-train, fairseq-hydra-train and fairseq-eval-lm."""
+
+import ast
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import checkpoint_utils
+from fairseq.data import data_utils
+
+import atbptt_fairseq  # noqa: F401  (registers the plugin for in-process loading)
+from conftest import REPO, USER_DIR, json_records, run_cli, write_corpus, random_sentences
+
+pytestmark = pytest.mark.e2e
+
+TRAIN_TINY = [
+    "--user-dir", USER_DIR,
+    "--task", "adaptive_tbptt_lm",
+    "--arch", "tbptt_lstm_lm_tiny",
+    "--criterion", "tbptt_cross_entropy",
+    "--optimizer", "tbptt_sgd",
+    "--lr", "1.0",
+    "--batch-size", "4",
+    "--cpu",
+    "--log-format", "json",
+    "--log-interval", "10",
+    "--no-progress-bar",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    """A fixed-K overlap run of two epochs; returns (data dir, checkpoint dir, log)."""
+    save_dir = tmp_path_factory.mktemp("fixed")
+    output = run_cli(
+        "fairseq-train", str(tiny_corpus), *TRAIN_TINY,
+        "--truncation-length", "10", "--max-epoch", "2", "--save-dir", str(save_dir),
+    )  # fmt: skip
+    return tiny_corpus, save_dir, output
+
+
+def test_training_logs_the_truncation_length(trained):
+    _, save_dir, output = trained
+    records = json_records(output, "train_inner")
+    assert records and all(record["trunc_k"] == "10" for record in records)
+    assert (save_dir / "checkpoint_last.pt").exists()
+
+
+def unsafe_globals(path: Path) -> list:
+    """Unsafe globals as a fresh interpreter sees them (this one allowlisted argparse.Namespace)."""
+    code = (
+        "import sys, torch; "
+        "print(torch.serialization.get_unsafe_globals_in_checkpoint(sys.argv[1]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    return ast.literal_eval(result.stdout.strip())
+
+
+def test_checkpoints_hold_no_unsafe_globals(trained):
+    _, save_dir, _ = trained
+    path = save_dir / "checkpoint_last.pt"
+    assert unsafe_globals(path) == []
+    code = "import sys, torch; torch.load(sys.argv[1], weights_only=True)"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+def eval_lm_loss(data: Path, checkpoint: Path, split: str = "valid") -> float:
+    output = run_cli(
+        "fairseq-eval-lm", str(data), "--user-dir", USER_DIR, "--task", "adaptive_tbptt_lm",
+        "--path", str(checkpoint), "--gen-subset", split, "--cpu",
+    )  # fmt: skip
+    return float(re.search(r"Loss \(base 2\): ([0-9.]+)", output).group(1))
+
+
+def task_validation_loss(data: Path, checkpoint: Path, split: str = "valid") -> float:
+    """The task's own stateful validation, driven in process as fairseq's validate loop does."""
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data)}
+    )
+    criterion = task.build_criterion(cfg.criterion)
+    task.load_dataset(split)
+    task.begin_valid_epoch(1, models[0])
+    loss_sum, sample_size = 0.0, 0
+    for sample in task.get_batch_iterator(task.dataset(split)).next_epoch_itr(shuffle=False):
+        loss, size, _ = task.valid_step(sample, models[0], criterion)
+        loss_sum, sample_size = loss_sum + float(loss), sample_size + size
+    return loss_sum / sample_size / math.log(2)
+
+
+def single_pass_loss(data: Path, checkpoint: Path, split: str = "valid") -> float:
+    """One forward over the whole split with batch 1 from a zero state, outside the task."""
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data)}
+    )
+    dataset = data_utils.load_indexed_dataset(str(data / split), task.dictionary)
+    tokens = torch.cat([dataset[i].long() for i in range(len(dataset))])
+    model = models[0].eval()
+    with torch.no_grad():
+        logits, _ = model.decoder(tokens[None, :-1])
+    nll = F.cross_entropy(logits[0].double(), tokens[1:], reduction="mean")
+    return float(nll) / math.log(2)
+
+
+def test_eval_lm_equals_validation_and_a_single_pass(trained):
+    data, save_dir, output = trained
+    checkpoint = save_dir / "checkpoint_last.pt"
+    reference = single_pass_loss(data, checkpoint)
+    validation = task_validation_loss(data, checkpoint)
+    evaluated = eval_lm_loss(data, checkpoint)
+    assert validation == pytest.approx(reference, rel=1e-4)
+    assert evaluated == pytest.approx(reference, rel=1e-4, abs=5e-5)  # printed to 4 decimals
+    logged = float(json_records(output, "valid")[-1]["valid_loss"])
+    assert logged == pytest.approx(reference, abs=5e-4)  # logged to 3 decimals
+
+
+def test_disjoint_style_and_hydra_config(tiny_corpus, tmp_path):
+    output = run_cli(
+        "fairseq-hydra-train", "--config-dir", str(REPO / "configs"), "--config-name", "tiny",
+        f"task.data={tiny_corpus}", f"checkpoint.save_dir={tmp_path}",
+        "+task.tbptt_style=disjoint", "optimization.max_epoch=1",
+    )  # fmt: skip
+    records = json_records(output, "train_inner")
+    assert records and records[-1]["trunc_k"] == "10"
+    assert json_records(output, "valid")
+    assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_sharded_data_paths_are_used_in_turn(tiny_corpus, tmp_path):
+    second = tmp_path / "second"
+    second.mkdir()
+    for split, seed in (("train", 7), ("valid", 8), ("test", 9)):
+        (second / f"{split}.txt").write_text("\n".join(random_sentences(200, 40, seed)) + "\n")
+    run_cli(
+        "fairseq-preprocess", "--only-source", "--srcdict", str(tiny_corpus / "dict.txt"),
+        "--trainpref", str(second / "train.txt"), "--validpref", str(second / "valid.txt"),
+        "--destdir", str(second / "bin"), "--workers", "1",
+    )  # fmt: skip
+    output = run_cli(
+        "fairseq-train", f"{tiny_corpus}:{second / 'bin'}", *TRAIN_TINY,
+        "--truncation-length", "10", "--max-epoch", "2", "--no-save",
+    )  # fmt: skip
+    sources = re.findall(r"train: [0-9,]+ tokens from (\S+)", output)
+    # epoch 1 on the first shard, epoch 2 on the second (fairseq then prepares epoch 3 on the first)
+    assert sources[:2] == [str(tiny_corpus), str(second / "bin")]
+
+
+def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
+    run_cli(
+        "fairseq-train", str(tiny_corpus), "--task", "language_modeling", "--arch", "lstm_lm",
+        "--decoder-embed-dim", "8", "--decoder-hidden-size", "8", "--decoder-out-embed-dim", "8",
+        "--decoder-layers", "1", "--tokens-per-sample", "16", "--batch-size", "4",
+        "--optimizer", "sgd", "--lr", "0.1", "--max-update", "2", "--cpu",
+        "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
+    )  # fmt: skip
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    assert "argparse.Namespace" in unsafe_globals(checkpoint)
+    output = run_cli(
+        "fairseq-eval-lm", str(tiny_corpus), "--user-dir", USER_DIR, "--path", str(checkpoint),
+        "--gen-subset", "valid", "--cpu", "--tokens-per-sample", "16",
+    )  # fmt: skip
+    assert "Perplexity" in output
