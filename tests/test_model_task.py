@@ -99,3 +99,34 @@ def test_each_rank_gets_its_own_columns_and_the_same_slot_count(tiny_corpus):
     single.get_batch_iterator(single.dataset("train"), max_sentences=4)
     assert counts[0] == counts[1]
     assert torch.equal(torch.cat(columns), single._train_columns[0])
+
+
+def test_estimation_leaves_training_state_untouched(tiny_corpus):
+    task = make_task(
+        tiny_corpus, truncation_length=6, target_bias=0.5, min_truncation_length=2,
+        max_truncation_length=20, estimate_window=20, estimate_sequences=4, estimate_repeats=2,
+    )  # fmt: skip
+    task.get_batch_iterator(task.dataset("train"), max_sentences=3)
+    model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    task._carried_state = model.zero_state(3)
+    task._carried_state[0].normal_()
+    before = (
+        [p.grad.clone() for p in model.parameters()],
+        {k: v["momentum_buffer"].clone() for k, v in optimizer.state.items()},
+        [t.clone() for t in task._carried_state],
+        task.cursor.state_dict(),
+    )
+    rng_state = torch.get_rng_state()
+    task._estimate(model, update_num=10)
+    assert model.training
+    assert all(torch.equal(a, p.grad) for a, p in zip(before[0], model.parameters()))
+    assert all(torch.equal(before[1][k], v["momentum_buffer"]) for k, v in optimizer.state.items())
+    assert all(torch.equal(a, b) for a, b in zip(before[2], task._carried_state))
+    assert task.cursor.state_dict() == before[3]
+    assert torch.equal(rng_state, torch.get_rng_state())  # dropout masks of training unaffected
+    decision = task.controller.last_decision
+    assert 2 <= decision.truncation_length <= 20 and decision.seconds > 0
