@@ -124,7 +124,8 @@ def test_disjoint_style_and_hydra_config(tiny_corpus, tmp_path):
     output = run_cli(
         "fairseq-hydra-train", "--config-dir", str(REPO / "configs"), "--config-name", "tiny",
         f"task.data={tiny_corpus}", f"checkpoint.save_dir={tmp_path}",
-        "+task.tbptt_style=disjoint", "optimization.max_epoch=1",
+        f"common.user_dir={USER_DIR}", "+task.tbptt_style=disjoint", "optimization.max_epoch=1",
+        cwd=tmp_path,  # hydra writes its .hydra/ run files into the working directory
     )  # fmt: skip
     records = json_records(output, "train_inner")
     assert records and records[-1]["trunc_k"] == "10"
