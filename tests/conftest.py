@@ -61,9 +61,7 @@ def random_sentences(count: int, vocabulary: int, seed: int) -> List[str]:
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(vocabulary)]
     weights = [1.0 / (rank + 1) for rank in range(vocabulary)]
-    return [
-        " ".join(rng.choices(words, weights, k=rng.randint(3, 12))) for _ in range(count)
-    ]
+    return [" ".join(rng.choices(words, weights, k=rng.randint(3, 12))) for _ in range(count)]
 
 
 @pytest.fixture(scope="session")

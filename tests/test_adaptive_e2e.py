@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from tensorboardX.proto import event_pb2
-
 from conftest import USER_DIR, json_records, run_cli, write_corpus
+from tensorboardX.proto import event_pb2
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +57,11 @@ def truncation_lengths(output: str) -> List[float]:
 def test_markov_data_brings_k_down(tmp_path):
     data = write_corpus(
         tmp_path,
-        {"train": markov_lines(60000, 1), "valid": markov_lines(3000, 2), "test": markov_lines(3000, 3)},
+        {
+            "train": markov_lines(60000, 1),
+            "valid": markov_lines(3000, 2),
+            "test": markov_lines(3000, 3),
+        },
     )
     output = run_cli(
         "fairseq-train", str(data), *SMALL_LSTM,
@@ -78,7 +81,11 @@ def test_learned_repeats_keep_k_at_least_the_lag(tmp_path):
     lag = 5
     data = write_corpus(
         tmp_path,
-        {"train": repeat_lines(6000, lag, 1), "valid": repeat_lines(200, lag, 2), "test": repeat_lines(200, lag, 3)},
+        {
+            "train": repeat_lines(6000, lag, 1),
+            "valid": repeat_lines(200, lag, 2),
+            "test": repeat_lines(200, lag, 3),
+        },
     )
     output = run_cli(
         "fairseq-train", str(data), *SMALL_LSTM,

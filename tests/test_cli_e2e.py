@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, USER_DIR, json_records, random_sentences, run_cli
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 
 import atbptt_fairseq  # noqa: F401  (registers the plugin for in-process loading)
-from conftest import REPO, USER_DIR, json_records, run_cli, write_corpus, random_sentences
 
 pytestmark = pytest.mark.e2e
 

@@ -84,7 +84,9 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         torch.testing.assert_close(first_pass, reference, atol=1e-5, rtol=1e-5)
         assert torch.equal(torch.cat(scored_targets[: len(slots)], 1), targets)
         second_pass = torch.cat(scored_logits[len(slots) :], 1)
-        torch.testing.assert_close(second_pass, reference[:, : second_pass.size(1)], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            second_pass, reference[:, : second_pass.size(1)], atol=1e-5, rtol=1e-5
+        )
         assert first_pass.size(1) == length and task.cursor.passes == 1
 
 
@@ -92,7 +94,9 @@ def test_each_rank_gets_its_own_columns_and_the_same_slot_count(tiny_corpus):
     task = make_task(tiny_corpus, truncation_length=5)
     counts, columns = [], []
     for rank in range(2):
-        iterator = task.get_batch_iterator(task.dataset("train"), max_sentences=2, num_shards=2, shard_id=rank)
+        iterator = task.get_batch_iterator(
+            task.dataset("train"), max_sentences=2, num_shards=2, shard_id=rank
+        )
         counts.append(len(iterator))
         columns.append(task._train_columns[0])
     single = make_task(tiny_corpus, truncation_length=5)

@@ -8,6 +8,7 @@ from atbptt_fairseq.tasks.token_stream import (
     StreamTooShortError,
     lay_out_columns,
     plan_segment,
+    segments_per_pass,
 )
 
 
@@ -101,3 +102,18 @@ def test_the_next_pass_starts_from_a_reset_state():
 def test_unknown_style_is_rejected():
     with pytest.raises(ValueError, match="overlap"):
         plan_segment(StreamCursor(), 5, "sliding", 20)
+
+
+@pytest.mark.parametrize("style", ["overlap", "disjoint"])
+@pytest.mark.parametrize("stream_length", [41, 42, 43, 44, 45, 47, 49])
+def test_a_short_remainder_joins_the_last_segment(style, stream_length):
+    segments, scored = scored_positions(style, [10] * 100, stream_length)
+    assert scored == list(range(stream_length))
+    assert all(5 <= segment.scored < 15 for segment in segments)
+    assert len(segments) == segments_per_pass(10, style, stream_length)
+
+
+def test_a_stream_shorter_than_one_segment_is_one_segment():
+    assert segments_per_pass(10, "overlap", 3) == 1
+    _, scored = scored_positions("overlap", [10], 3)
+    assert scored == [0, 1, 2]

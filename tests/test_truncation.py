@@ -354,3 +354,29 @@ def test_controller_state_dict_round_trip(tmp_path):
     fresh = make_controller()
     fresh.load_state_dict(fresh.state_dict())  # before any estimate: no decision yet
     assert fresh.last_decision is None and fresh.truncation_length == 10
+
+
+def test_readout_of_the_final_state_gives_the_same_profile():
+    """A step without an output layer plus a final readout equals reading out every step."""
+    torch.manual_seed(3)
+    embedding, lstm, output = torch.nn.Embedding(7, 5), torch.nn.LSTM(5, 6), torch.nn.Linear(6, 7)
+
+    def advance(tokens, state):
+        _, next_state = lstm(embedding(tokens)[None], state)
+        return next_state
+
+    def readout(state):
+        return output(state[0][-1])
+
+    def step(tokens, state):
+        next_state = advance(tokens, state)
+        return readout(next_state), next_state
+
+    inputs, targets = torch.randint(0, 7, (4, 12)), torch.randint(0, 7, (4,))
+    state = (torch.zeros(1, 4, 6), torch.zeros(1, 4, 6))
+    full = measure_gradient_profile(step, state, inputs, targets, burnin=2, batch_dim=1)
+    lean = measure_gradient_profile(
+        lambda t, s: (None, advance(t, s)), state, inputs, targets, 2, batch_dim=1, readout=readout
+    )
+    torch.testing.assert_close(full.norms, lean.norms)
+    torch.testing.assert_close(full.mean_gradients, lean.mean_gradients)

@@ -21,6 +21,8 @@ from fairseq.models import (
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
+from atbptt_fairseq.errors import UserInputError
+
 LstmState = Tuple[Tensor, Tensor]  # (h, c), each num_layers x B x H
 
 
@@ -35,7 +37,9 @@ class TbpttLstmLmConfig(FairseqDataclass):
     )
     tie_embeddings: bool = field(
         default=False,
-        metadata={"help": "share the input embedding and output projection (needs embed_dim == hidden_size)"},
+        metadata={
+            "help": "share the input embedding and output projection (needs embed_dim == hidden_size)"
+        },
     )
 
 
@@ -123,15 +127,37 @@ class TbpttLstmDecoder(FairseqDecoder):
         return logits, extra
 
     def step(self, tokens: Tensor, state: LstmState) -> Tuple[Tensor, LstmState]:
-        """One recurrent step: tokens (B,), state -> logits B x V and the full next state.
+        """One recurrent step: tokens (B,), state -> logits B x V and the full next state."""
+        next_state = self.advance(tokens, state)
+        return self.readout(next_state), next_state
 
-        Used by the bias estimator, which needs every step's state in the autograd graph.
+    def readout(self, state: LstmState) -> Tensor:
+        """Logits B x V from a full state (the top layer's h)."""
+        return self.project(state[0][-1])
+
+    def advance(self, tokens: Tensor, state: LstmState) -> LstmState:
+        """One recurrent step without the output layer: tokens (B,), state -> the full next state.
+
+        Used by the bias estimator, which needs every step's state in the autograd graph. It runs
+        ``torch.lstm_cell`` on the fused LSTM's own weights (the same arithmetic): one fused
+        ``nn.LSTM`` call per step costs several times more on CPU (oneDNN's per-call overhead).
         """
-        x = self.dropout(self.embed_tokens(tokens.unsqueeze(1)))  # B x 1 x E
-        _, next_state = self.lstm(x, state)
-        # logits from the returned h (not the output tensor, a separate autograd node), so the
-        # gradient at lag 0 flows through the state
-        return self.project(next_state[0][-1]), next_state
+        h, c = state  # num_layers x B x H each
+        x = self.dropout(self.embed_tokens(tokens))  # B x E
+        next_h, next_c = [], []
+        for layer in range(self.num_layers):
+            h_layer, c_layer = torch.lstm_cell(
+                x,
+                (h[layer], c[layer]),
+                getattr(self.lstm, f"weight_ih_l{layer}"),
+                getattr(self.lstm, f"weight_hh_l{layer}"),
+                getattr(self.lstm, f"bias_ih_l{layer}"),
+                getattr(self.lstm, f"bias_hh_l{layer}"),
+            )
+            next_h.append(h_layer)
+            next_c.append(c_layer)
+            x = F.dropout(h_layer, self.lstm.dropout, self.training)
+        return torch.stack(next_h), torch.stack(next_c)
 
     def reset_streams(self) -> None:
         self._stream_states.clear()
@@ -154,8 +180,37 @@ class TbpttLstmLanguageModel(FairseqLanguageModel):
     def step(self, tokens: Tensor, state: LstmState) -> Tuple[Tensor, LstmState]:
         return self.decoder.step(tokens, state)
 
+    def advance(self, tokens: Tensor, state: LstmState) -> LstmState:
+        return self.decoder.advance(tokens, state)
+
+    def readout(self, state: LstmState) -> Tensor:
+        return self.decoder.readout(state)
+
     def reset_streams(self) -> None:
         self.decoder.reset_streams()
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading, after a check that the checkpoint fits this model and dictionary."""
+        own = self.state_dict()
+        vocabulary = "decoder.embed_tokens.weight"
+        if vocabulary in state_dict and state_dict[vocabulary].size(0) != own[vocabulary].size(0):
+            raise UserInputError(
+                f"the checkpoint was trained with a dictionary of {state_dict[vocabulary].size(0)} "
+                f"types but this data directory's dict.txt has {own[vocabulary].size(0)}: evaluate "
+                "or resume with the data directory (dict.txt) it was trained on, or binarize your "
+                "text with fairseq-preprocess --srcdict <that dict.txt>"
+            )
+        mismatched = [
+            f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
+            for name, tensor in state_dict.items()
+            if name in own and tuple(tensor.shape) != tuple(own[name].shape)
+        ]
+        if mismatched:
+            raise UserInputError(
+                f"the checkpoint's parameters do not fit this model ({'; '.join(mismatched[:3])}); "
+                "use the --arch and model options the checkpoint was trained with"
+            )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
 def _fill_defaults(cfg, **arch_values) -> None:
@@ -170,22 +225,30 @@ def _fill_defaults(cfg, **arch_values) -> None:
 @register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_ptb")
 def tbptt_lstm_lm_ptb(cfg) -> None:
     """The paper's PTB model: 1 layer of 900 units, tied embeddings, dropout 0.2."""
-    _fill_defaults(cfg, embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True)
+    _fill_defaults(
+        cfg, embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True
+    )
 
 
 @register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_wiki2")
 def tbptt_lstm_lm_wiki2(cfg) -> None:
     """The paper's WikiText-2 model: 1 layer of 512 units, tied embeddings, dropout 0.2."""
-    _fill_defaults(cfg, embed_dim=512, hidden_size=512, num_layers=1, dropout=0.2, tie_embeddings=True)
+    _fill_defaults(
+        cfg, embed_dim=512, hidden_size=512, num_layers=1, dropout=0.2, tie_embeddings=True
+    )
 
 
 @register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_copy")
 def tbptt_lstm_copy(cfg) -> None:
     """The paper's copy-task model: embedding 50, 2 layers of 50 units, untied, no dropout."""
-    _fill_defaults(cfg, embed_dim=50, hidden_size=50, num_layers=2, dropout=0.0, tie_embeddings=False)
+    _fill_defaults(
+        cfg, embed_dim=50, hidden_size=50, num_layers=2, dropout=0.0, tie_embeddings=False
+    )
 
 
 @register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_tiny")
 def tbptt_lstm_lm_tiny(cfg) -> None:
     """A few thousand parameters, for tests."""
-    _fill_defaults(cfg, embed_dim=16, hidden_size=16, num_layers=1, dropout=0.0, tie_embeddings=True)
+    _fill_defaults(
+        cfg, embed_dim=16, hidden_size=16, num_layers=1, dropout=0.0, tie_embeddings=True
+    )

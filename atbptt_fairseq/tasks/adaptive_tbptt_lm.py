@@ -26,17 +26,18 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor
 
+from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.tasks.token_stream import (
     StreamCursor,
     StreamTooShortError,
     aligned_stream,
     lay_out_columns,
     plan_segment,
+    segments_per_pass,
 )
 from atbptt_fairseq.truncation import (
     GradientProfile,
     TruncationController,
-    TruncationDecision,
     measure_gradient_profile,
     sample_windows,
 )
@@ -66,7 +67,9 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     )
     truncation_length: int = field(
         default=35,
-        metadata={"help": "truncation length K: fixed K, or the initial K0 when --target-bias is set"},
+        metadata={
+            "help": "truncation length K: fixed K, or the initial K0 when --target-bias is set"
+        },
     )
     tbptt_style: TBPTT_STYLE_CHOICES = field(
         default="overlap",
@@ -120,8 +123,11 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         default=5, metadata={"help": "estimates R averaged into one choice of K"}
     )
     estimate_interval: int = field(
-        default=100,
-        metadata={"help": "re-estimate K every this many updates (a count of updates, not time)"},
+        default=200,
+        metadata={
+            "help": "re-estimate K every this many updates (a count of updates, not time, so runs "
+            "are reproducible); one estimate of R repeats costs about R updates' worth of compute"
+        },
     )
     estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
         default="approx",
@@ -143,6 +149,10 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     )
     seed: int = II("common.seed")
     train_subset: str = II("dataset.train_subset")
+    cpu: bool = II("common.cpu")
+    fp16: bool = II("common.fp16")
+    amp: bool = II("common.amp")
+    tpu: bool = II("common.tpu")
 
 
 class SplitStream(FairseqDataset):
@@ -182,6 +192,75 @@ class SlotDataset(FairseqDataset):
         return samples[0]
 
 
+def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
+    """fp16 and amp need a CUDA device; fairseq-train's --bf16 means a TPU (fairseq's rule)."""
+
+    def flag(name: str) -> bool:  # unresolved ("${common.fp16}") outside a fairseq config: False
+        return getattr(cfg, name, False) is True
+
+    on_gpu = torch.cuda.is_available() and not flag("cpu")
+    if flag("fp16") and not on_gpu:
+        raise UserInputError(
+            "--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16), or in bfloat16 with "
+            "fairseq-hydra-train ... common.bf16=true"
+        )
+    if flag("tpu"):
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError:
+            raise UserInputError(
+                "fairseq-train's --bf16 (and --tpu) runs on a TPU, and torch_xla is not installed; "
+                "for bfloat16 on a CPU or GPU use fairseq-hydra-train ... common.bf16=true"
+            ) from None
+    if flag("amp") and not on_gpu:
+        logger.warning("--amp without a CUDA GPU trains in fp32: fairseq's autocast is CUDA-only")
+
+
+def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
+    """Reject inconsistent options with a message in terms of the command-line flags."""
+    if cfg.truncation_length < 1:
+        raise UserInputError(
+            f"--truncation-length must be at least 1 (got {cfg.truncation_length})"
+        )
+    for name, value, least in (
+        ("--eval-batch-size", cfg.eval_batch_size, 1),
+        ("--eval-chunk-length", cfg.eval_chunk_length, 1),
+        ("--updates-per-epoch", cfg.updates_per_epoch, 0),
+        ("--estimate-sequences", cfg.estimate_sequences, 1),
+        ("--estimate-repeats", cfg.estimate_repeats, 1),
+        ("--estimate-interval", cfg.estimate_interval, 1),
+        ("--estimate-burnin", cfg.estimate_burnin, -1),
+    ):
+        if value < least:
+            raise UserInputError(f"{name} must be at least {least} (got {value})")
+    if cfg.target_bias is None:
+        return
+    if not 0.0 < cfg.target_bias < 1.0:
+        raise UserInputError(
+            f"--target-bias (the tolerated relative gradient bias delta) must lie strictly between "
+            f"0 and 1 (got {cfg.target_bias}); omit it to train with a fixed --truncation-length"
+        )
+    k_min, k0, k_max = cfg.min_truncation_length, cfg.truncation_length, cfg.max_truncation_length
+    if k_min < 1:
+        raise UserInputError(f"--min-truncation-length must be at least 1 (got {k_min})")
+    if k_min > k_max:
+        raise UserInputError(
+            f"--min-truncation-length ({k_min}) is larger than --max-truncation-length ({k_max}); "
+            "swap or fix them"
+        )
+    if not k_min <= k0 <= k_max:
+        raise UserInputError(
+            f"--truncation-length (the initial K0 = {k0}) lies outside [--min-truncation-length, "
+            f"--max-truncation-length] = [{k_min}, {k_max}]; choose K0 inside that range"
+        )
+    if cfg.estimate_window < k_max:
+        raise UserInputError(
+            f"--estimate-window ({cfg.estimate_window}) is shorter than --max-truncation-length "
+            f"({k_max}): the bias can only be estimated for K up to the window; raise "
+            "--estimate-window or lower --max-truncation-length"
+        )
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
@@ -204,26 +283,33 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def __init__(self, cfg: AdaptiveTbpttLmConfig, dictionary: Dictionary) -> None:
         super().__init__(cfg)
         self.dictionary = dictionary
+        check_config(cfg)
         adaptive = cfg.target_bias is not None
-        window = cfg.estimate_window if adaptive else max(cfg.estimate_window, cfg.truncation_length)
-        self.controller = TruncationController(
-            initial_length=cfg.truncation_length,
-            # a fixed K is not bound by the adaptive range
-            min_length=cfg.min_truncation_length if adaptive else cfg.truncation_length,
-            max_length=cfg.max_truncation_length if adaptive else cfg.truncation_length,
-            target_bias=cfg.target_bias,
-            window=window,
-            burnin=cfg.estimate_burnin if cfg.estimate_burnin >= 0 else window // 10,
-            num_sequences=cfg.estimate_sequences,
-            num_estimates=cfg.estimate_repeats,
-            interval=cfg.estimate_interval,
-            cumulative=cfg.estimate_cumulative,
+        window = (
+            cfg.estimate_window if adaptive else max(cfg.estimate_window, cfg.truncation_length)
         )
+        try:
+            self.controller = TruncationController(
+                initial_length=cfg.truncation_length,
+                # a fixed K is not bound by the adaptive range
+                min_length=cfg.min_truncation_length if adaptive else cfg.truncation_length,
+                max_length=cfg.max_truncation_length if adaptive else cfg.truncation_length,
+                target_bias=cfg.target_bias,
+                window=window,
+                burnin=cfg.estimate_burnin if cfg.estimate_burnin >= 0 else window // 10,
+                num_sequences=cfg.estimate_sequences,
+                num_estimates=cfg.estimate_repeats,
+                interval=cfg.estimate_interval,
+                cumulative=cfg.estimate_cumulative,
+            )
+        except ValueError as error:  # check_config should have caught it first
+            raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
         self.cursor = StreamCursor()
         self._carried_state: Optional[Tuple[Tensor, Tensor]] = None
         self._train_columns: Optional[Tuple[Tensor, Tensor]] = None
         self._train_stream: Optional[SplitStream] = None
         self._train_shard: Optional[int] = None
+        self._gathered_state: Optional[Tuple[dict, List[Tensor]]] = None
         self._last_call: Optional[Tuple[int, int]] = None
         self._before_last_call: Optional[Tuple[StreamCursor, Any]] = None
         self._pending_estimate_seconds = 0.0
@@ -234,20 +320,33 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: AdaptiveTbpttLmConfig, **kwargs) -> "AdaptiveTbpttLmTask":
+        if not kwargs.get("from_checkpoint", False):  # a stored config may come from a GPU run
+            check_precision(cfg)
         paths = utils.split_paths(cfg.data or "")
         if not paths or not paths[0]:
-            raise ValueError("no data directory given; pass the fairseq-preprocess output directory")
+            raise UserInputError(
+                "no data directory given; pass the fairseq-preprocess --only-source output "
+                "directory"
+            )
         for path in paths:
             if not os.path.isdir(path):
-                raise FileNotFoundError(
-                    f"data directory {path} does not exist; run fairseq-preprocess --only-source first"
+                raise UserInputError(
+                    f"data directory {path} does not exist; run fairseq-preprocess --only-source "
+                    "--destdir there first, or fix the path"
                 )
         dict_path = os.path.join(paths[0], "dict.txt")
         if not os.path.isfile(dict_path):
-            raise FileNotFoundError(
-                f"{dict_path} is missing; the data directory must be fairseq-preprocess output"
+            raise UserInputError(
+                f"{dict_path} is missing; the data directory must be fairseq-preprocess output "
+                "(it writes dict.txt next to the .bin/.idx files)"
             )
-        dictionary = Dictionary.load(dict_path)
+        try:
+            dictionary = Dictionary.load(dict_path)
+        except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
+            raise UserInputError(
+                f"{dict_path} is not a fairseq dictionary ({error}); regenerate it with "
+                "fairseq-preprocess"
+            ) from None
         logger.info(f"dictionary: {len(dictionary)} types")
         return cls(cfg, dictionary)
 
@@ -263,9 +362,18 @@ class AdaptiveTbpttLmTask(FairseqTask):
         return None
 
     def _read_stream(self, split_path: str, combine: bool) -> Tensor:
+        if os.path.isfile(split_path + ".bin") and os.path.getsize(split_path + ".bin") == 0:
+            # fairseq cannot even open it (mmap of an empty file)
+            raise UserInputError(
+                f"split {split_path} is empty (fairseq-preprocess got an empty text file); give "
+                "it some text and binarize it again"
+            )
         data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
         if data is None:
-            raise FileNotFoundError(f"split {split_path}.bin/.idx not found")
+            raise UserInputError(
+                f"split {split_path}.bin/.idx not found; binarize it with fairseq-preprocess "
+                "(--trainpref/--validpref/--testpref) or choose another split"
+            )
         if isinstance(data, MMapIndexedDataset):
             buffer = np.frombuffer(data._bin_buffer, dtype=data._index.dtype)
             tokens = torch.from_numpy(buffer.astype(np.int64))
@@ -273,9 +381,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
             pieces = [data[i].long() for i in range(len(data))]
             tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         if tokens.numel() and int(tokens.max()) >= len(self.dictionary):
-            raise ValueError(
+            raise UserInputError(
                 f"{split_path} holds token ids up to {int(tokens.max())} but dict.txt has "
-                f"{len(self.dictionary)} entries; binarize it with this dictionary"
+                f"{len(self.dictionary)} entries: the split was binarized with another "
+                "dictionary; binarize it again with fairseq-preprocess --srcdict <this dict.txt>"
             )
         return tokens
 
@@ -285,15 +394,22 @@ class AdaptiveTbpttLmTask(FairseqTask):
         tokens = self._read_stream(os.path.join(data_path, split), combine)
         targets = None
         if self.cfg.target_dir:
-            targets = self._read_stream(os.path.join(data_path, self.cfg.target_dir, split), combine)
+            targets = self._read_stream(
+                os.path.join(data_path, self.cfg.target_dir, split), combine
+            )
             if targets.numel() != tokens.numel():
-                raise ValueError(
+                raise UserInputError(
                     f"{split}: the target stream has {targets.numel()} tokens, the input stream "
                     f"{tokens.numel()}; binarize token-aligned inputs and targets"
                 )
         if tokens.numel() < 2:
-            raise ValueError(f"split {split} in {data_path} is empty; give it some text")
-        self.datasets[split] = SplitStream(name=f"{data_path}:{split}", tokens=tokens, targets=targets)
+            raise UserInputError(
+                f"split {split} in {data_path} holds {tokens.numel()} tokens; give it some text "
+                "and binarize it again"
+            )
+        self.datasets[split] = SplitStream(
+            name=f"{data_path}:{split}", tokens=tokens, targets=targets
+        )
         if split == self.cfg.train_subset:
             shard = (epoch - 1) % len(paths)
             if self._train_shard is not None and shard != self._train_shard:
@@ -347,20 +463,28 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def _training_slots(self, stream: SplitStream, batch_size, num_shards: int, shard_id: int):
         if not batch_size:
-            raise ValueError("--batch-size (columns per worker) is required; --max-tokens is not used")
+            raise UserInputError(
+                "--batch-size (columns per worker) is required; --max-tokens is not used"
+            )
         try:
             inputs, targets = lay_out_columns(
                 stream.tokens, batch_size * num_shards, stream.targets, shard_id, num_shards
             )
         except StreamTooShortError as error:
-            raise ValueError(f"training split: {error}") from None
+            raise UserInputError(f"training split {stream.name}: {error}") from None
+        if self._estimating:
+            self._check_estimate_fits(stream)
         self._train_columns = (inputs, targets)
-        slots = self.cfg.updates_per_epoch or math.ceil(inputs.size(1) / self.cfg.truncation_length)
+        slots = self.cfg.updates_per_epoch or segments_per_pass(
+            self.cfg.truncation_length, self.cfg.tbptt_style, inputs.size(1)
+        )
         logger.info(
             f"training columns: {batch_size} x {inputs.size(1):,} tokens per worker, "
             f"{slots} update slots per epoch"
         )
-        return [{"id": torch.tensor([i]), "slot": i, "nsentences": batch_size} for i in range(slots)]
+        return [
+            {"id": torch.tensor([i]), "slot": i, "nsentences": batch_size} for i in range(slots)
+        ]
 
     def _evaluation_chunks(self, stream: SplitStream, num_shards: int, shard_id: int):
         columns = self.cfg.eval_batch_size
@@ -369,7 +493,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 stream.tokens, columns * num_shards, stream.targets, shard_id, num_shards
             )
         except StreamTooShortError as error:
-            raise ValueError(f"evaluation split {stream.name}: {error}") from None
+            raise UserInputError(
+                f"evaluation split {stream.name}: {error} (--eval-batch-size)"
+            ) from None
         chunk = self.cfg.eval_chunk_length
         items = []
         for index, start in enumerate(range(0, inputs.size(1), chunk)):
@@ -398,9 +524,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
-        for required in ("zero_state", "step"):
+        for required in ("zero_state", "advance", "readout"):
             if not hasattr(model, required):
-                raise ValueError(
+                raise UserInputError(
                     f"adaptive_tbptt_lm needs a stateful model such as --arch tbptt_lstm_lm_ptb; "
                     f"{type(model).__name__} has no {required}()"
                 )
@@ -408,16 +534,24 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     # --------------------------------------------------------------------------- training
 
-    def _training_batch(self, slot_sample: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-        """Turn an update slot into the next segment of the stream at the current K."""
+    def _training_batch(
+        self, slot_sample: Dict[str, Any], device: torch.device, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """Turn an update slot into the next segment of the stream at the current K.
+
+        The carried state goes to ``device`` and, if given, ``dtype`` (a state restored from a
+        checkpoint lives on the CPU, possibly in another precision).
+        """
         inputs, targets = self._train_columns
         truncation_length = self.controller.truncation_length
         segment = plan_segment(self.cursor, truncation_length, self.cfg.tbptt_style, inputs.size(1))
         if segment.new_pass:
             self._carried_state = None
         state = self._carried_state
-        if state is not None and state[0].device != device:
-            state = tuple(tensor.to(device) for tensor in state)
+        if state is not None and (
+            state[0].device != device or (dtype is not None and state[0].dtype != dtype)
+        ):
+            state = tuple(tensor.to(device=device, dtype=dtype) for tensor in state)
         window = slice(segment.window_start, segment.window_end)
         scored = slice(segment.window_start + segment.output_start, segment.window_end)
         src_tokens = inputs[:, window].to(device)  # B x T
@@ -436,12 +570,21 @@ class AdaptiveTbpttLmTask(FairseqTask):
             "truncation_length": truncation_length,
         }
 
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+    def train_step(
+        self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs
+    ):
+        """Train on the next segment; a repeated ``(update_num, slot)`` call is a retry.
+
+        fairseq calls again with the same samples after an ``--amp`` overflow (and to locate a
+        NaN): the cursor and carried state are rewound to where they were before the first call,
+        so the state advances once per update slot however often it is retried. If the forward or
+        backward pass raises (e.g. out of memory), they are rewound as well before re-raising.
+        """
         core = _unwrap(model)
         call = (update_num, int(sample["slot"]))
         if call == self._last_call:
-            # fairseq retries the same samples after an fp16/amp overflow or an OOM: rewind
-            self.cursor, self._carried_state = copy.deepcopy(self._before_last_call[0]), self._before_last_call[1]
+            self.cursor = copy.deepcopy(self._before_last_call[0])
+            self._carried_state = self._before_last_call[1]
         else:
             if self._estimating and self.controller.is_due(update_num):
                 self._estimate(core, update_num)
@@ -449,11 +592,16 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._last_call = call
         self._before_last_call = (copy.deepcopy(self.cursor), self._carried_state)
 
-        device = next(core.parameters()).device
-        batch = self._training_batch(sample, device)
-        loss, sample_size, logging_output = super().train_step(
-            batch, model, criterion, optimizer, update_num, ignore_grad
-        )
+        parameter = next(core.parameters())
+        batch = self._training_batch(sample, parameter.device, parameter.dtype)
+        try:
+            loss, sample_size, logging_output = super().train_step(
+                batch, model, criterion, optimizer, update_num, ignore_grad
+            )
+        except BaseException:
+            self.cursor = copy.deepcopy(self._before_last_call[0])
+            self._carried_state = self._before_last_call[1]
+            raise
         self._carried_state = batch.get("carried_state")
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
@@ -479,17 +627,24 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     # ------------------------------------------------------------------------- estimation
 
+    def _check_estimate_fits(self, stream: SplitStream) -> None:
+        """Fail at start-up, not at the first estimate, if no estimate window fits in the split."""
+        inputs, _ = aligned_stream(stream.tokens, stream.targets)
+        length = self.controller.burnin + self.controller.window
+        if inputs.numel() < length + 1:
+            raise UserInputError(
+                f"the training split {stream.name} has {inputs.numel()} tokens, fewer than the "
+                f"burn-in plus estimate window ({length}); lower --estimate-window (and "
+                "--max-truncation-length) or --estimate-burnin, or use more data"
+            )
+
     def _estimate(self, model: torch.nn.Module, update_num: int) -> None:
         stream = self._train_stream
+        self._check_estimate_fits(stream)
         inputs, targets = aligned_stream(stream.tokens, stream.targets)
         world_size, rank = _world()
         burnin = self.controller.burnin
         length = burnin + self.controller.window
-        if inputs.numel() < length + 1:
-            raise ValueError(
-                f"the training split has {inputs.numel()} tokens, fewer than the burn-in plus "
-                f"estimate window ({length}); lower --estimate-window"
-            )
         estimator = model
         if any(p.dtype != torch.float32 for p in model.parameters()):
             estimator = copy.deepcopy(model).float()  # the estimate always runs in fp32
@@ -507,11 +662,18 @@ class AdaptiveTbpttLmTask(FairseqTask):
             windows, final_targets = windows.to(device), final_targets.to(device)
             state = estimator.zero_state(windows.size(0))
             if burnin > 0:
-                with torch.no_grad():  # the fused LSTM runs the burn-in
+                # the fused LSTM runs the burn-in, in fp32 like the window (even under autocast)
+                with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                     _, extra = estimator(windows[:, :burnin], state=state, output_start=burnin)
                 state = extra["state"]
             profile = measure_gradient_profile(
-                estimator.step, state, windows[:, burnin:], final_targets, burnin=0, batch_dim=1
+                lambda tokens, state: (None, estimator.advance(tokens, state)),
+                state,
+                windows[:, burnin:],
+                final_targets,
+                burnin=0,
+                batch_dim=1,
+                readout=estimator.readout,  # the output layer runs on the final state only
             )
             if world_size > 1:
                 group = distributed_utils.get_data_parallel_group()
@@ -552,7 +714,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         for key in ("bias_hat", "beta_hat"):
             if any(key in log for log in logging_outputs):
                 value = sum(log.get(key, 0.0) for log in logging_outputs) / parts
-                metrics.log_scalar(key, value, round=4)
+                # unrounded: fairseq prints 6 significant digits, so a bias of 1e-6 or a decay
+                # rate of 0.99993 stays readable
+                metrics.log_scalar(key, value)
         if any("lr_scale" in log for log in logging_outputs):
             value = sum(log.get("lr_scale", 0.0) for log in logging_outputs) / parts
             metrics.log_scalar("lr_scale", value, round=3)
@@ -567,10 +731,39 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     # ------------------------------------------------------------------------ checkpoints
 
+    def gather_checkpoint_state(self) -> None:
+        """Collect every rank's carried state before rank 0 writes a checkpoint.
+
+        Called on every rank by the plugin's wrapper of ``checkpoint_utils.save_checkpoint`` (see
+        :mod:`atbptt_fairseq.checkpoint_guard`); fairseq asks only rank 0 for
+        :meth:`get_checkpoint_dict`. The checkpoint then holds the state of all columns in the
+        global layout (columns x layers x hidden), which each rank slices again on resume.
+        """
+        world_size, _ = _world()
+        self._gathered_state = None
+        if world_size == 1 or self._carried_state is None:
+            return  # the cursor, and so a None state, is the same on every rank
+        group = distributed_utils.get_data_parallel_group()
+        gathered = [
+            torch.cat(distributed_utils.all_gather(tensor.detach().contiguous(), group), dim=1)
+            for tensor in self._carried_state
+        ]
+        self._gathered_state = (self.cursor.state_dict(), gathered)
+
     def get_checkpoint_dict(self) -> Dict[str, Any]:
         state = None
-        if self._carried_state is not None:
-            state = [tensor.detach().cpu() for tensor in self._carried_state]
+        world_size, _ = _world()
+        if world_size == 1:
+            if self._carried_state is not None:
+                state = [tensor.detach().cpu() for tensor in self._carried_state]
+        elif (
+            self._gathered_state is not None and self._gathered_state[0] == self.cursor.state_dict()
+        ):
+            state = [tensor.cpu() for tensor in self._gathered_state[1]]
+        elif self._carried_state is not None:
+            logger.warning(
+                "no carried state in this checkpoint: it was not gathered from all ranks"
+            )
         return {
             type(self).__name__: {
                 "cursor": self.cursor.state_dict(),
@@ -583,9 +776,44 @@ class AdaptiveTbpttLmTask(FairseqTask):
         }
 
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
-        self.cursor = StreamCursor.from_state_dict(state["cursor"])
+        """Restore the stream position, carried state, controller and learning-rate scaling.
+
+        fairseq has already loaded the training data of the epoch it resumes (and built its
+        iterator). The stored carried state covers all columns; this rank keeps its own. A
+        checkpoint written at the end of an epoch on another data shard (colon-separated data
+        paths) starts that shard from its beginning with a zero state, as an uninterrupted run does
+        when it moves to the next shard. A checkpoint of another global batch size (columns =
+        --batch-size x workers) starts a new pass over the data, as the columns differ.
+        """
+        cursor = StreamCursor.from_state_dict(state["cursor"])
         carried = state.get("carried_state")
-        self._carried_state = tuple(carried) if carried is not None else None
-        self._train_shard = state.get("train_shard", self._train_shard)
+        saved_shard = state.get("train_shard")
+        world_size, rank = _world()
+        columns = self._train_columns[0].size(0) if self._train_columns is not None else None
+        saved_columns = None if carried is None else carried[0].size(1)
+        if (
+            saved_columns is not None
+            and columns is not None
+            and saved_columns != columns * world_size
+        ):
+            logger.warning(
+                f"the checkpoint's carried state covers {saved_columns} columns but this run "
+                f"trains {columns * world_size} (--batch-size x workers): starting a new pass over "
+                "the training data from a zero state"
+            )
+            self.cursor = StreamCursor(passes=cursor.passes + 1)
+            self._carried_state = None
+        elif saved_shard is not None and self._train_shard not in (None, saved_shard):
+            self.cursor = StreamCursor(passes=cursor.passes)
+            self._carried_state = None
+        else:
+            self.cursor = cursor
+            self._carried_state = None
+            if carried is not None:
+                rows = slice(rank * columns, (rank + 1) * columns) if columns else slice(None)
+                self._carried_state = tuple(tensor[:, rows].contiguous() for tensor in carried)
+            if saved_shard is not None:
+                self._train_shard = saved_shard
+        self._last_call = self._before_last_call = None
         self.controller.load_state_dict(state["controller"])
         self._lr_base, self._lr_set = state.get("lr_base"), state.get("lr_set")

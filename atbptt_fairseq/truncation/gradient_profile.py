@@ -25,6 +25,12 @@ The logits must be computed from the returned state, so that the loss reaches th
 """
 
 
+Readout = Callable[[State], Tensor]
+"""Logits B x V from a state. When given to the measurement, the step's own logits are ignored
+(a step may return None for them) and only the final state is read out: the output layer of a
+large vocabulary then runs once per window instead of once per step."""
+
+
 @dataclass
 class GradientProfile:
     """Gradient of the final-step loss with respect to the state at every lag of a window."""
@@ -71,16 +77,18 @@ def measure_gradient_profile(
     final_targets: Tensor,
     burnin: int,
     batch_dim: int = 0,
+    readout: Readout | None = None,
 ) -> GradientProfile:
     """Measure the gradient profile with ONE backward pass through the whole window.
 
     ``inputs`` is S x (burnin + W). The burn-in runs without gradient from ``initial_state``; the
     next W steps keep their output states, and the gradients of the final step's loss with respect
     to all of them come from a single ``torch.autograd.grad`` call, which leaves ``.grad`` of every
-    parameter alone. Lag 0 is the last state, the one the final logits are computed from.
+    parameter alone. Lag 0 is the last state, the one the final logits are computed from
+    (by ``readout`` if given, else by the last ``step``).
     """
     with torch.autocast(device_type=inputs.device.type, enabled=False):  # fp32, backward too
-        states, loss = _run_window(step, initial_state, inputs, final_targets, burnin)
+        states, loss = _run_window(step, initial_state, inputs, final_targets, burnin, readout)
         flat_states = [tensor for state in states for tensor in state]
         flat_gradients = torch.autograd.grad(loss, flat_states, allow_unused=True)
     state_size = len(states[0])
@@ -100,6 +108,7 @@ def measure_gradient_profile_naive(
     final_targets: Tensor,
     burnin: int,
     batch_dim: int = 0,
+    readout: Readout | None = None,
 ) -> GradientProfile:
     """Reference implementation with one backward pass per lag (W passes instead of one).
 
@@ -108,7 +117,7 @@ def measure_gradient_profile_naive(
     """
     gradients = []
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        states, loss = _run_window(step, initial_state, inputs, final_targets, burnin)
+        states, loss = _run_window(step, initial_state, inputs, final_targets, burnin, readout)
         for state in states:
             state_gradients = torch.autograd.grad(
                 loss, list(state), retain_graph=True, allow_unused=True
@@ -118,7 +127,12 @@ def measure_gradient_profile_naive(
 
 
 def _run_window(
-    step: StepFn, initial_state: State, inputs: Tensor, final_targets: Tensor, burnin: int
+    step: StepFn,
+    initial_state: State,
+    inputs: Tensor,
+    final_targets: Tensor,
+    burnin: int,
+    readout: Readout | None = None,
 ) -> tuple[list[State], Tensor]:
     """Burn in without gradient, then run the window keeping every state; return states by lag.
 
@@ -145,6 +159,8 @@ def _run_window(
         for position in range(burnin, total_length):
             logits, state = step(inputs[:, position], state)
             states.append(state)
+        if readout is not None:
+            logits = readout(state)
         loss = F.cross_entropy(logits.float(), final_targets, reduction="sum")
     states.reverse()  # index = lag: states[0] is the last state
     return states, loss

@@ -1,0 +1,172 @@
+"""Safe, clear checkpoint loading and complete checkpoint files for fairseq (installed on import).
+
+Loading. fairseq-fixed's ``checkpoint_utils.load_checkpoint_to_cpu`` (used by fairseq-train to
+resume and by fairseq-eval-lm, fairseq-validate, ...) calls ``torch.load`` without
+``weights_only``. With torch >= 2.6 that means ``weights_only=True``, which refuses pickled code,
+but only as long as nobody sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` in the environment, and a
+refusal or a truncated file ends in a long traceback. The wrapper installed here
+
+* refuses, before anything is unpickled, a checkpoint whose pickle names a global outside
+  torch's weights-only allowlist (plus ``argparse.Namespace``, allowlisted by the plugin for
+  fairseq's own legacy checkpoints): such a file could run code when loaded;
+* runs fairseq's loader with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` (and without
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), so the load itself stays weights-only whatever the
+  environment says;
+* turns a missing, truncated or corrupt file into one :class:`~atbptt_fairseq.errors.UserInputError`
+  line that names the file and what to do.
+
+Saving with several ranks. fairseq asks only rank 0 for the task's checkpoint state, but every
+rank carries its own columns' recurrent state. The wrapper of ``checkpoint_utils.save_checkpoint``
+(which every rank calls at the same point) first lets the task gather the state of all ranks
+(``task.gather_checkpoint_state()``), so that rank 0 saves all of it.
+
+Copies. fairseq writes the first checkpoint of a save atomically (``.tmp`` then rename) but copies
+it to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with ``shutil.copyfile``: a process killed
+during that copy leaves a truncated ``checkpoint_last.pt``, and the next run cannot resume. The
+copy used by ``checkpoint_utils`` goes through a temporary file and ``os.replace`` here, so every
+checkpoint file is either the old one or the complete new one.
+"""
+
+import contextlib
+import os
+import shutil
+import zipfile
+from typing import Iterator
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+
+from atbptt_fairseq.errors import UserInputError
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt or unsafe to unpickle."""
+
+
+_WHAT_TO_DO = (
+    "resume from an older checkpoint (copy e.g. checkpoint_<epoch>_<updates>.pt or "
+    "checkpoint<epoch>.pt over checkpoint_last.pt), or remove it to start afresh"
+)
+
+
+_FORCE_VARIABLES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+@contextlib.contextmanager
+def _weights_only_forced() -> Iterator[None]:
+    """torch.load calls inside unpickle weights-only, whatever the environment said."""
+    saved = {name: os.environ.get(name) for name in _FORCE_VARIABLES}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint of plain data.
+
+    Reads only the zip directory and the pickle's opcodes; nothing is unpickled.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?); {_WHAT_TO_DO}")
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format; the forced weights-only load below checks it
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as error:  # noqa: BLE001  (any failure to read the archive)
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({_first_line(error)}); {_WHAT_TO_DO}"
+        ) from error
+    if unsafe:
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: it pickles {', '.join(sorted(unsafe))}, which "
+            "could run code when loaded; use only checkpoints written by fairseq-train from a "
+            "source you trust"
+        )
+
+
+_original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+
+
+def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+    """fairseq's loader after :func:`check_checkpoint_file`, with weights-only unpickling forced."""
+    check_checkpoint_file(PathManager.get_local_path(path))
+    with _weights_only_forced():
+        try:
+            return _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+        except Exception as error:  # noqa: BLE001  (reading the file failed: say which and why)
+            if "GLOBAL" in str(error) or "Unsupported global" in str(error):
+                raise CheckpointError(
+                    f"refusing to load checkpoint {path}: it holds objects that are not plain "
+                    f"data ({_unsupported_global(error)}); only use checkpoints you trust"
+                ) from error
+            raise CheckpointError(
+                f"cannot read checkpoint {path} ({_reason(error)}): it is not a PyTorch "
+                f"checkpoint, or it is truncated or corrupt; {_WHAT_TO_DO}"
+            ) from error
+
+
+def _unsupported_global(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if "GLOBAL" in line:
+            return line.strip().split(" was not an allowed global")[0]
+    return _first_line(error)
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of torch's long weights-only message, else the first line."""
+    for line in str(error).splitlines():
+        if "Unsupported operand" in line:
+            return line.strip()
+    return _first_line(error)
+
+
+_original_save_checkpoint = checkpoint_utils.save_checkpoint
+
+
+def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+    """fairseq's ``save_checkpoint``, after the task gathered its state on every rank."""
+    if not cfg.no_save and hasattr(trainer.task, "gather_checkpoint_state"):
+        trainer.task.gather_checkpoint_state()
+    return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+
+
+class AtomicCopyPathManager(PathManager):
+    """fairseq's ``PathManager`` whose ``copy`` of a local file never leaves a partial target."""
+
+    @staticmethod
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if not PathManager.supports_rename(dst_path):
+            return PathManager.copy(src_path, dst_path, overwrite)
+        if not overwrite and os.path.exists(dst_path):
+            return False
+        temporary = dst_path + ".tmp"
+        try:
+            shutil.copyfile(src_path, temporary)
+            os.replace(temporary, dst_path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        return True
+
+
+def install() -> None:
+    """Patch ``fairseq.checkpoint_utils`` (idempotent)."""
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils.PathManager = AtomicCopyPathManager

@@ -1,0 +1,235 @@
+"""Sweep and plot scripts: log parsing, CSV writers, figures, and a two-run sweep end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import plot  # noqa: E402
+import sweep  # noqa: E402
+
+# Two attempts of one run: the first logs up to update 30, is interrupted, and the second
+# resumes from the checkpoint at update 20 (fairseq's wall meter then reads 0).
+CANNED_LOG = """\
+# sweep attempt 2024-01-01T00:00:00: fairseq-train data ...
+2024-01-01 00:00:01 | INFO | fairseq.trainer | No existing checkpoint found checkpoints/checkpoint_last.pt
+2024-01-01 00:00:05 | INFO | train_inner | {"epoch": 1, "loss": "3.0", "trunc_k": "10", "est_sec": "0", "ppl": "8", "wpb": "40", "num_updates": "10", "wall": "5"}
+2024-01-01 00:00:06 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | update 10: K = 4 (bias_hat 0.08, beta_hat 0.6, 1.00s)
+2024-01-01 00:00:10 | INFO | train_inner | {"epoch": 1, "loss": "2.0", "trunc_k": "5.2", "est_sec": "1", "bias_hat": "0.08", "beta_hat": "0.6", "ppl": "4", "wpb": "20.8", "num_updates": "20", "wall": "10"}
+2024-01-01 00:00:13 | INFO | valid | {"epoch": 1, "valid_loss": "2.0", "valid_ppl": "4", "valid_num_updates": "20"}
+2024-01-01 00:00:19 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | update 20: K = 5 (bias_hat 0.09, beta_hat 0.6, 1.00s)
+2024-01-01 00:00:20 | INFO | train_inner | {"epoch": 1, "loss": "9.9", "trunc_k": "5", "est_sec": "1", "ppl": "955", "wpb": "99", "num_updates": "30", "wall": "20"}
+# sweep attempt 2024-01-01T01:00:00: fairseq-train data ...
+2024-01-01 01:00:02 | INFO | fairseq.trainer | Loaded checkpoint checkpoints/checkpoint_last.pt (epoch 1 @ 20 updates)
+2024-01-01 01:00:03 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | update 20: K = 4 (bias_hat 0.07, beta_hat 0.5, 1.00s)
+2024-01-01 01:00:07 | INFO | train_inner | {"epoch": 1, "loss": "1.5", "trunc_k": "4", "est_sec": "1", "bias_hat": "0.07", "beta_hat": "0.5", "ppl": "2.83", "wpb": "16", "num_updates": "30", "wall": "0"}
+[2024-01-01 01:00:09,123][valid][INFO] - {"epoch": 1, "valid_loss": "1.0", "valid_ppl": "2", "valid_num_updates": "30"}
+2024-01-01 01:00:09 | INFO | train | {"epoch": 1, "train_loss": "2", "train_wpb": "25.6", "train_num_updates": "30", "train_wall": "0"}
+2024-01-01 01:00:10 | INFO | fairseq_cli.train | done training in 8.0 seconds
+"""  # noqa: E501
+
+
+def test_parse_log_stitches_a_resumed_run():
+    parsed = sweep.parse_log(CANNED_LOG)
+    assert [row["num_updates"] for row in parsed.train] == [10, 20, 30]
+    last = parsed.train[-1]  # the resumed attempt's record replaces the interrupted one
+    assert last["loss"] == 1.5 and last["trunc_k"] == 4 and last["bias_hat"] == 0.07
+    assert [row["tokens"] for row in parsed.train] == [400, 608, 768]
+    assert [row["est_sec"] for row in parsed.train] == [0, 1, 2]
+    assert math.isnan(parsed.train[0]["bias_hat"])
+    # wall: fairseq's, then the checkpoint's wall (13 s, its validation) plus log time since
+    assert [row["wall"] for row in parsed.train] == [5, 10, 18]
+    assert [(v["num_updates"], v["wall"], v["tokens"]) for v in parsed.valid] == [
+        (20, 13, 608),
+        (30, 20, 768),
+    ]
+    assert parsed.valid[-1]["valid_ppl"] == pytest.approx(2.0)
+    assert [(e["num_updates"], e["trunc_k"]) for e in parsed.estimates] == [(10, 4), (20, 4)]
+    assert (parsed.tokens, parsed.est_sec, parsed.wall_sec, parsed.updates) == (768, 2, 20, 30)
+
+
+def test_parse_eval_uses_the_precise_loss():
+    text = "INFO:fairseq_cli.eval_lm:Loss (base 2): 0.0500, Perplexity: 1.04\n"
+    loss, ppl = sweep.parse_eval(text)
+    assert loss == 0.05 and ppl == pytest.approx(2**0.05)
+    with pytest.raises(ValueError):
+        sweep.parse_eval("no result here")
+
+
+def test_training_finished_looks_at_the_last_attempt(tmp_path):
+    log = tmp_path / "train.log"
+    assert not sweep.training_finished(log)
+    log.write_text(CANNED_LOG)
+    assert sweep.training_finished(log)
+    log.write_text(CANNED_LOG + "# sweep attempt 2024-01-02T00:00:00: fairseq-train ...\n")
+    assert not sweep.training_finished(log)
+
+
+def fake_result(spec: sweep.RunSpec, valid_ppl: float, final_k: float) -> dict:
+    parsed = sweep.parse_log(CANNED_LOG)
+    valid, test = (math.log2(valid_ppl), valid_ppl), (math.log2(valid_ppl + 0.1), valid_ppl + 0.1)
+    result = sweep.summarize_run(spec, parsed, valid, test)
+    result["final_k"] = final_k
+    return result
+
+
+def test_trajectory_and_results_writers(tmp_path):
+    parsed = sweep.parse_log(CANNED_LOG)
+    sweep.write_trajectories(tmp_path, parsed)
+    rows = sweep.read_csv(tmp_path / "trajectory.csv")
+    assert list(rows[0]) == list(sweep.TRAJECTORY_COLUMNS)
+    assert [r["tokens"] for r in rows] == [400, 608, 768] and math.isnan(rows[0]["bias_hat"])
+    valid = sweep.read_csv(tmp_path / "validation.csv")
+    assert [(r["num_updates"], r["valid_ppl"]) for r in valid] == [(20, 4), (30, 2)]
+
+    out = tmp_path / "sweep"
+    specs = sweep.plan_runs([10, 5], [0.1, 0.5], [1])
+    assert [s.name for s in specs] == ["fixed_k5_s1", "fixed_k10_s1", "delta0.5_s1", "delta0.1_s1"]
+    for spec in reversed(specs):
+        (out / "runs" / spec.name).mkdir(parents=True)
+        sweep.write_json(out / "runs" / spec.name / "result.json", fake_result(spec, 3.0, 4))
+    table = sweep.read_csv(sweep.write_results(out))
+    assert [r["run"] for r in table] == [s.name for s in specs]
+    assert list(table[0]) == list(sweep.RESULT_COLUMNS)
+    fixed, adaptive = table[0], table[-1]
+    assert (fixed["mode"], fixed["k"], math.isnan(fixed["delta"])) == ("fixed", 5, True)
+    assert (adaptive["mode"], adaptive["delta"], math.isnan(adaptive["k"])) == (
+        "adaptive",
+        0.1,
+        True,
+    )
+    assert (adaptive["tokens"], adaptive["updates"], adaptive["est_sec"]) == (768, 30, 2)
+    assert adaptive["test_ppl"] == pytest.approx(3.1)
+
+
+def test_train_command_applies_the_copy_preset(tmp_path):
+    data = tmp_path / "data"
+    (data / "targets").mkdir(parents=True)
+    (data / "targets" / "dict.txt").write_text("")
+    settings = sweep.SweepSettings(
+        data=data,
+        out=tmp_path,
+        budget_updates=100,
+        valid_interval=20,
+        log_interval=5,
+        preset=sweep.get_preset("copy"),
+        extra_args=["--estimate-interval", "25"],
+    )
+    fixed = sweep.train_command(sweep.RunSpec("fixed", 9, 2), settings, tmp_path / "run")
+    adaptive = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 2), settings, tmp_path / "run")
+    assert sweep.option_value(fixed, "--lr") == "3" and "--monitor-bias" in fixed
+    assert sweep.option_value(fixed, "--truncation-length") == "9"
+    assert sweep.option_value(adaptive, "--lr") == "3.87298"  # sqrt(K0 = 15), scaled with K
+    assert sweep.option_value(adaptive, "--target-bias") == "0.1"
+    for cmd in (fixed, adaptive):
+        assert sweep.option_value(cmd, "--arch") == "tbptt_lstm_copy"
+        assert sweep.option_value(cmd, "--target-dir") == "targets"
+        assert sweep.option_value(cmd, "--estimate-interval") == "25"
+        assert cmd.count("--lr") == 1 and cmd.count("--arch") == 1
+    evaluation = sweep.eval_command(fixed, tmp_path / "best.pt", "test")
+    assert sweep.option_value(evaluation, "--target-dir") == "targets"
+    with pytest.raises(SystemExit):
+        sweep.check_extra_args(["--seed", "3"])
+    assert sweep.default_log_interval(20, 100) == 4 and sweep.default_log_interval(30, 100) == 5
+
+
+def synthetic_sweep(root: Path) -> None:
+    """Finished runs of 2 fixed K and 2 deltas over 2 seeds, with trajectories."""
+    for spec in sweep.plan_runs([5, 10], [0.5, 0.1], [1, 2]):
+        run_dir = root / "runs" / spec.name
+        run_dir.mkdir(parents=True)
+        k = spec.value if spec.mode == "fixed" else 20
+        offset = 0.01 * spec.seed + (0.5 if spec.value == 5 else 0.0)
+        train = [
+            {
+                "num_updates": u,
+                "wall": u / 10,
+                "tokens": 64 * k * u,
+                "est_sec": u / 100,
+                "trunc_k": k if spec.mode == "fixed" else 15 + u / 100,
+                "bias_hat": 0.001 * (1 + u / 100) if spec.mode == "fixed" else spec.value * 0.9,
+                "beta_hat": 0.6,
+                "loss": 2 - u / 1000,
+                "ppl": 4.0,
+            }
+            for u in range(10, 510, 10)
+        ]
+        valid = [
+            {"num_updates": u, "wall": u / 10, "tokens": 64 * k * u, "est_sec": u / 100,
+             "valid_loss": 1.0, "valid_ppl": 1.1 + 100 / u + offset}
+            for u in range(100, 600, 100)
+        ]  # fmt: skip
+        sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
+        sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
+        result = fake_result(spec, valid[-1]["valid_ppl"], train[-1]["trunc_k"])
+        sweep.write_json(run_dir / "result.json", result)
+
+
+def test_plot_writes_figures_and_summary(tmp_path):
+    synthetic_sweep(tmp_path / "sweep")
+    assert plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")]) == 0
+    for name in plot.FIGURES:
+        data = (tmp_path / "figures" / f"{name}.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    summary = (tmp_path / "figures" / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    labels = [row.split("|")[1].strip() for row in rows[1:]]
+    assert labels == [
+        "fixed K=5",
+        "**fixed K=10** (best fixed)",
+        "adaptive delta=0.5",
+        "adaptive delta=0.1",
+    ]
+    cells = [cell.strip() for cell in rows[2].split("|")]
+    assert cells[2] == "2" and cells[3] == "1.315 ± 0.0071"  # valid ppl over seeds 1 and 2
+    assert cells[5] == "10 ± 0"  # final K, the same for both seeds
+
+
+@pytest.mark.e2e
+def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "sweep"
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out),
+        "--fixed", "6", "--deltas", "0.5", "--seeds", "1",
+        "--budget-updates", "24", "--valid-interval", "12",
+        "--tensorboard-logdir", str(tmp_path / "tb"),
+        "--",
+        "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
+        "--truncation-length", "8", "--min-truncation-length", "2",
+        "--max-truncation-length", "20", "--estimate-window", "20",
+        "--estimate-interval", "10", "--estimate-sequences", "4", "--estimate-repeats", "1",
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "run 1/2 fixed_k6_s1: start" in first and "run 2/2 delta0.5_s1: done" in first
+    assert "valid @ 12/24" in first
+    table = sweep.read_csv(out / "results.csv")
+    assert [(r["run"], r["mode"], r["updates"]) for r in table] == [
+        ("fixed_k6_s1", "fixed", 24),
+        ("delta0.5_s1", "adaptive", 24),
+    ]
+    for row in table:
+        assert 1 < row["valid_ppl"] < 60 and 1 < row["test_ppl"] < 60
+        assert row["final_bias_hat"] > 0 and row["est_sec"] > 0 and row["wall_sec"] > 0
+    assert table[0]["final_k"] == 6 and table[0]["tokens"] == 24 * 4 * 6
+    assert 2 <= table[1]["final_k"] <= 20
+    trajectory = sweep.read_csv(out / "runs" / "delta0.5_s1" / "trajectory.csv")
+    assert trajectory[-1]["num_updates"] == 24 and trajectory[0]["trunc_k"] == 8
+    validation = sweep.read_csv(out / "runs" / "delta0.5_s1" / "validation.csv")
+    assert [row["num_updates"] for row in validation] == [12, 24]
+    assert list((tmp_path / "tb" / "delta0.5_s1").rglob("events.out.tfevents.*"))
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    assert sweep.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, skipped") == 2 and "start" not in again
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["k"] == 6
