@@ -2,7 +2,7 @@
 
 Synthetic corpora binarized with fairseq-preprocess, ``fairseq-train`` runs whose JSON log lines
 are parsed (and time-stamped by this process as they arrive), thread and device settings, robust
-summaries and plain-text tables. Nothing here imports fairseq at module level, so ``--help`` is fast.
+summaries and plain-text tables. Nothing here imports fairseq or torch at module level.
 """
 
 from __future__ import annotations
@@ -67,6 +67,43 @@ def child_env(threads: int) -> dict[str, str]:
     env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def cpu_busy_fraction(seconds: float = 0.5) -> float:
+    """Share of all CPU cores busy during ``seconds`` (from /proc/stat; nan where unavailable).
+
+    Sampled while this process sleeps, so it measures other work on the machine.
+    """
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as stat:
+                values = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values[:8]), idle
+
+    first = read()
+    time.sleep(seconds)
+    second = read()
+    if first is None or second is None or second[0] == first[0]:
+        return float("nan")
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return 1.0 - idle / total
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most ``max_wait`` s) until other work uses < ``threshold`` of the CPU.
+
+    Returns the last busy share measured (other work just before a contender starts).
+    """
+    busy = cpu_busy_fraction()
+    deadline = time.perf_counter() + max_wait
+    while busy == busy and busy >= threshold and time.perf_counter() < deadline:
+        time.sleep(2.0)
+        busy = cpu_busy_fraction()
+    return busy
 
 
 def resolve_device(name: str) -> str:
@@ -270,6 +307,7 @@ class Throughput:
     seconds_clock: float  # between the arrival of the last warm-up line and the last line
     interval_rates: list[float]  # tokens/s of every measured log interval (fairseq's wps)
     updates: int
+    busy_before: float = float("nan")  # share of the CPU used by other work just before the run
 
     @property
     def rate(self) -> float:
@@ -342,7 +380,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def render(row: list[str]) -> str:
-        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        parts = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

@@ -15,9 +15,12 @@ contributes wpb x (updates since the previous line) tokens over tokens / wps sec
 (arrival times of the lines) is a cross-check. (b) is timed the same way, per group of
 ``--log-interval`` updates. Contenders alternate within each repeat (order rotated per repeat);
 ratios are taken within a repeat and the median over repeats is reported. On a shared machine
-the median over all log intervals of a contender is printed too (robust to bursts of load).
+the median over all log intervals of a contender is printed too (robust to bursts of load), and
+the share of the CPU used by other work just before each run is recorded. Where other work keeps
+the cores busy, use ``--threads 1``: two OpenMP threads on two busy cores wait on each other and
+small operations slow down many-fold.
 
-    python scripts/bench_throughput.py                       # both presets, a few minutes each
+    python scripts/bench_throughput.py                       # small then ptb, a few minutes each
     python scripts/bench_throughput.py --preset ptb --repeats 5 --updates 100 --json ptb.json
 """
 
@@ -52,6 +55,7 @@ from bench_common import (  # noqa: E402
     synchronize,
     throughput_from_log,
     verdict,
+    wait_until_quiet,
     write_json,
 )
 
@@ -73,11 +77,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "ptb": Preset("ptb", vocab=10_000, hidden=900, batch=32, length=35, updates=25, log_interval=5),
+    "ptb": Preset("ptb", vocab=10_000, hidden=900, batch=32, length=35, updates=20, log_interval=5),
     "small": Preset(
-        "small", vocab=500, hidden=512, batch=32, length=35, updates=150, log_interval=15
+        "small", vocab=500, hidden=512, batch=32, length=35, updates=80, log_interval=10
     ),
-    "quick": Preset("quick", vocab=200, hidden=64, batch=16, length=20, updates=60, log_interval=10),
+    "quick": Preset(
+        "quick", vocab=200, hidden=64, batch=16, length=20, updates=60, log_interval=10
+    ),
 }
 
 CONTENDERS: dict[str, str] = {
@@ -142,6 +148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="directory for the corpora and run files (kept; corpora are reused); default: a "
         "temporary directory, removed at the end",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for other work on the machine to "
+        "drop below 25%% of the CPU (default 0: only measure and report it)",
     )
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     parser.add_argument("--seed", type=int, default=1, help="seed of corpora and models")
@@ -346,13 +359,18 @@ def bench_preset(preset: Preset, work: Path, args: argparse.Namespace) -> dict[s
     )
     for repeat in range(args.repeats):
         for key in rotate(keys, repeat):
-            log(f"{preset.name} repeat {repeat + 1}/{args.repeats}: {CONTENDERS[key]}")
+            busy = wait_until_quiet(args.quiet_wait)
+            log(
+                f"{preset.name} repeat {repeat + 1}/{args.repeats}: {CONTENDERS[key]} "
+                f"(other work {busy:.0%} of the CPU)"
+            )
             result = run_contender(key, preset, data_dir, work, stream, vocab, args)
+            result.busy_before = busy
             results[key].append(result)
             log(f"  {result.rate:,.0f} tokens/s ({result.rate_clock:,.0f} by this clock)")
 
     def ratio_per_repeat(top: str, bottom: str) -> list[float]:
-        return [x.rate / y.rate for x, y in zip(results[top], results[bottom])]
+        return [x.rate / y.rate for x, y in zip(results[top], results[bottom], strict=True)]
 
     def interval_median(key: str) -> float:
         return median([rate for result in results[key] for rate in result.interval_rates])
@@ -407,6 +425,13 @@ def bench_preset(preset: Preset, work: Path, args: argparse.Namespace) -> dict[s
             ratio_rows,
         )
     )
+    measured = [r.busy_before for runs in results.values() for r in runs]
+    busiest = max([b for b in measured if b == b], default=0.0)
+    if busiest >= 0.25:
+        print(
+            f"warning: other work used up to {busiest:.0%} of the CPU just before a run; the "
+            "figures are disturbed (see --quiet-wait, --threads 1)"
+        )
     return {
         "preset": asdict(preset),
         "dictionary_size": vocab,
@@ -424,6 +449,7 @@ def bench_preset(preset: Preset, work: Path, args: argparse.Namespace) -> dict[s
                         "seconds": r.seconds_log,
                         "updates": r.updates,
                         "interval_rates": r.interval_rates,
+                        "other_cpu_busy_before": r.busy_before,
                     }
                     for r in results[key]
                 ],

@@ -1,0 +1,282 @@
+"""Figures and a summary table of a sweep directory written by ``scripts/sweep.py``.
+
+Like the paper's figures, one line per configuration (fixed K or delta), the mean over seeds:
+
+    valid_ppl_vs_wall.png     validation perplexity against wall time (fixed-K runs without the
+                              time spent monitoring their bias, which the method does not need)
+    valid_ppl_vs_tokens.png   validation perplexity against scored training tokens
+    k_vs_updates.png          the truncation length K of the adaptive runs against updates
+    bias_vs_updates.png       the estimated relative bias delta_hat against updates, fixed and
+                              adaptive runs (log scale; dotted lines: the targets delta; gaps:
+                              delta_hat = inf, no positive lower bound on the gradient norm)
+    summary.md                mean +- std over seeds of valid/test perplexity (fairseq-eval-lm at
+                              the best checkpoint), final K, wall time; the best fixed K (by mean
+                              validation perplexity) marked
+
+    python scripts/plot.py sweeps/copy                 # files go to sweeps/copy/plots
+    python scripts/plot.py sweeps/copy --out figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sweep import load_results, read_csv  # noqa: E402
+
+FIGURES = ("valid_ppl_vs_wall", "valid_ppl_vs_tokens", "k_vs_updates", "bias_vs_updates")
+
+
+@dataclass
+class RunData:
+    """A finished run: its result record and its training / validation trajectories."""
+
+    result: dict[str, Any]
+    train: list[dict[str, Any]]
+    valid: list[dict[str, Any]]
+
+    @property
+    def config(self) -> str:
+        return self.result["config"]
+
+    @property
+    def fixed(self) -> bool:
+        return self.result["mode"] == "fixed"
+
+
+def load_runs(sweep_dir: Path) -> list[RunData]:
+    """Every finished run of a sweep directory, in grid order."""
+    runs = []
+    for result in load_results(sweep_dir):
+        run_dir = sweep_dir / "runs" / result["run"]
+        train = (
+            read_csv(run_dir / "trajectory.csv") if (run_dir / "trajectory.csv").is_file() else []
+        )
+        valid = (
+            read_csv(run_dir / "validation.csv") if (run_dir / "validation.csv").is_file() else []
+        )
+        runs.append(RunData(result, train, valid))
+    return runs
+
+
+def by_config(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    """Runs grouped by configuration, in grid order (fixed K ascending, then delta descending)."""
+    groups: dict[str, list[RunData]] = defaultdict(list)
+    for run in runs:
+        groups[run.config].append(run)
+    return dict(groups)
+
+
+def config_label(run: RunData) -> str:
+    if run.fixed:
+        return f"fixed K={run.result['k']:g}"
+    return f"adaptive delta={run.result['delta']:g}"
+
+
+def mean_curve(
+    runs: Sequence[RunData], source: str, x_key: str, y_key: str, log_y: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds of (x, y) at each update logged by every seed (geometric mean if log_y).
+
+    Seeds of one configuration log and validate at the same updates, so points are matched by
+    update; an x that is wall time is averaged like y. Non-finite values are left out.
+    """
+    tables = []
+    for run in runs:
+        rows = run.train if source == "train" else run.valid
+        table = {}
+        for row in rows:
+            x, y = point(run, row, x_key), row.get(y_key, math.nan)
+            if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y):
+                table[int(row["num_updates"])] = (x, y)
+        tables.append(table)
+    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
+    if not common:
+        return np.array([]), np.array([])
+    xs = np.array([np.mean([t[u][0] for t in tables]) for u in common])
+    ys_per_seed = np.array([[t[u][1] for t in tables] for u in common])
+    ys = np.exp(np.log(ys_per_seed).mean(axis=1)) if log_y else ys_per_seed.mean(axis=1)
+    return xs, ys
+
+
+def point(run: RunData, row: dict[str, Any], x_key: str) -> float:
+    """The x value of a trajectory row; wall time of fixed-K runs excludes bias monitoring."""
+    if x_key == "wall" and run.fixed:
+        return row.get("wall", math.nan) - (row.get("est_sec") or 0.0)
+    return row.get(x_key, math.nan)
+
+
+def styles(groups: dict[str, list[RunData]]) -> dict[str, dict[str, Any]]:
+    """Line style per configuration: fixed K dashed in cool colours, adaptive solid in warm."""
+    fixed = [c for c, runs in groups.items() if runs[0].fixed]
+    adaptive = [c for c, runs in groups.items() if not runs[0].fixed]
+    out = {}
+    for index, config in enumerate(fixed):
+        colour = plt.cm.viridis(0.1 + 0.75 * index / max(len(fixed) - 1, 1))
+        out[config] = {"color": colour, "linestyle": "--"}
+    for index, config in enumerate(adaptive):
+        colour = plt.cm.autumn(0.8 * index / max(len(adaptive) - 1, 1))
+        out[config] = {"color": colour, "linestyle": "-", "linewidth": 2}
+    return out
+
+
+def _finish(ax: plt.Axes, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
+
+
+def plot_validation(runs: Sequence[RunData], x_key: str, path: Path) -> None:
+    """Validation perplexity against wall time (``wall``) or tokens (``tokens``)."""
+    groups = by_config(runs)
+    style = styles(groups)
+    _, ax = plt.subplots(figsize=(7, 4.5))
+    for config, members in groups.items():
+        xs, ys = mean_curve(members, "valid", x_key, "valid_ppl")
+        ax.plot(xs, ys, marker=".", label=config_label(members[0]), **style[config])
+    xlabel = {
+        "wall": "wall time (s; fixed K without bias monitoring)",
+        "tokens": "scored training tokens",
+    }[x_key]
+    _finish(ax, path, "validation perplexity (mean over seeds)", xlabel, "perplexity")
+
+
+def plot_truncation(runs: Sequence[RunData], path: Path) -> None:
+    """K of the adaptive runs against updates (fixed runs as flat reference lines)."""
+    groups = by_config(runs)
+    style = styles(groups)
+    _, ax = plt.subplots(figsize=(7, 4.5))
+    for config, members in groups.items():
+        xs, ys = mean_curve(members, "train", "num_updates", "trunc_k")
+        if members[0].fixed:
+            ax.plot(xs, ys, alpha=0.5, label=config_label(members[0]), **style[config])
+        else:
+            ax.plot(xs, ys, label=config_label(members[0]), **style[config])
+    _finish(ax, path, "truncation length K (mean over seeds)", "updates", "K")
+
+
+def plot_bias(runs: Sequence[RunData], path: Path) -> None:
+    """Estimated relative bias delta_hat at the K in use against updates, log scale."""
+    groups = by_config(runs)
+    style = styles(groups)
+    _, ax = plt.subplots(figsize=(7, 4.5))
+    targets = set()
+    for config, members in groups.items():
+        xs, ys = mean_curve(members, "train", "num_updates", "bias_hat", log_y=True)
+        if len(xs):
+            ax.plot(xs, ys, label=config_label(members[0]), **style[config])
+        if not members[0].fixed:
+            targets.add(float(members[0].result["delta"]))
+    for delta in sorted(targets):
+        ax.axhline(delta, color="grey", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    title = "estimated relative bias at the K in use (geometric mean over seeds)"
+    _finish(ax, path, title, "updates", "delta_hat")
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """``mean ± std`` over seeds (sample std), the mean alone for one seed."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {float(np.std(values, ddof=1)):.2g}"
+
+
+def summary_table(runs: Sequence[RunData]) -> str:
+    """Markdown table, one row per configuration; the best fixed K by mean validation ppl."""
+    groups = by_config(runs)
+    fixed = {c: m for c, m in groups.items() if m[0].fixed}
+    best = min(
+        fixed, key=lambda c: np.mean([r.result["valid_ppl"] for r in fixed[c]]), default=None
+    )
+    lines = [
+        "| configuration | seeds | valid ppl | test ppl | final K | wall (s) | estimation (s) "
+        "| tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for config, members in groups.items():
+        label = config_label(members[0])
+        if config == best:
+            label = f"**{label}** (best fixed)"
+
+        def column(key: str, digits: int = 4) -> str:
+            return mean_std([float(r.result[key]) for r in members], digits)
+
+        lines.append(
+            f"| {label} | {len(members)} | {column('valid_ppl')} | {column('test_ppl')} "
+            f"| {column('final_k', 3)} | {column('wall_sec', 3)} | {column('est_sec', 3)} "
+            f"| {column('tokens', 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(runs: Sequence[RunData], path: Path, title: str = "Sweep summary") -> None:
+    """``summary.md``: the table and how to read it."""
+    text = (
+        f"# {title}\n\n"
+        "Mean ± sample std over seeds. Perplexities from fairseq-eval-lm at the best validation "
+        "checkpoint; final K is the K in use at the end; wall time is fairseq's (training, "
+        "estimation, validation), estimation the part spent estimating the bias (monitoring "
+        "only, for fixed K); tokens are scored training tokens. The best fixed K is chosen by "
+        "mean validation perplexity.\n\n" + summary_table(runs)
+    )
+    path.write_text(text)
+
+
+def make_all(sweep_dir: Path, out: Path) -> list[Path]:
+    """Write every figure and summary.md of ``sweep_dir`` into ``out``; return their paths."""
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise SystemExit(f"error: {sweep_dir} has no finished runs (runs/*/result.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png" for name in FIGURES]
+    plot_validation(runs, "wall", paths[0])
+    plot_validation(runs, "tokens", paths[1])
+    plot_truncation(runs, paths[2])
+    plot_bias(runs, paths[3])
+    paths.append(out / "summary.md")
+    write_summary(runs, paths[-1], title=f"Sweep {sweep_dir.name}")
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path, help="sweep directory (the --out of sweep.py)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for the files (default: SWEEP/plots)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the figures and the summary; print their paths."""
+    args = build_parser().parse_args(argv)
+    for path in make_all(args.sweep, args.out or args.sweep / "plots"):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
