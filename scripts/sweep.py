@@ -12,8 +12,9 @@ epoch ends (the plugin's epoch is one pass at K0, so a fixed-K run's epoch lengt
 epoch-end validation drives ``reduce_lr_on_plateau``). The best of these is evaluated.
 
 Training options: ``--preset copy|ptb|wiki2`` takes the paper's settings from
-``configs/<corpus>_fixed.yaml`` and ``_adaptive.yaml`` (copy: lr = sqrt(K), sqrt(K0) for adaptive
-runs, whose lr then follows K); ``bible-small`` is a 1 x 128 tied LSTM (batch 32) that trains in
+``configs/<corpus>_fixed.yaml`` and ``_adaptive.yaml``, their grids included (the
+``hydra.sweeper.params`` of ``-m``; copy: lr = 1.0 * sqrt(K) through ``--lr-scaling-reference 1``);
+``bible-small`` is a 1 x 128 tied LSTM (batch 32) that trains in
 minutes on 2 CPU cores. Options after ``--`` go to every fairseq-train and override the preset;
 without a preset they are the whole setting (defaults: ``--arch tbptt_lstm_lm --criterion
 tbptt_cross_entropy --optimizer tbptt_sgd``). A corpus with a ``targets/`` stream (the copy task)
@@ -135,7 +136,6 @@ class Preset:
     adaptive_args: list[str]
     fixed_grid: str
     delta_grid: str
-    lr_sqrt_k: bool = False  # copy task: lr = 1.0 * sqrt(K), sqrt(K0) for adaptive runs
     description: str = ""
 
 
@@ -187,13 +187,19 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
     return args
 
 
-def _config_preset(corpus: str, fixed_grid: str, lr_sqrt_k: bool = False) -> Preset:
+def config_grid(path: Path, key: str) -> str:
+    """The grid a hydra config of ``configs/`` sweeps with ``-m`` (``hydra.sweeper.params``)."""
+    config = yaml.safe_load(path.read_text())
+    return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
+
+
+def _config_preset(corpus: str) -> Preset:
+    fixed, adaptive = CONFIG_DIR / f"{corpus}_fixed.yaml", CONFIG_DIR / f"{corpus}_adaptive.yaml"
     return Preset(
-        fixed_args=config_args(CONFIG_DIR / f"{corpus}_fixed.yaml", keep_truncation_length=False),
-        adaptive_args=config_args(CONFIG_DIR / f"{corpus}_adaptive.yaml"),
-        fixed_grid=fixed_grid,
-        delta_grid="0.9,0.5,0.1",
-        lr_sqrt_k=lr_sqrt_k,
+        fixed_args=config_args(fixed, keep_truncation_length=False),
+        adaptive_args=config_args(adaptive),
+        fixed_grid=config_grid(fixed, "task.truncation_length"),
+        delta_grid=config_grid(adaptive, "task.target_bias"),
         description=f"configs/{corpus}_fixed.yaml and configs/{corpus}_adaptive.yaml",
     )
 
@@ -209,10 +215,8 @@ BIBLE_SMALL_MODEL = [
 
 def get_preset(name: str) -> Preset:
     """The paper's settings by corpus (copy, ptb, wiki2) or a small CPU model (bible-small)."""
-    if name == "copy":
-        return _config_preset("copy", "5,10,15,20,30", lr_sqrt_k=True)
-    if name in ("ptb", "wiki2"):
-        return _config_preset(name, "10,50,100,200,300")
+    if name in ("copy", "ptb", "wiki2"):
+        return _config_preset(name)
     if name == "bible-small":
         return Preset(
             fixed_args=list(BIBLE_SMALL_MODEL),
@@ -338,13 +342,6 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
         args += ["--truncation-length", str(int(spec.value)), "--monitor-bias"]
     else:
         args += ["--target-bias", f"{spec.value:g}"]
-    if (
-        preset is not None
-        and preset.lr_sqrt_k
-        and option_value(settings.extra_args, "--lr") is None
-    ):
-        k = spec.value if spec.mode == "fixed" else float(option_value(args, "--truncation-length"))
-        args = without_option(args, "--lr") + ["--lr", f"{math.sqrt(k):.6g}"]
     args += target_dir_args(settings.data, args)
     interval = str(settings.valid_interval)
     args += [

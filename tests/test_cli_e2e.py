@@ -167,3 +167,28 @@ def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
         "--gen-subset", "valid", "--cpu", "--tokens-per-sample", "16",
     )  # fmt: skip
     assert "Perplexity" in output
+
+
+def test_a_paper_config_runs_its_grid_with_hydra_multirun(tmp_path):
+    """``fairseq-hydra-train -m`` runs the grid of configs/copy_fixed.yaml (narrowed here to two
+    values of K), each run in its own checkpoint directory, with the paper's lr 1.0 * sqrt(K)."""
+    data = tmp_path / "copy"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_copy_task.py"), "--dest", str(data),
+         "--variable", "--columns", "4", "--train-steps", "60", "--valid-steps", "20",
+         "--test-steps", "20"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    output = run_cli(
+        "fairseq-hydra-train", "-m", "--config-dir", str(REPO / "configs"),
+        "--config-name", "copy_fixed", f"task.data={data}", f"common.user_dir={USER_DIR}",
+        "task.truncation_length=4,9", "dataset.batch_size=2", "optimization.max_update=2",
+        "common.log_interval=1", "common.cpu=true",
+        cwd=tmp_path,
+    )  # fmt: skip
+    records = json_records(output, "train_inner")
+    assert [(r["trunc_k"], r["lr_scale"]) for r in records] == [("4", "2")] * 2 + [("9", "3")] * 2
+    for k in (4, 9):
+        assert (
+            tmp_path / "checkpoints" / "copy_fixed" / f"K{k}_seed1" / "checkpoint_last.pt"
+        ).exists()

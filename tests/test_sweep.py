@@ -109,6 +109,12 @@ def test_trajectory_and_results_writers(tmp_path):
     assert adaptive["test_ppl"] == pytest.approx(3.1)
 
 
+def test_presets_take_their_grids_from_the_configs():
+    assert sweep.get_preset("copy").fixed_grid == "5,10,15,20,30"
+    assert sweep.get_preset("ptb").fixed_grid == "10,50,100,200,300"
+    assert sweep.get_preset("wiki2").delta_grid == "0.9,0.5,0.1"
+
+
 def test_train_command_applies_the_copy_preset(tmp_path):
     data = tmp_path / "data"
     (data / "targets").mkdir(parents=True)
@@ -124,15 +130,18 @@ def test_train_command_applies_the_copy_preset(tmp_path):
     )
     fixed = sweep.train_command(sweep.RunSpec("fixed", 9, 2), settings, tmp_path / "run")
     adaptive = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 2), settings, tmp_path / "run")
-    assert sweep.option_value(fixed, "--lr") == "3" and "--monitor-bias" in fixed
-    assert sweep.option_value(fixed, "--truncation-length") == "9"
-    assert sweep.option_value(adaptive, "--lr") == "3.87298"  # sqrt(K0 = 15), scaled with K
+    assert sweep.option_value(fixed, "--truncation-length") == "9" and "--monitor-bias" in fixed
+    assert sweep.option_value(adaptive, "--truncation-length") == "15"  # K0 of the config
     assert sweep.option_value(adaptive, "--target-bias") == "0.1"
     for cmd in (fixed, adaptive):
         assert sweep.option_value(cmd, "--arch") == "tbptt_lstm_copy"
         assert sweep.option_value(cmd, "--target-dir") == "targets"
         assert sweep.option_value(cmd, "--estimate-interval") == "25"
         assert cmd.count("--lr") == 1 and cmd.count("--arch") == 1
+        # the paper's lr 1.0 * sqrt(K), for fixed K and as K adapts
+        assert sweep.option_value(cmd, "--lr") == "1.0"
+        assert sweep.option_value(cmd, "--lr-scaling") == "sqrt"
+        assert sweep.option_value(cmd, "--lr-scaling-reference") == "1"
     evaluation = sweep.eval_command(fixed, tmp_path / "best.pt", "test")
     assert sweep.option_value(evaluation, "--target-dir") == "targets"
     with pytest.raises(SystemExit):

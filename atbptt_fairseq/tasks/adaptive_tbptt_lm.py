@@ -147,6 +147,13 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         default="none",
         metadata={"help": "scale the learning rate with K relative to K0: none, sqrt or linear"},
     )
+    lr_scaling_reference: int = field(
+        default=0,
+        metadata={
+            "help": "the K at which --lr applies unscaled under --lr-scaling; 0: K0. With 1, "
+            "--lr 1.0 --lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
+        },
+    )
     seed: int = II("common.seed")
     train_subset: str = II("dataset.train_subset")
     cpu: bool = II("common.cpu")
@@ -230,6 +237,7 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         ("--estimate-repeats", cfg.estimate_repeats, 1),
         ("--estimate-interval", cfg.estimate_interval, 1),
         ("--estimate-burnin", cfg.estimate_burnin, -1),
+        ("--lr-scaling-reference", cfg.lr_scaling_reference, 0),
     ):
         if value < least:
             raise UserInputError(f"{name} must be at least {least} (got {value})")
@@ -611,8 +619,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         return self.controller.adaptive or self.cfg.monitor_bias
 
     def _lr_factor(self) -> float:
-        """The paper's learning-rate scaling with K, relative to K0."""
-        ratio = self.controller.truncation_length / self.cfg.truncation_length
+        """The paper's learning-rate scaling with K, relative to K0 or --lr-scaling-reference."""
+        reference = self.cfg.lr_scaling_reference or self.cfg.truncation_length
+        ratio = self.controller.truncation_length / reference
         return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.cfg.lr_scaling]
 
     def _scale_learning_rate(self, optimizer) -> None:
