@@ -35,8 +35,10 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_throughput.py
+	$(PY) scripts/bench_estimator.py
 
-format:
+format: install
+	$(PY) -c "import ruff" 2>/dev/null || $(PIP) install ruff
 	$(PY) -m ruff format atbptt_fairseq scripts tests
 
 clean:
