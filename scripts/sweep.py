@@ -594,7 +594,7 @@ def _cell(value: Any) -> Any:
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts) with the given columns, atomically; NaN and None become empty."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
@@ -626,7 +626,7 @@ def write_trajectories(run_dir: Path, parsed: ParsedLog) -> None:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
