@@ -168,8 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--updates",
         type=int,
         default=0,
-        help="part 2: measured updates per run after the warm-up; 0: the preset's (small, ptb: "
-        "190 after 10, so one decision at update 100)",
+        help="part 2: measured updates per run after the warm-up; 0: the preset's, raised to "
+        "two estimate intervals in all when shorter (small, ptb: 390 after 10 at the default "
+        "interval of 200, so one decision, at update 200)",
     )
     parser.add_argument(
         "--target-bias", type=float, default=0.1, help="part 2: --target-bias (default 0.1)"
@@ -190,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--estimate-interval",
         type=int,
         default=0,
-        help="part 2: --estimate-interval; 0: the plugin's default (100)",
+        help=f"part 2: --estimate-interval; 0: the plugin's default ({DEFAULT_INTERVAL})",
     )
     parser.add_argument(
         "--estimate-repeats",
@@ -595,12 +596,15 @@ def run_figures(run: TrainRun) -> RunFigures:
 
 def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Part 2: alternated adaptive and frozen-K runs; prints and returns the figures."""
-    if args.updates:
-        preset.updates = args.updates
     if args.initial_k:
         preset.length = args.initial_k
     if args.estimate_interval:
         preset.interval = args.estimate_interval
+    if args.updates:
+        preset.updates = args.updates
+    elif preset.log_interval + preset.updates <= preset.interval:
+        # a run must hold at least one decision: two intervals, whatever the plugin's default
+        preset.updates = 2 * preset.interval - preset.log_interval
     total = preset.log_interval + preset.updates
     train_tokens = int(total * preset.batch * preset.length * 1.2) + 20_000
     data_dir = make_corpus(
