@@ -110,7 +110,8 @@ class RunPreset:
     hidden: int
     batch: int
     length: int  # K0 of the adaptive run
-    updates: int  # measured updates after the warm-up
+    updates: int  # measured updates after the warm-up; 0 (or a run without
+    # a decision): two estimate intervals in all
     log_interval: int
     window: int  # --estimate-window
     max_length: int  # --max-truncation-length
@@ -118,8 +119,8 @@ class RunPreset:
 
 
 RUN_PRESETS: dict[str, RunPreset] = {
-    "small": RunPreset("small", 500, 512, 32, 35, 190, 10, 400, 300, DEFAULT_INTERVAL),
-    "ptb": RunPreset("ptb", 10_000, 900, 32, 35, 190, 10, 400, 300, DEFAULT_INTERVAL),
+    "small": RunPreset("small", 500, 512, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL),
+    "ptb": RunPreset("ptb", 10_000, 900, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL),
     "quick": RunPreset("quick", 200, 64, 16, 20, 50, 5, 50, 50, 20),
 }
 
@@ -169,8 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="part 2: measured updates per run after the warm-up; 0: the preset's, raised to "
-        "two estimate intervals in all when shorter (small, ptb: 390 after 10 at the default "
-        "interval of 200, so one decision, at update 200)",
+        f"two estimate intervals in all when a run would hold no decision (small, ptb at the default interval of "
+        f"{DEFAULT_INTERVAL}: one decision, at update {DEFAULT_INTERVAL})",
     )
     parser.add_argument(
         "--target-bias", type=float, default=0.1, help="part 2: --target-bias (default 0.1)"
@@ -603,7 +604,7 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
     if args.updates:
         preset.updates = args.updates
     elif preset.log_interval + preset.updates <= preset.interval:
-        # a run must hold at least one decision: two intervals, whatever the plugin's default
+        # a run must hold at least one decision, whatever the plugin's default interval
         preset.updates = 2 * preset.interval - preset.log_interval
     total = preset.log_interval + preset.updates
     train_tokens = int(total * preset.batch * preset.length * 1.2) + 20_000

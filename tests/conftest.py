@@ -5,8 +5,9 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -15,12 +16,19 @@ BIN = Path(sys.executable).parent
 USER_DIR = str(REPO / "atbptt_fairseq")
 
 
-def run_cli(tool: str, *args: str, cwd: Path = REPO, check: bool = True) -> str:
-    """Run a fairseq command-line tool from this environment; return stdout and stderr."""
+def run_cli(tool: str, *args: str, cwd: Optional[Path] = None, check: bool = True) -> str:
+    """Run a fairseq command-line tool from this environment; return stdout and stderr.
+
+    Without ``cwd`` the tool runs in a fresh temporary directory, so what fairseq and hydra write
+    into the working directory (``checkpoints/`` even with --no-save, hydra's log) never lands in
+    the checkout.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [str(BIN / tool), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
+    with tempfile.TemporaryDirectory(prefix="run-cli-") as scratch:
+        result = subprocess.run(
+            [str(BIN / tool), *args], cwd=cwd or scratch, env=env, capture_output=True,
+            text=True, timeout=900,
+        )  # fmt: skip
     output = result.stdout + result.stderr
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} exited {result.returncode}:\n{output[-4000:]}")

@@ -69,7 +69,6 @@ def test_markov_data_brings_k_down(tmp_path):
         "--min-truncation-length", "2", "--max-truncation-length", "100",
         "--estimate-window", "100", "--estimate-interval", "25", "--estimate-sequences", "16",
         "--estimate-repeats", "2", "--max-update", "150", "--log-interval", "25",
-        cwd=tmp_path,  # --no-save still creates ./checkpoints
     )  # fmt: skip
     lengths = truncation_lengths(output)
     assert lengths[0] == 50 and lengths[-1] <= 20
@@ -94,7 +93,6 @@ def test_learned_repeats_keep_k_at_least_the_lag(tmp_path):
         "--min-truncation-length", "2", "--max-truncation-length", "40",
         "--estimate-window", "40", "--estimate-interval", "150", "--estimate-sequences", "32",
         "--estimate-repeats", "2", "--max-update", "900", "--log-interval", "50",
-        cwd=tmp_path,  # --no-save still creates ./checkpoints
     )  # fmt: skip
     # learned: the repeated half is predicted (perplexity ~1.9 at best, 4+ without memory)
     assert float(json_records(output, "valid")[-1]["valid_ppl"]) < 2.6
@@ -123,7 +121,6 @@ def test_monitor_logs_bias_at_fixed_k_to_tensorboard(tiny_corpus, tmp_path):
         "--estimate-window", "30", "--estimate-interval", "20", "--estimate-sequences", "8",
         "--estimate-repeats", "1", "--max-update", "60", "--log-interval", "20",
         "--tensorboard-logdir", str(tmp_path / "tb"),
-        cwd=tmp_path,  # --no-save still creates ./checkpoints
     )  # fmt: skip
     assert set(truncation_lengths(output)) == {8.0}
     assert "bias_hat" in json_records(output, "train_inner")[-1]

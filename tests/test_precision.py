@@ -194,7 +194,7 @@ def test_bf16_on_cpu_through_hydra_train(tiny_corpus, tmp_path):
     output = run_cli(
         "fairseq-hydra-train", *HYDRA_BF16, f"task.data={tiny_corpus}",
         f"checkpoint.save_dir={tmp_path}", "checkpoint.no_epoch_checkpoints=true",
-        f"common.user_dir={USER_DIR}", cwd=tmp_path,  # hydra writes its log into the cwd
+        f"common.user_dir={USER_DIR}",
     )  # fmt: skip
     records = json_records(output, "train_inner")
     assert len(records) == 6 and "bias_hat" in records[-1]
@@ -217,10 +217,8 @@ TRAIN = [
     "flag, message",
     [("--fp16", "--fp16 needs a CUDA GPU"), ("--bf16", "runs on a TPU")],
 )
-def test_half_precision_flags_without_a_gpu_say_what_to_do(tiny_corpus, tmp_path, flag, message):
-    output = run_cli(
-        "fairseq-train", str(tiny_corpus), *TRAIN, "--cpu", flag, check=False, cwd=tmp_path
-    )
+def test_half_precision_flags_without_a_gpu_say_what_to_do(tiny_corpus, flag, message):
+    output = run_cli("fairseq-train", str(tiny_corpus), *TRAIN, "--cpu", flag, check=False)
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines[-1].startswith("atbptt_fairseq: error: ") and message in lines[-1]
 
