@@ -14,19 +14,22 @@ Part 1 (``--part cost``), in this process, on the plugin's ``TbpttLstmDecoder`` 
   * the naive estimate (``measure_gradient_profile_naive``: one backward per lag) and the
     one-pass estimate at the same, shorter window (the naive cost grows as W^2).
 
-From these it predicts the overhead of the default schedule: R estimates every ``interval``
-updates of B x K. Contenders alternate within each repeat; medians over repeats are reported.
+From these it predicts the overhead of the default schedule: on the plugin's token budget (one
+decision of R x S x (burn-in + W) tokens per that many / ``--estimate-budget`` training tokens),
+budget x (estimate seconds per token) / (training seconds per token); with ``--estimate-interval
+N``, R estimates every N updates of B x K. Contenders alternate within each repeat; medians over
+repeats are reported.
 
-Part 2 (``--part overhead``), through ``fairseq-train``: an adaptive run (``--target-bias``,
-default ``--estimate-interval`` and ``--estimate-repeats``) against runs with K frozen at the K
-the first adaptive run ended with (the last ``trunc_k`` of its JSON log), alternated. Overhead =
-adaptive time / fixed time - 1 over the same number of updates after the warm-up log line, by
-fairseq's clock (tokens / wps per log line); the summed ``est_sec`` is reported too. Because the
-adaptive run trains at K0 until the first estimate, its update cost differs from the frozen run's
-when K moves, and a run of N updates holds (N-1) // interval decisions, not N / interval; so
-three more views are printed: the per-token overhead, the estimate share est_sec / (time -
-est_sec), and the steady state of the schedule at the final K: the seconds of one decision over
-the seconds of ``--estimate-interval`` frozen-K updates.
+Part 2 (``--part overhead``), through ``fairseq-train``: an adaptive run (``--target-bias``, the
+plugin's default schedule and ``--estimate-repeats``) against runs with K frozen at the K the first
+adaptive run ended with (the last ``trunc_k`` of its JSON log), alternated. Overhead = adaptive
+time / fixed time - 1 over the same number of updates after the warm-up log line, by fairseq's
+clock (tokens / wps per log line); the summed ``est_sec`` is reported too. Because the adaptive run
+trains at K0 until the first estimate, its update cost differs from the frozen run's when K moves,
+and a run holds a whole number of decisions; so three more views are printed: the per-token
+overhead, the estimate share est_sec / (time - est_sec), and the steady state of the schedule at
+the final K: the seconds of one decision over the seconds the frozen-K run takes between two
+decisions (the budget's tokens, or ``--estimate-interval`` updates).
 
 The share of the CPU used by other work before each repeat / run is recorded; where other work
 keeps the cores busy, use ``--threads 1`` (see ``bench_throughput.py``).
@@ -73,11 +76,15 @@ from bench_common import (  # noqa: E402
 )
 
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig  # noqa: E402
+from atbptt_fairseq.truncation import TruncationController  # noqa: E402
 
 TARGET_OVERHEAD = 0.05
 _TASK_FIELDS = AdaptiveTbpttLmConfig.__dataclass_fields__
 DEFAULT_INTERVAL = _TASK_FIELDS["estimate_interval"].default  # the plugin's defaults
+DEFAULT_BUDGET = _TASK_FIELDS["estimate_budget"].default
 DEFAULT_REPEATS = _TASK_FIELDS["estimate_repeats"].default
+DEFAULT_MIN_LENGTH = _TASK_FIELDS["min_truncation_length"].default
+DEFAULT_SEQUENCES = _TASK_FIELDS["estimate_sequences"].default
 
 
 @dataclass
@@ -110,18 +117,20 @@ class RunPreset:
     hidden: int
     batch: int
     length: int  # K0 of the adaptive run
-    updates: int  # measured updates after the warm-up; 0 (or a run without
-    # a decision): two estimate intervals in all
+    updates: int  # measured updates after the warm-up; 0: enough for two decisions
     log_interval: int
     window: int  # --estimate-window
     max_length: int  # --max-truncation-length
-    interval: int  # --estimate-interval
+    interval: int  # --estimate-interval (0: on the token budget)
+    budget: float  # --estimate-budget
 
 
 RUN_PRESETS: dict[str, RunPreset] = {
-    "small": RunPreset("small", 500, 512, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL),
-    "ptb": RunPreset("ptb", 10_000, 900, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL),
-    "quick": RunPreset("quick", 200, 64, 16, 20, 50, 5, 50, 50, 20),
+    "small": RunPreset(
+        "small", 500, 512, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL, DEFAULT_BUDGET
+    ),
+    "ptb": RunPreset("ptb", 10_000, 900, 32, 35, 0, 10, 400, 300, DEFAULT_INTERVAL, DEFAULT_BUDGET),
+    "quick": RunPreset("quick", 200, 64, 16, 20, 0, 5, 50, 50, DEFAULT_INTERVAL, DEFAULT_BUDGET),
 }
 
 
@@ -169,9 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--updates",
         type=int,
         default=0,
-        help="part 2: measured updates per run after the warm-up; 0: the preset's, raised to "
-        f"two estimate intervals in all when a run would hold no decision (small, ptb at the default interval of "
-        f"{DEFAULT_INTERVAL}: one decision, at update {DEFAULT_INTERVAL})",
+        help="part 2: measured updates per run after the warm-up; 0: as many as two decisions "
+        "take (the first at K0, the second at K_min, the longest it can take)",
     )
     parser.add_argument(
         "--target-bias", type=float, default=0.1, help="part 2: --target-bias (default 0.1)"
@@ -192,7 +200,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--estimate-interval",
         type=int,
         default=0,
-        help=f"part 2: --estimate-interval; 0: the plugin's default ({DEFAULT_INTERVAL})",
+        help="--estimate-interval of part 2 and of part 1's prediction; 0: the preset's (small, "
+        f"ptb: the plugin's default, {DEFAULT_INTERVAL}: on the token budget)",
+    )
+    parser.add_argument(
+        "--estimate-budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help="--estimate-budget of part 2 and of part 1's prediction (default "
+        f"{DEFAULT_BUDGET}, the plugin's)",
     )
     parser.add_argument(
         "--estimate-repeats",
@@ -227,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.pairs < 1 or args.updates < 0 or args.estimate_repeats < 1:
         parser.error("--repeats, --pairs and --estimate-repeats must be >= 1, --updates >= 0")
+    if args.estimate_interval < 0 or not 0.0 < args.estimate_budget <= 1.0:
+        parser.error("--estimate-interval must be >= 0 and --estimate-budget in (0, 1]")
     return args
 
 
@@ -443,7 +461,23 @@ def bench_cost(preset: CostPreset, args: argparse.Namespace) -> dict[str, Any]:
     updates_in_bk = max(1, round(preset.sequences * preset.window / (preset.batch * preset.length)))
     seconds_per_update = med["updates_bk"] / updates_in_bk
     interval = args.estimate_interval or DEFAULT_INTERVAL
-    predicted = args.estimate_repeats * med["estimate"] / (interval * seconds_per_update)
+    estimate_tokens = preset.sequences * (preset.window // 10 + preset.window)
+    seconds_per_estimate_token = med["estimate"] / estimate_tokens
+    seconds_per_training_token = seconds_per_update / (preset.batch * preset.length)
+    if interval:
+        predicted = args.estimate_repeats * med["estimate"] / (interval * seconds_per_update)
+        schedule = (
+            f"{args.estimate_repeats} estimates every {interval} disjoint updates of B x K): "
+            f"{args.estimate_repeats} x {med['estimate']:.3f} s / ({interval} x "
+            f"{seconds_per_update:.4f} s)"
+        )
+    else:
+        predicted = args.estimate_budget * seconds_per_estimate_token / seconds_per_training_token
+        schedule = (
+            f"budget {args.estimate_budget} of the training tokens): {args.estimate_budget} x "
+            f"{seconds_per_estimate_token * 1e6:.1f} us per estimate token (S x (burn-in + W)) / "
+            f"{seconds_per_training_token * 1e6:.1f} us per training token (disjoint B x K)"
+        )
     print()
     print(
         format_table(
@@ -452,10 +486,10 @@ def bench_cost(preset: CostPreset, args: argparse.Namespace) -> dict[str, Any]:
         )
     )
     print(
-        f"predicted overhead of the default schedule ({args.estimate_repeats} estimates every "
-        f"{interval} disjoint updates of B x K): {args.estimate_repeats} x {med['estimate']:.3f} s"
-        f" / ({interval} x {seconds_per_update:.4f} s) = {predicted:.1%}"
+        f"estimate / training seconds per token: "
+        f"{seconds_per_estimate_token / seconds_per_training_token:.2f}"
     )
+    print(f"predicted overhead of the schedule ({schedule} = {predicted:.1%}")
     print(
         f"diagnostic steps vs the plugin's step: max relative difference of phi_k {difference:.1e}"
     )
@@ -473,6 +507,9 @@ def bench_cost(preset: CostPreset, args: argparse.Namespace) -> dict[str, Any]:
         "median_seconds": med,
         "ratios": ratios,
         "seconds_per_bk_update": seconds_per_update,
+        "estimate_to_training_seconds_per_token": (
+            seconds_per_estimate_token / seconds_per_training_token
+        ),
         "predicted_overhead_default_schedule": predicted,
         "diagnostic_steps_max_relative_difference": difference,
         "other_cpu_busy_before_repeats": busy_before,
@@ -549,10 +586,42 @@ def run_args(
             str(preset.max_length),
             "--estimate-interval",
             str(preset.interval),
+            "--estimate-budget",
+            str(preset.budget),
             "--estimate-repeats",
             str(args.estimate_repeats),
         ]
     return options
+
+
+def schedule_of(preset: RunPreset, args: argparse.Namespace) -> TruncationController:
+    """The plugin's controller for part 2's adaptive run (for its schedule arithmetic)."""
+    return TruncationController(
+        initial_length=preset.length,
+        min_length=DEFAULT_MIN_LENGTH,
+        max_length=preset.max_length,
+        target_bias=args.target_bias,
+        window=preset.window,
+        burnin=preset.window // 10,
+        num_sequences=DEFAULT_SEQUENCES,
+        num_estimates=args.estimate_repeats,
+        interval=preset.interval,
+        budget=preset.budget,
+    )
+
+
+def window_tokens(preset: RunPreset, length: int, style: str) -> int:
+    """Tokens one update runs through the model at K (what the budget counts)."""
+    return preset.batch * (2 * length - 1 if style == "overlap" else length)
+
+
+def updates_between_decisions(
+    preset: RunPreset, controller: TruncationController, length: int, style: str
+) -> int:
+    """Updates from one decision to the next at a constant K."""
+    if controller.interval:
+        return controller.interval
+    return math.ceil(controller.tokens_between_estimates / window_tokens(preset, length, style))
 
 
 @dataclass
@@ -601,11 +670,18 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
         preset.length = args.initial_k
     if args.estimate_interval:
         preset.interval = args.estimate_interval
+    preset.budget = args.estimate_budget
+    controller = schedule_of(preset, args)
     if args.updates:
         preset.updates = args.updates
-    elif preset.log_interval + preset.updates <= preset.interval:
-        # a run must hold at least one decision, whatever the plugin's default interval
-        preset.updates = 2 * preset.interval - preset.log_interval
+    elif preset.updates == 0:
+        # two decisions: the first after the budget's tokens at K0, the second at K_min at the
+        # latest (the smaller K, the more updates the same tokens take)
+        preset.updates = (
+            updates_between_decisions(preset, controller, preset.length, args.tbptt_style)
+            + updates_between_decisions(preset, controller, DEFAULT_MIN_LENGTH, args.tbptt_style)
+            + 2
+        )
     total = preset.log_interval + preset.updates
     train_tokens = int(total * preset.batch * preset.length * 1.2) + 20_000
     data_dir = make_corpus(
@@ -617,8 +693,14 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
     print(
         f"\n== part 2, preset {preset.name}: V {preset.vocab}, H {preset.hidden}, "
         f"B {preset.batch}, K0 {preset.length}, {args.tbptt_style}, --target-bias "
-        f"{args.target_bias}, W {preset.window}, K in [10, {preset.max_length}], estimate every "
-        f"{preset.interval} updates x {args.estimate_repeats}; {preset.updates} measured updates "
+        f"{args.target_bias}, W {preset.window}, K in [{DEFAULT_MIN_LENGTH}, {preset.max_length}], "
+        f"{args.estimate_repeats} estimates every "
+        + (
+            f"{preset.interval} updates"
+            if preset.interval
+            else f"{controller.tokens_between_estimates:,} training tokens (budget {preset.budget})"
+        )
+        + f"; {preset.updates} measured updates "
         f"after {preset.log_interval} warm-up; {args.pairs} pairs; {args.threads} threads; "
         f"{args.device}",
         flush=True,
@@ -653,9 +735,12 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
         for a, f in zip(adaptive, fixed, strict=True)
     ]
     share = [a.est_sec / max(a.seconds - a.est_sec, 1e-9) for a in adaptive]
-    # steady state of the schedule at the final K: one decision's estimates per interval updates
+    # steady state of the schedule at the final K: one decision's estimates against the frozen
+    # run's time between two decisions
+    interval_at_frozen_k = updates_between_decisions(preset, controller, frozen_k, args.tbptt_style)
     steady = [
-        (a.est_sec_total / max(len(a.decisions), 1)) / (preset.interval * f.seconds / f.updates)
+        (a.est_sec_total / max(len(a.decisions), 1))
+        / (interval_at_frozen_k * f.seconds / f.updates)
         for a, f in zip(adaptive, fixed, strict=True)
     ]
     overhead = median(ratios) - 1.0
@@ -702,8 +787,8 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
         f"{median([a.est_sec_total for a in adaptive]):.2f} s"
     )
     print(
-        f"steady-state overhead at K {frozen_k} (est_sec per decision / {preset.interval} frozen-K "
-        f"updates): {median(steady):.1%}; target <= {TARGET_OVERHEAD:.0%}: "
+        f"steady-state overhead at K {frozen_k} (est_sec per decision / {interval_at_frozen_k} "
+        f"frozen-K updates): {median(steady):.1%}; target <= {TARGET_OVERHEAD:.0%}: "
         f"{verdict(median(steady) <= TARGET_OVERHEAD)}"
     )
     busiest = max([b for b in busy_before if b == b], default=0.0)
@@ -724,6 +809,7 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
         "overhead_per_token": median(per_token) - 1,
         "estimate_share": median(share),
         "steady_state_overhead": median(steady),
+        "updates_between_decisions_at_frozen_k": interval_at_frozen_k,
         "target": TARGET_OVERHEAD,
         "met": overhead <= TARGET_OVERHEAD,
         "other_cpu_busy_before_runs": busy_before,

@@ -301,7 +301,9 @@ def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
             "--estimate-window (40)",
         ),
         ({"truncation_length": 0}, "--truncation-length must be at least 1"),
-        ({"estimate_interval": 0}, "--estimate-interval must be at least 1"),
+        ({"estimate_interval": -1}, "--estimate-interval must be at least 0"),
+        ({"estimate_budget": 0.0}, "--estimate-budget"),
+        ({"estimate_budget": 1.5}, "--estimate-budget"),
         ({"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
     ],
 )

@@ -57,6 +57,14 @@ ADAPTIVE = [
     "--estimate-repeats", "2",
     "--lr-scaling", "sqrt",
 ]  # fmt: skip
+# the same on the compute budget: estimates at updates 7, 15 and 28 (K 8 -> 6 -> 4 -> 2)
+ADAPTIVE_BUDGET = [
+    *ADAPTIVE[: ADAPTIVE.index("--estimate-interval")],
+    "--estimate-interval", "0",
+    "--estimate-budget", "0.5",
+    *ADAPTIVE[ADAPTIVE.index("--estimate-interval") + 2 :],
+]  # fmt: skip
+EXTRA_ARGS = {"fixed": [], "adaptive": ADAPTIVE, "adaptive_budget": ADAPTIVE_BUDGET}
 TIMING_KEYS = {"wps", "ups", "wall", "train_wall", "est_sec", "gb_free"}
 
 
@@ -99,6 +107,7 @@ def assert_same_training_state(resumed: Path, reference: Path) -> None:
     controller_a, controller_b = task_a["controller"], task_b["controller"]
     assert controller_a["truncation_length"] == controller_b["truncation_length"]
     assert controller_a["last_estimate_update"] == controller_b["last_estimate_update"]
+    assert controller_a["tokens_since_estimate"] == controller_b["tokens_since_estimate"]
     decision_a, decision_b = controller_a["last_decision"], controller_b["last_decision"]
     if decision_a is not None:
         decision_a, decision_b = dict(decision_a), dict(decision_b)
@@ -160,7 +169,7 @@ def start_reference(data: str, mode: str, tmp_path_factory) -> None:
     """Start an uninterrupted run of TOTAL_UPDATES in the background (once per data and mode)."""
     if (data, mode) not in _references:
         save_dir = tmp_path_factory.mktemp(f"reference_{mode}")
-        extra = ADAPTIVE if mode == "adaptive" else []
+        extra = EXTRA_ARGS[mode]
         command = [str(BIN / "fairseq-train"), data, *TRAIN, *extra, "--save-dir", str(save_dir)]
         _references[data, mode] = (Run(command, save_dir / "train.log"), save_dir)
 
@@ -178,6 +187,9 @@ def reference_run(data: str, mode: str, tmp_path_factory):
         # mid-epoch, with an estimate due at the first resumed update (14), then at the end of
         # epoch 2 (20), after which fairseq builds epoch 3's iterator before restoring the task
         ("adaptive", (14, 20), False),
+        # on the token budget: both stops fall between estimates, so the tokens counted since
+        # the last estimate must survive the restart for the next one to come at the same update
+        ("adaptive_budget", (12, 20), False),
         # fixed K over two data shards used in turn: mid-epoch on the second shard (15), then at
         # the end of its epoch (20), so that the resumed epoch 3 starts the first shard afresh
         ("fixed", (15, 20), True),
@@ -188,7 +200,7 @@ def test_stop_after_checkpoints_and_resume(
 ):
     data = sharded_data if sharded else str(tiny_corpus)
     start_reference(data, mode, tmp_path_factory)
-    extra = ADAPTIVE if mode == "adaptive" else []
+    extra = EXTRA_ARGS[mode]
     args = [*TRAIN, *extra, "--save-dir", str(tmp_path)]
     outputs = []
     for stop in stops:  # stop right after the checkpoint at `stop` (equivalent to a kill there)
@@ -209,7 +221,7 @@ def test_stop_after_checkpoints_and_resume(
         for update in records:
             assert records[update] == reference[update], f"update {update}"
         previous = stop
-    if mode == "adaptive":
+    if mode.startswith("adaptive"):
         lengths = [reference[u]["trunc_k"] for u in range(1, TOTAL_UPDATES + 1)]
         assert len(set(lengths[: stops[0]])) > 1 and len(set(lengths[stops[-1] :])) > 1
     assert_same_training_state(tmp_path / "checkpoint_last.pt", reference_checkpoint)
@@ -353,3 +365,45 @@ class _Optimizer:
 
     def set_lr(self, lr):
         pass
+
+
+def test_budget_schedule_counts_each_slot_once_and_moves_k_only_between_updates(tiny_corpus):
+    """Two micro-batches per update (--update-freq 2): the tokens of every slot count once,
+    retries included, and an estimate that falls due after the first micro-batch waits for the
+    next update, so both micro-batches of an update train at the same K."""
+    config = AdaptiveTbpttLmConfig(
+        data=str(tiny_corpus), seed=1, train_subset="train", truncation_length=6,
+        target_bias=0.5, min_truncation_length=2, max_truncation_length=12,
+        estimate_window=12, estimate_interval=0, estimate_budget=0.25,
+        estimate_sequences=2, estimate_repeats=1,
+    )  # fmt: skip
+    task = AdaptiveTbpttLmTask.setup_task(config)
+    task.load_dataset("train")
+    slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
+    controller = task.controller
+    assert controller.tokens_between_estimates == 104  # 1 x 2 x (burn-in 1 + W 12) / 0.25
+    recorded = []
+    record_tokens = controller.record_tokens
+    controller.record_tokens = lambda tokens: (recorded.append(tokens), record_tokens(tokens))
+    torch.manual_seed(0)
+    model = TbpttLstmLanguageModel.build_model(_model_config(), task)
+    criterion, optimizer = _criterion(task), _Optimizer(model)
+    calls, since_estimate = [], 0  # (micro-batch, tokens since the last estimate, estimated)
+    for update in range(1, len(slots) // 2 + 1):
+        lengths = set()
+        for micro_batch, slot in enumerate(slots[2 * update - 2 : 2 * update]):
+            before = controller.last_decision
+            task.train_step(slot, model, criterion, optimizer, update)
+            estimated = controller.last_decision is not before
+            calls.append((micro_batch, since_estimate, estimated))
+            since_estimate = 0 if estimated else since_estimate
+            task.train_step(slot, model, criterion, optimizer, update)  # a retry
+            since_estimate += recorded[-1]
+            lengths.add(controller.truncation_length)
+        assert len(lengths) == 1, f"K changed inside update {update}"
+    assert len(recorded) == len(calls)  # one count per slot, not per call
+    assert sum(estimated for _, _, estimated in calls) >= 2
+    for micro_batch, tokens, estimated in calls:
+        assert estimated == (micro_batch == 0 and tokens >= 104), (micro_batch, tokens)
+    assert any(micro_batch == 1 and tokens >= 104 for micro_batch, tokens, _ in calls)  # waited
+    assert controller.state_dict()["tokens_since_estimate"] == since_estimate

@@ -267,6 +267,38 @@ def test_controller_schedule():
     assert controller.is_due(15)
 
 
+def test_controller_budget_schedule_counts_training_tokens():
+    # one decision: R 3 x S 4 x (burn-in 10 + W 100) = 1320 tokens; budget 0.1: every 13200
+    controller = make_controller(interval=0, budget=0.1)
+    assert controller.estimate_tokens == 1320
+    assert controller.tokens_between_estimates == 13_200
+    update = 0
+    due = []
+    for tokens_per_update in [1000] * 20 + [3000] * 10:  # K grows: updates cost more tokens
+        update += 1
+        if controller.is_due(update):
+            due.append(update)
+            controller.estimate(measuring(0.9, 0.9, 0.9), num_updates=update)
+        assert not controller.is_due(update)  # once per update
+        controller.record_tokens(tokens_per_update)
+    # due once >= 13.2k tokens: 14 x 1000 (at 15); 6 x 1000 + 3 x 3000 (at 24); 5 x 3000 (at 29)
+    assert due == [15, 24, 29]
+    assert controller.state_dict()["tokens_since_estimate"] == 2 * 3000
+
+
+def test_controller_budget_schedule_resumes_mid_interval():
+    controller = make_controller(interval=0, budget=0.5)  # every 2640 tokens
+    controller.record_tokens(2000)
+    restored = make_controller(interval=0, budget=0.5)
+    restored.load_state_dict(controller.state_dict())
+    assert not restored.is_due(7)
+    restored.record_tokens(640)
+    assert restored.is_due(8)
+    legacy = dict(controller.state_dict())
+    del legacy["tokens_since_estimate"]  # a checkpoint of an earlier version
+    make_controller(interval=0, budget=0.5).load_state_dict(legacy)
+
+
 def test_controller_adapts_to_mean_of_choices():
     controller = make_controller(target_bias=0.1, num_estimates=3)
     # choices: 0.9 -> 22, 0.95 -> 46, 0.9 -> 22 (W = 100); int(mean) = 30
@@ -320,7 +352,9 @@ def test_controller_keeps_length_on_non_finite_profile(caplog):
         ({"initial_length": 1}, "initial_length"),
         ({"initial_length": 60}, "initial_length"),
         ({"window": 40}, "window"),
-        ({"interval": 0}, "interval"),
+        ({"interval": -1}, "interval"),
+        ({"interval": 0, "budget": 0.0}, "budget"),
+        ({"interval": 0, "budget": 1.5}, "budget"),
         ({"num_estimates": 0}, "num_estimates"),
         ({"num_sequences": 0}, "num_sequences"),
         ({"burnin": -1}, "burnin"),

@@ -123,10 +123,20 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         default=5, metadata={"help": "estimates R averaged into one choice of K"}
     )
     estimate_interval: int = field(
-        default=200,
+        default=0,
         metadata={
-            "help": "re-estimate K every this many updates (a count of updates, not time, so runs "
-            "are reproducible); one estimate of R repeats costs about R updates' worth of compute"
+            "help": "re-estimate K every this many updates; 0: on the compute budget of "
+            "--estimate-budget instead. Counts of updates or tokens, never time, so runs are "
+            "reproducible"
+        },
+    )
+    estimate_budget: float = field(
+        default=0.03,
+        metadata={
+            "help": "with --estimate-interval 0, the share of training compute spent on "
+            "estimates, counted in tokens run through the model: one estimate runs R x S x "
+            "(burn-in + W) tokens, and the next comes once training has run that many divided "
+            "by this budget (the inputs of every training window) since the last one"
         },
     )
     estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
@@ -235,12 +245,18 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         ("--updates-per-epoch", cfg.updates_per_epoch, 0),
         ("--estimate-sequences", cfg.estimate_sequences, 1),
         ("--estimate-repeats", cfg.estimate_repeats, 1),
-        ("--estimate-interval", cfg.estimate_interval, 1),
+        ("--estimate-interval", cfg.estimate_interval, 0),
         ("--estimate-burnin", cfg.estimate_burnin, -1),
         ("--lr-scaling-reference", cfg.lr_scaling_reference, 0),
     ):
         if value < least:
             raise UserInputError(f"{name} must be at least {least} (got {value})")
+    if cfg.estimate_interval == 0 and not 0.0 < cfg.estimate_budget <= 1.0:
+        raise UserInputError(
+            f"--estimate-budget (the share of training compute spent on estimates) must lie in "
+            f"(0, 1] (got {cfg.estimate_budget}); or set --estimate-interval N to estimate every "
+            "N updates"
+        )
     if cfg.target_bias is None:
         return
     if not 0.0 < cfg.target_bias < 1.0:
@@ -308,10 +324,24 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 num_sequences=cfg.estimate_sequences,
                 num_estimates=cfg.estimate_repeats,
                 interval=cfg.estimate_interval,
+                budget=cfg.estimate_budget,
                 cumulative=cfg.estimate_cumulative,
             )
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
+        if adaptive or cfg.monitor_bias:
+            controller = self.controller
+            schedule = (
+                f"every {controller.interval} updates"
+                if controller.interval
+                else f"every {controller.tokens_between_estimates:,} training tokens "
+                f"(--estimate-budget {controller.budget})"
+            )
+            logger.info(
+                f"truncation estimates ({controller.num_estimates} x {controller.num_sequences} "
+                f"sequences x {controller.burnin} + {controller.window} steps = "
+                f"{controller.estimate_tokens:,} tokens each) {schedule}"
+            )
         self.cursor = StreamCursor()
         self._carried_state: Optional[Tuple[Tensor, Tensor]] = None
         self._train_columns: Optional[Tuple[Tensor, Tensor]] = None
@@ -319,6 +349,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._train_shard: Optional[int] = None
         self._gathered_state: Optional[Tuple[dict, List[Tensor]]] = None
         self._last_call: Optional[Tuple[int, int]] = None
+        self._counted_call: Optional[Tuple[int, int]] = None
         self._before_last_call: Optional[Tuple[StreamCursor, Any]] = None
         self._pending_estimate_seconds = 0.0
         self._lr_base: Optional[float] = None
@@ -590,11 +621,14 @@ class AdaptiveTbpttLmTask(FairseqTask):
         """
         core = _unwrap(model)
         call = (update_num, int(sample["slot"]))
-        if call == self._last_call:
+        retry = call == self._last_call
+        if retry:
             self.cursor = copy.deepcopy(self._before_last_call[0])
             self._carried_state = self._before_last_call[1]
         else:
-            if self._estimating and self.controller.is_due(update_num):
+            # K changes only between updates: never before the 2nd micro-batch of --update-freq
+            first_of_update = self._last_call is None or self._last_call[0] != update_num
+            if first_of_update and self._estimating and self.controller.is_due(update_num):
                 self._estimate(core, update_num)
             self._scale_learning_rate(optimizer)
         self._last_call = call
@@ -611,6 +645,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self._carried_state = self._before_last_call[1]
             raise
         self._carried_state = batch.get("carried_state")
+        if call != self._counted_call:  # once per update slot, however often it is retried
+            self.controller.record_tokens(batch["net_input"]["src_tokens"].numel())
+            self._counted_call = call
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
 

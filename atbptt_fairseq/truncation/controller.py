@@ -36,6 +36,13 @@ class TruncationController:
     smallest K whose estimated relative bias is below the target. Monitor mode (``target_bias``
     None) keeps K fixed and only reports the estimated relative bias at it. The gradient profiles
     come from a ``measure`` callable, so this class knows nothing about models or data.
+
+    Schedule: with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
+    budget counted in tokens: an estimate runs R x S x (burn-in + W) tokens through the model, and
+    the next one is due once the training tokens recorded since the last one (``record_tokens``)
+    reach that number divided by ``budget``. Counting tokens rather than updates keeps the share
+    of compute spent on estimation near ``budget`` whatever K is (an update at K = 300 costs 30
+    times one at K = 10), and unlike wall time it makes runs reproducible.
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class TruncationController:
         num_sequences: int,
         num_estimates: int,
         interval: int,
+        budget: float = 0.0,
         cumulative: str = "approx",
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
@@ -72,8 +80,13 @@ class TruncationController:
             raise ValueError(f"num_sequences must be >= 1 (got {num_sequences})")
         if num_estimates < 1:
             raise ValueError(f"num_estimates must be >= 1 (got {num_estimates})")
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1 update (got {interval})")
+        if interval < 0:
+            raise ValueError(f"interval must be >= 0 updates (got {interval})")
+        if interval == 0 and not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"budget must lie in (0, 1] when interval is 0 (got {budget}): it is the share "
+                "of training tokens an estimate may cost"
+            )
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES} (got {cumulative!r})")
         self.min_length = min_length
@@ -84,9 +97,11 @@ class TruncationController:
         self.num_sequences = num_sequences
         self.num_estimates = num_estimates
         self.interval = interval
+        self.budget = budget
         self.cumulative = cumulative
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
+        self._tokens_since_estimate = 0
         self.last_decision: TruncationDecision | None = None
 
     @property
@@ -99,13 +114,29 @@ class TruncationController:
         """Whether K follows the estimates (otherwise they are only monitored)."""
         return self.target_bias is not None
 
+    @property
+    def estimate_tokens(self) -> int:
+        """Tokens one decision runs through the model: R x S x (burn-in + W)."""
+        return self.num_estimates * self.num_sequences * (self.burnin + self.window)
+
+    @property
+    def tokens_between_estimates(self) -> int | None:
+        """Training tokens between two estimates under the budget; None on an update schedule."""
+        if self.interval > 0:
+            return None
+        return math.ceil(self.estimate_tokens / self.budget)
+
+    def record_tokens(self, num_tokens: int) -> None:
+        """Count tokens the training steps ran through the model (inputs of every window)."""
+        self._tokens_since_estimate += int(num_tokens)
+
     def is_due(self, num_updates: int) -> bool:
-        """Whether to estimate at this update: every ``interval`` updates, once per update."""
-        return (
-            num_updates > 0
-            and num_updates % self.interval == 0
-            and num_updates != self._last_estimate_update
-        )
+        """Whether to estimate before this update (at most once per update)."""
+        if num_updates <= 0 or num_updates == self._last_estimate_update:
+            return False
+        if self.interval > 0:
+            return num_updates % self.interval == 0
+        return self._tokens_since_estimate >= self.tokens_between_estimates
 
     def estimate(
         self, measure: Callable[[], GradientProfile], num_updates: int
@@ -117,6 +148,7 @@ class TruncationController:
         """
         start = time.perf_counter()
         self._last_estimate_update = num_updates
+        self._tokens_since_estimate = 0
         previous_length = self._truncation_length
         estimates = []
         for _ in range(self.num_estimates):
@@ -168,6 +200,7 @@ class TruncationController:
         return {
             "truncation_length": int(self._truncation_length),
             "last_estimate_update": self._last_estimate_update,
+            "tokens_since_estimate": int(self._tokens_since_estimate),
             "last_decision": None if decision is None else dataclasses.asdict(decision),
         }
 
@@ -178,6 +211,7 @@ class TruncationController:
         K is clipped to the current bounds.
         """
         self._last_estimate_update = state["last_estimate_update"]
+        self._tokens_since_estimate = int(state.get("tokens_since_estimate", 0))
         decision = state["last_decision"]
         self.last_decision = None if decision is None else TruncationDecision(**decision)
         if self.adaptive:
