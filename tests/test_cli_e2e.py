@@ -127,6 +127,7 @@ def test_disjoint_style_and_hydra_config(tiny_corpus, tmp_path):
         f"common.user_dir={USER_DIR}", "+task.tbptt_style=disjoint", "optimization.max_epoch=1",
         cwd=tmp_path,  # hydra writes its .hydra/ run files into the working directory
     )  # fmt: skip
+    assert "LSTM(16, 16" in output  # the config's tbptt_lstm_lm_tiny sizes, not the generic ones
     records = json_records(output, "train_inner")
     assert records and records[-1]["trunc_k"] == "10"
     assert json_records(output, "valid")

@@ -10,6 +10,7 @@ from atbptt_fairseq.models.tbptt_lstm_lm import (
     TbpttLstmLmConfig,
 )
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
+from conftest import USER_DIR
 
 
 def make_decoder(vocabulary: int = 30, layers: int = 2) -> TbpttLstmDecoder:
@@ -174,3 +175,60 @@ def test_learning_rate_follows_k(tiny_corpus, scaling, reference, expected):
     optimizer.lr = 0.03  # the scheduler sets a new base
     task._scale_learning_rate(optimizer)
     assert optimizer.lr == pytest.approx(0.03 * expected)
+
+
+ARCHITECTURE_SIZES = {
+    "tbptt_lstm_lm_ptb": dict(
+        embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True
+    ),
+    "tbptt_lstm_lm_wiki2": dict(
+        embed_dim=512, hidden_size=512, num_layers=1, dropout=0.2, tie_embeddings=True
+    ),
+    "tbptt_lstm_copy": dict(
+        embed_dim=50, hidden_size=50, num_layers=2, dropout=0.0, tie_embeddings=False
+    ),
+    "tbptt_lstm_lm_tiny": dict(
+        embed_dim=16, hidden_size=16, num_layers=1, dropout=0.0, tie_embeddings=True
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SIZES))
+def test_architectures_give_their_sizes_on_the_command_line_and_in_hydra_configs(arch):
+    """``--arch NAME`` and ``model._name: NAME`` in a config both build the named sizes, and an
+    explicit value wins in both (fairseq's hydra path once filled in the generic sizes)."""
+    from argparse import Namespace
+
+    from fairseq import options
+    from fairseq.dataclass.initialize import add_defaults
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.models import build_model
+    from omegaconf import OmegaConf
+
+    task = Namespace(target_dictionary=make_decoder().dictionary)
+
+    def sizes(model_cfg) -> dict:
+        decoder = build_model(model_cfg, task).decoder
+        lstm = decoder.lstm
+        return dict(
+            embed_dim=decoder.embed_tokens.embedding_dim,
+            hidden_size=lstm.hidden_size,
+            num_layers=lstm.num_layers,
+            dropout=decoder.dropout.p,
+            tie_embeddings=decoder.output_weight is decoder.embed_tokens.weight,
+        )
+
+    hydra_cfg = OmegaConf.create({"model": {"_name": arch}})
+    add_defaults(hydra_cfg)
+    assert sizes(hydra_cfg.model) == ARCHITECTURE_SIZES[arch]
+    hydra_cfg = OmegaConf.create({"model": {"_name": arch, "num_layers": 3}})
+    add_defaults(hydra_cfg)
+    assert sizes(hydra_cfg.model) == {**ARCHITECTURE_SIZES[arch], "num_layers": 3}
+
+    def command_line(*extra: str) -> dict:
+        command = ["data", "--user-dir", USER_DIR, "--task", "adaptive_tbptt_lm", "--arch", arch]
+        args = options.parse_args_and_arch(options.get_training_parser(), command + list(extra))
+        return sizes(convert_namespace_to_omegaconf(args).model)
+
+    assert command_line() == ARCHITECTURE_SIZES[arch]
+    assert command_line("--num-layers", "3") == {**ARCHITECTURE_SIZES[arch], "num_layers": 3}

@@ -6,7 +6,7 @@ the model, keyed by stream name, because fairseq's scorer calls ``model(**net_in
 nothing between batches.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -16,9 +16,7 @@ from fairseq.models import (
     FairseqDecoder,
     FairseqLanguageModel,
     register_model,
-    register_model_architecture,
 )
-from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from atbptt_fairseq.errors import UserInputError
@@ -213,42 +211,64 @@ class TbpttLstmLanguageModel(FairseqLanguageModel):
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
-def _fill_defaults(cfg, **arch_values) -> None:
-    """Set every config field not given by the user: the architecture's value, else the default."""
-    defaults = TbpttLstmLmConfig()
-    for config_field in fields(TbpttLstmLmConfig):
-        name = config_field.name
-        fallback = arch_values.get(name, getattr(defaults, name))
-        setattr(cfg, name, safe_getattr(cfg, name, fallback))
+def register_architecture(name: str, summary: str, **sizes) -> type:
+    """Register ``name`` as a model whose config defaults are ``sizes`` (help strings kept).
 
-
-@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_ptb")
-def tbptt_lstm_lm_ptb(cfg) -> None:
-    """The paper's PTB model: 1 layer of 900 units, tied embeddings, dropout 0.2."""
-    _fill_defaults(
-        cfg, embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True
+    A ``register_model_architecture`` function would only serve ``--arch``: fairseq's hydra path
+    fills every field from the dataclass of the model an architecture belongs to before calling
+    the architecture function, so ``model._name: <arch>`` in a config got the generic sizes. A
+    model of its own with a dataclass of these defaults serves ``--arch`` and configs alike.
+    """
+    base = {config_field.name: config_field for config_field in fields(TbpttLstmLmConfig)}
+    class_name = "".join(part.capitalize() for part in name.split("_"))
+    config = make_dataclass(
+        f"{class_name}Config",
+        [
+            (key, base[key].type, field(default=value, metadata=dict(base[key].metadata)))
+            for key, value in sizes.items()
+        ],
+        bases=(TbpttLstmLmConfig,),
     )
-
-
-@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_wiki2")
-def tbptt_lstm_lm_wiki2(cfg) -> None:
-    """The paper's WikiText-2 model: 1 layer of 512 units, tied embeddings, dropout 0.2."""
-    _fill_defaults(
-        cfg, embed_dim=512, hidden_size=512, num_layers=1, dropout=0.2, tie_embeddings=True
+    config.__doc__, config.__module__ = summary, __name__
+    model = type(
+        class_name, (TbpttLstmLanguageModel,), {"__doc__": summary, "__module__": __name__}
     )
+    return register_model(name, dataclass=config)(model)
 
 
-@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_copy")
-def tbptt_lstm_copy(cfg) -> None:
-    """The paper's copy-task model: embedding 50, 2 layers of 50 units, untied, no dropout."""
-    _fill_defaults(
-        cfg, embed_dim=50, hidden_size=50, num_layers=2, dropout=0.0, tie_embeddings=False
-    )
-
-
-@register_model_architecture("tbptt_lstm_lm", "tbptt_lstm_lm_tiny")
-def tbptt_lstm_lm_tiny(cfg) -> None:
-    """A few thousand parameters, for tests."""
-    _fill_defaults(
-        cfg, embed_dim=16, hidden_size=16, num_layers=1, dropout=0.0, tie_embeddings=True
-    )
+TbpttLstmLmPtb = register_architecture(
+    "tbptt_lstm_lm_ptb",
+    "The paper's PTB model: 1 layer of 900 units, tied embeddings, dropout 0.2.",
+    embed_dim=900,
+    hidden_size=900,
+    num_layers=1,
+    dropout=0.2,
+    tie_embeddings=True,
+)
+TbpttLstmLmWiki2 = register_architecture(
+    "tbptt_lstm_lm_wiki2",
+    "The paper's WikiText-2 model: 1 layer of 512 units, tied embeddings, dropout 0.2.",
+    embed_dim=512,
+    hidden_size=512,
+    num_layers=1,
+    dropout=0.2,
+    tie_embeddings=True,
+)
+TbpttLstmCopy = register_architecture(
+    "tbptt_lstm_copy",
+    "The paper's copy-task model: embedding 50, 2 layers of 50 units, untied, no dropout.",
+    embed_dim=50,
+    hidden_size=50,
+    num_layers=2,
+    dropout=0.0,
+    tie_embeddings=False,
+)
+TbpttLstmLmTiny = register_architecture(
+    "tbptt_lstm_lm_tiny",
+    "A few thousand parameters, for tests.",
+    embed_dim=16,
+    hidden_size=16,
+    num_layers=1,
+    dropout=0.0,
+    tie_embeddings=True,
+)
