@@ -31,7 +31,8 @@ import contextlib
 import os
 import shutil
 import zipfile
-from typing import Iterator
+from collections.abc import Mapping
+from typing import Iterator, Optional
 
 import torch
 from fairseq import checkpoint_utils
@@ -101,13 +102,21 @@ def check_checkpoint_file(path: str) -> None:
 
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 
+# The task configuration stored in the checkpoint loaded last: fairseq builds the model of a loaded
+# checkpoint with the running task, which can then check that it scores what the model learned.
+last_loaded_task_config: Optional[Mapping] = None
+
 
 def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
     """fairseq's loader after :func:`check_checkpoint_file`, with weights-only unpickling forced."""
+    global last_loaded_task_config
     check_checkpoint_file(PathManager.get_local_path(path))
     with _weights_only_forced():
         try:
-            return _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+            state = _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+            stored = state.get("cfg") if isinstance(state, Mapping) else None
+            last_loaded_task_config = stored.get("task") if stored is not None else None
+            return state
         except Exception as error:  # noqa: BLE001  (reading the file failed: say which and why)
             if "GLOBAL" in str(error) or "Unsupported global" in str(error):
                 raise CheckpointError(

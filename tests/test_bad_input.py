@@ -156,6 +156,10 @@ def cases(tiny_corpus, tmp_path_factory) -> Dict[str, Case]:
         "eval_other_dict": Case(
             "fairseq-eval-lm", [str(other / "bin"), *EVAL, "--path", str(checkpoint)]
         ),
+        "eval_other_targets": Case(
+            "fairseq-eval-lm",
+            [str(tiny_corpus), *EVAL, "--path", str(checkpoint), "--target-dir", "targets"],
+        ),
         "eval_truncated": Case(
             "fairseq-eval-lm", [str(tiny_corpus), *EVAL, "--path", str(truncated)]
         ),
@@ -217,6 +221,12 @@ def test_stateless_architecture(cases):
 
 def test_eval_with_another_dictionary(cases):
     cases["eval_other_dict"].assert_clear_failure("dictionary of", "data directory (dict.txt)")
+
+
+def test_eval_on_other_targets_than_trained(cases):
+    cases["eval_other_targets"].assert_clear_failure(
+        "trained to predict the next token", "leave the option out"
+    )
 
 
 def test_resume_with_another_dictionary(cases):

@@ -193,3 +193,13 @@ def test_a_paper_config_runs_its_grid_with_hydra_multirun(tmp_path):
         assert (
             tmp_path / "checkpoints" / "copy_fixed" / f"K{k}_seed1" / "checkpoint_last.pt"
         ).exists()
+    # the copy model learned the targets: scoring it on the next input is refused, not reported
+    checkpoint = tmp_path / "checkpoints" / "copy_fixed" / "K4_seed1" / "checkpoint_last.pt"
+    evaluate = ["--path", str(checkpoint), "--user-dir", USER_DIR, "--task", "adaptive_tbptt_lm"]
+    refused = run_cli("fairseq-eval-lm", str(data), *evaluate, "--cpu", check=False)
+    assert (
+        "error: the checkpoint was trained to predict the targets in --target-dir targets"
+        in (refused.strip().splitlines()[-1])
+    )
+    scored = run_cli("fairseq-eval-lm", str(data), *evaluate, "--cpu", "--target-dir", "targets")
+    assert "Perplexity" in scored

@@ -26,6 +26,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor
 
+from atbptt_fairseq import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.tasks.token_stream import (
     StreamCursor,
@@ -562,6 +563,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
         ).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
+        if from_checkpoint:
+            self._check_checkpoint_targets(checkpoint_guard.last_loaded_task_config)
         model = super().build_model(cfg, from_checkpoint)
         for required in ("zero_state", "advance", "readout"):
             if not hasattr(model, required):
@@ -570,6 +573,26 @@ class AdaptiveTbpttLmTask(FairseqTask):
                     f"{type(model).__name__} has no {required}()"
                 )
         return model
+
+    def _check_checkpoint_targets(self, trained: Optional[Any]) -> None:
+        """Refuse to score a checkpoint on other targets than it learned: a copy-task model
+        evaluated without ``--target-dir`` would be scored on predicting its next input."""
+        if trained is None or trained.get("_name") != "adaptive_tbptt_lm":
+            return
+        trained_dir, target_dir = trained.get("target_dir"), self.cfg.target_dir
+        if trained_dir == target_dir:
+            return
+        if target_dir is None:
+            raise UserInputError(
+                f"the checkpoint was trained to predict the targets in --target-dir "
+                f"{trained_dir}; pass --target-dir {trained_dir} to score it on them"
+            )
+        learned = f"--target-dir {trained_dir}" if trained_dir else "the next token"
+        raise UserInputError(
+            f"the checkpoint was trained to predict {learned}, not the targets in --target-dir "
+            f"{target_dir}; use the --target-dir it was trained with"
+            + ("" if trained_dir else " (none: leave the option out)")
+        )
 
     # --------------------------------------------------------------------------- training
 
