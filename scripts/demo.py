@@ -61,8 +61,9 @@ QUICK_BUDGET = 1500
 ADAM = ["--optimizer", "adam", "--lr", "0.01", "--lr-scaling", "none"]
 # The estimate the Adam demo was measured with (the task's defaults: 5 approximate estimates
 # averaged, burn-in W / 10) instead of the copy configs' single exact one of the authors
-ADAM_ESTIMATE = ["--estimate-repeats", "5", "--estimate-cumulative", "approx"]
-ADAM_ESTIMATE += ["--estimate-burnin", "-1"]
+ADAM_ESTIMATE = [
+    "--estimate-repeats", "5", "--estimate-cumulative", "approx", "--estimate-burnin", "-1",
+]  # fmt: skip
 ESTIMATE_INTERVAL = 500
 
 
