@@ -10,10 +10,20 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 USER_DIR = str(REPO / "atbptt_fairseq")
+# The plugin's task, criterion and optimizer with the tiny model: the start of most test commands
+TINY_TRAIN = [
+    "--user-dir", USER_DIR,
+    "--task", "adaptive_tbptt_lm",
+    "--arch", "tbptt_lstm_lm_tiny",
+    "--criterion", "tbptt_cross_entropy",
+    "--optimizer", "tbptt_sgd",
+    "--lr", "1.0",
+]  # fmt: skip
 
 
 def run_cli(tool: str, *args: str, cwd: Optional[Path] = None, check: bool = True) -> str:
@@ -33,6 +43,22 @@ def run_cli(tool: str, *args: str, cwd: Optional[Path] = None, check: bool = Tru
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} exited {result.returncode}:\n{output[-4000:]}")
     return output
+
+
+class StubOptimizer:
+    """The part of a FairseqOptimizer that FairseqTask.train_step and the task use."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def get_lr(self) -> float:
+        return 0.1
+
+    def set_lr(self, lr: float) -> None:
+        pass
 
 
 def json_records(output: str, tag: str) -> List[Dict[str, str]]:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from conftest import BIN, REPO, USER_DIR, random_sentences, run_cli
+from conftest import BIN, REPO, TINY_TRAIN, USER_DIR, StubOptimizer, random_sentences, run_cli
 
 import atbptt_fairseq  # noqa: F401
 from atbptt_fairseq import checkpoint_guard
@@ -30,12 +30,7 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
 pytestmark = pytest.mark.e2e
 
 TRAIN = [
-    "--user-dir", USER_DIR,
-    "--task", "adaptive_tbptt_lm",
-    "--arch", "tbptt_lstm_lm_tiny",
-    "--criterion", "tbptt_cross_entropy",
-    "--optimizer", "tbptt_sgd",
-    "--lr", "1.0",
+    *TINY_TRAIN,
     "--batch-size", "4",
     "--truncation-length", "8",
     "--max-update", "3",
@@ -376,7 +371,7 @@ def test_non_finite_estimate_keeps_k_warns_and_training_continues(tiny_corpus, c
     from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
 
     criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
-    optimizer = _Optimizer(model)
+    optimizer = StubOptimizer(model)
     with caplog.at_level(logging.WARNING):
         for update in range(4):  # estimates at updates 2 (and the training steps go on)
             loss, _, logging_output = task.train_step(
@@ -387,19 +382,3 @@ def test_non_finite_estimate_keeps_k_warns_and_training_continues(tiny_corpus, c
     assert math.isnan(task.controller.last_decision.relative_bias)
     assert any("not finite" in record.getMessage() for record in caplog.records)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-class _Optimizer:
-    """The part of a FairseqOptimizer that FairseqTask.train_step and the task use."""
-
-    def __init__(self, model):
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def get_lr(self):
-        return 0.1
-
-    def set_lr(self, lr):
-        pass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, USER_DIR, json_records, random_sentences, run_cli
+from conftest import REPO, TINY_TRAIN, USER_DIR, json_records, random_sentences, run_cli
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 
@@ -19,12 +19,7 @@ import atbptt_fairseq  # noqa: F401  (registers the plugin for in-process loadin
 pytestmark = pytest.mark.e2e
 
 TRAIN_TINY = [
-    "--user-dir", USER_DIR,
-    "--task", "adaptive_tbptt_lm",
-    "--arch", "tbptt_lstm_lm_tiny",
-    "--criterion", "tbptt_cross_entropy",
-    "--optimizer", "tbptt_sgd",
-    "--lr", "1.0",
+    *TINY_TRAIN,
     "--batch-size", "4",
     "--cpu",
     "--log-format", "json",

@@ -23,19 +23,14 @@ from typing import Dict, List
 
 import pytest
 import torch
-from conftest import BIN, REPO, USER_DIR, json_records
+from conftest import BIN, REPO, TINY_TRAIN, json_records
 
 import atbptt_fairseq  # noqa: F401  (allowlists what fairseq's checkpoints hold)
 
 pytestmark = pytest.mark.e2e
 
 TRAIN = [
-    "--user-dir", USER_DIR,
-    "--task", "adaptive_tbptt_lm",
-    "--arch", "tbptt_lstm_lm_tiny",
-    "--criterion", "tbptt_cross_entropy",
-    "--optimizer", "tbptt_sgd",
-    "--lr", "1.0",
+    *TINY_TRAIN,
     "--updates-per-epoch", "10",
     "--max-update", "20",
     "--truncation-length", "8",

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, USER_DIR, json_records, run_cli
+from conftest import REPO, TINY_TRAIN, USER_DIR, StubOptimizer, json_records, run_cli
 
 import atbptt_fairseq.tasks.adaptive_tbptt_lm as task_module
 from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
@@ -22,22 +22,6 @@ ADAPTIVE = dict(
     target_bias=0.3, min_truncation_length=2, max_truncation_length=12, estimate_window=12,
     estimate_interval=2, estimate_sequences=2, estimate_repeats=1,
 )  # fmt: skip
-
-
-class _Optimizer:
-    """The part of a FairseqOptimizer that FairseqTask.train_step and the task use."""
-
-    def __init__(self, model):
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def get_lr(self):
-        return 0.1
-
-    def set_lr(self, lr):
-        pass
 
 
 def setup(data, dtype=torch.float32, **overrides):
@@ -51,7 +35,7 @@ def setup(data, dtype=torch.float32, **overrides):
     model_config = TbpttLstmLmConfig(embed_dim=8, hidden_size=8, num_layers=1, dropout=0.0)
     model = TbpttLstmLanguageModel.build_model(model_config, task).to(dtype)
     criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
-    return task, slots, model, criterion, _Optimizer(model)
+    return task, slots, model, criterion, StubOptimizer(model)
 
 
 def state_of(task):
@@ -204,8 +188,7 @@ def test_bf16_on_cpu_through_hydra_train(tiny_corpus, tmp_path):
 
 
 TRAIN = [
-    "--user-dir", USER_DIR, "--task", "adaptive_tbptt_lm", "--arch", "tbptt_lstm_lm_tiny",
-    "--criterion", "tbptt_cross_entropy", "--optimizer", "tbptt_sgd", "--lr", "1.0",
+    *TINY_TRAIN,
     "--batch-size", "4", "--truncation-length", "8", "--log-format", "json", "--log-interval", "1",
     "--no-progress-bar", "--no-save",
 ]  # fmt: skip

@@ -17,7 +17,15 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from conftest import BIN, REPO, USER_DIR, json_records, random_sentences, run_cli
+from conftest import (
+    BIN,
+    REPO,
+    USER_DIR,
+    StubOptimizer,
+    json_records,
+    random_sentences,
+    run_cli,
+)
 
 import atbptt_fairseq  # noqa: F401  (allowlists what fairseq's checkpoints hold)
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel
@@ -303,7 +311,7 @@ def test_checkpoint_dict_round_trip_restores_the_next_segment(tiny_corpus):
     torch.manual_seed(0)
     model = TbpttLstmLanguageModel.build_model(_model_config(), new_task()[0])
     criterion = _criterion(new_task()[0])
-    optimizer = _Optimizer(model)
+    optimizer = StubOptimizer(model)
     task, slots = new_task()
     for update in range(5):
         task.train_step(slots[update], model, criterion, optimizer, update)
@@ -351,22 +359,6 @@ def _criterion(task):
     return TbpttCrossEntropyCriterion(task, sentence_avg=False)
 
 
-class _Optimizer:
-    """The part of a FairseqOptimizer that FairseqTask.train_step and the task use."""
-
-    def __init__(self, model):
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def get_lr(self):
-        return 0.1
-
-    def set_lr(self, lr):
-        pass
-
-
 def test_budget_schedule_counts_each_slot_once_and_moves_k_only_between_updates(tiny_corpus):
     """Two micro-batches per update (--update-freq 2): the tokens of every slot count once,
     retries included, and an estimate that falls due after the first micro-batch waits for the
@@ -387,7 +379,7 @@ def test_budget_schedule_counts_each_slot_once_and_moves_k_only_between_updates(
     controller.record_tokens = lambda tokens: (recorded.append(tokens), record_tokens(tokens))
     torch.manual_seed(0)
     model = TbpttLstmLanguageModel.build_model(_model_config(), task)
-    criterion, optimizer = _criterion(task), _Optimizer(model)
+    criterion, optimizer = _criterion(task), StubOptimizer(model)
     calls, since_estimate = [], 0  # (micro-batch, tokens since the last estimate, estimated)
     for update in range(1, len(slots) // 2 + 1):
         lengths = set()
