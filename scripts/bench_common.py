@@ -7,6 +7,7 @@ summaries and plain-text tables. Nothing here imports fairseq or torch at module
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -38,6 +39,28 @@ def fail(message: str) -> SystemExit:
 # --------------------------------------------------------------------------------------------
 # Threads and devices
 # --------------------------------------------------------------------------------------------
+
+
+def add_machine_options(parser: argparse.ArgumentParser, waits_before: str) -> None:
+    """The options every benchmark takes: threads, device, a quiet machine, a JSON copy."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads (torch.set_num_threads here, OMP_NUM_THREADS for fairseq-train); "
+        "0: torch's default on this machine",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda or auto (cuda when available; default)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help=f"before {waits_before}, wait up to this many seconds for other work on the machine "
+        "to drop below 25%% of the CPU (default 0: only measure and report it)",
+    )
+    parser.add_argument("--json", default=None, help="write all figures to this JSON file")
 
 
 def resolve_threads(threads: int) -> int:

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     PLUGIN_DIR,
     TrainRun,
+    add_machine_options,
     apply_threads,
     fairseq_device_args,
     format_table,
@@ -217,29 +218,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--estimate-repeats of part 2, and R of part 1's prediction (default 5, the plugin's)",
     )
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="intra-op threads (torch.set_num_threads here, OMP_NUM_THREADS for fairseq-train); "
-        "0: torch's default on this machine",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda or auto (cuda when available; default)"
-    )
-    parser.add_argument(
         "--workdir",
         default=None,
         help="part 2: directory for the corpus and run files (kept); default: a temporary one",
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=0.0,
-        help="before each repeat / run, wait up to this many seconds for other work on the "
-        "machine to drop below 25%% of the CPU (default 0: only measure and report it)",
-    )
-    parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     parser.add_argument("--seed", type=int, default=1, help="seed of corpora, models and windows")
+    add_machine_options(parser, waits_before="each repeat / run")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.pairs < 1 or args.updates < 0 or args.estimate_repeats < 1:
         parser.error("--repeats, --pairs and --estimate-repeats must be >= 1, --updates >= 0")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     PLUGIN_DIR,
     Throughput,
+    add_machine_options,
     apply_threads,
     dictionary_size,
     fairseq_device_args,
@@ -127,16 +128,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="log intervals dropped at the start of every run (>= 1; default 1)",
     )
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="intra-op threads of every contender (torch.set_num_threads here, OMP_NUM_THREADS "
-        "for fairseq-train); 0: torch's default on this machine",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda or auto (cuda when available; default)"
-    )
-    parser.add_argument(
         "--dropout", type=float, default=0.2, help="dropout of all three models (default 0.2)"
     )
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
@@ -149,15 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="directory for the corpora and run files (kept; corpora are reused); default: a "
         "temporary directory, removed at the end",
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=0.0,
-        help="before each run, wait up to this many seconds for other work on the machine to "
-        "drop below 25%% of the CPU (default 0: only measure and report it)",
-    )
-    parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     parser.add_argument("--seed", type=int, default=1, help="seed of corpora and models")
+    add_machine_options(parser, waits_before="each run")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup_lines < 1 or args.updates < 0 or args.log_interval < 0:
         parser.error("--repeats and --warmup-lines must be >= 1, --updates and --log-interval >= 0")
