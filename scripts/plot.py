@@ -5,6 +5,8 @@ Like the paper's figures, one line per configuration (fixed K or delta), the mea
     valid_ppl_vs_wall.png     validation perplexity against wall time (fixed-K runs without the
                               time spent monitoring their bias, which the method does not need)
     valid_ppl_vs_tokens.png   validation perplexity against scored training tokens
+    valid_loss_vs_tokens.png  validation loss (bits per token) against scored training tokens, log
+                              scale: shows convergence where perplexity flattens near 1 (copy task)
     k_vs_updates.png          the truncation length K of the adaptive runs against updates
     bias_vs_updates.png       the estimated relative bias delta_hat against updates, fixed and
                               adaptive runs (log scale; dotted lines: the targets delta; gaps:
@@ -37,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sweep import load_results, read_csv  # noqa: E402
 
-FIGURES = ("valid_ppl_vs_wall", "valid_ppl_vs_tokens", "k_vs_updates", "bias_vs_updates")
+FIGURES = (
+    "valid_ppl_vs_wall",
+    "valid_ppl_vs_tokens",
+    "valid_loss_vs_tokens",
+    "k_vs_updates",
+    "bias_vs_updates",
+)
 
 
 @dataclass
@@ -145,19 +153,28 @@ def _finish(ax: plt.Axes, path: Path, title: str, xlabel: str, ylabel: str) -> N
     plt.close(ax.figure)
 
 
-def plot_validation(runs: Sequence[RunData], x_key: str, path: Path) -> None:
-    """Validation perplexity against wall time (``wall``) or tokens (``tokens``)."""
+def plot_validation(
+    runs: Sequence[RunData], x_key: str, path: Path, metric: str = "valid_ppl"
+) -> None:
+    """Validation perplexity (``valid_ppl``, linear, mean over seeds) or loss (``valid_loss``,
+    log scale, geometric mean) against wall time (``wall``) or tokens (``tokens``)."""
     groups = by_config(runs)
     style = styles(groups)
+    log_y = metric == "valid_loss"
     _, ax = plt.subplots(figsize=(7, 4.5))
     for config, members in groups.items():
-        xs, ys = mean_curve(members, "valid", x_key, "valid_ppl")
+        xs, ys = mean_curve(members, "valid", x_key, metric, log_y=log_y)
         ax.plot(xs, ys, marker=".", label=config_label(members[0]), **style[config])
     xlabel = {
         "wall": "wall time (s; fixed K without bias monitoring)",
         "tokens": "scored training tokens",
     }[x_key]
-    _finish(ax, path, "validation perplexity (mean over seeds)", xlabel, "perplexity")
+    if log_y:
+        ax.set_yscale("log")
+        title, ylabel = "validation loss (geometric mean over seeds)", "loss (bits per token)"
+    else:
+        title, ylabel = "validation perplexity (mean over seeds)", "perplexity"
+    _finish(ax, path, title, xlabel, ylabel)
 
 
 def plot_truncation(runs: Sequence[RunData], path: Path) -> None:
@@ -254,8 +271,9 @@ def make_all(sweep_dir: Path, out: Path) -> list[Path]:
     paths = [out / f"{name}.png" for name in FIGURES]
     plot_validation(runs, "wall", paths[0])
     plot_validation(runs, "tokens", paths[1])
-    plot_truncation(runs, paths[2])
-    plot_bias(runs, paths[3])
+    plot_validation(runs, "tokens", paths[2], metric="valid_loss")
+    plot_truncation(runs, paths[3])
+    plot_bias(runs, paths[4])
     paths.append(out / "summary.md")
     write_summary(runs, paths[-1], title=f"Sweep {sweep_dir.name}")
     return paths

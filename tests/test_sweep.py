@@ -172,7 +172,7 @@ def synthetic_sweep(root: Path) -> None:
         ]
         valid = [
             {"num_updates": u, "wall": u / 10, "tokens": 64 * k * u, "est_sec": u / 100,
-             "valid_loss": 1.0, "valid_ppl": 1.1 + 100 / u + offset}
+             "valid_loss": math.log2(1.1 + 100 / u + offset), "valid_ppl": 1.1 + 100 / u + offset}
             for u in range(100, 600, 100)
         ]  # fmt: skip
         sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
