@@ -13,10 +13,13 @@ Like the paper's figures, one line per configuration (fixed K or delta), the mea
                               delta_hat = inf, no positive lower bound on the gradient norm)
     summary.md                mean +- std over seeds of valid/test perplexity (fairseq-eval-lm at
                               the best checkpoint), final K, wall time; the best fixed K (by mean
-                              validation perplexity) marked
+                              validation perplexity) marked; and the best validation perplexity
+                              within the first T scored tokens, a comparison at equal training
+                              data (T: --equal-tokens, default the fewest tokens of any run)
 
     python scripts/plot.py sweeps/copy                 # files go to sweeps/copy/plots
     python scripts/plot.py sweeps/copy --out figures
+    python scripts/plot.py sweeps/copy --equal-tokens 5e7
 """
 
 from __future__ import annotations
@@ -221,7 +224,27 @@ def mean_std(values: Sequence[float], digits: int = 4) -> str:
     return f"{mean:.{digits}g} ± {float(np.std(values, ddof=1)):.2g}"
 
 
-def summary_table(runs: Sequence[RunData]) -> str:
+def fewest_tokens(runs: Sequence[RunData]) -> float:
+    """The scored training tokens of the run that saw the fewest: the default equal-data point."""
+    return min(float(run.result["tokens"]) for run in runs)
+
+
+def valid_ppl_within(run: RunData, tokens: float) -> float:
+    """Best validation perplexity a run logged within its first ``tokens`` scored training tokens.
+
+    NaN when the run stopped short of ``tokens``: its best so far would flatter it.
+    """
+    if float(run.result["tokens"]) < tokens * (1 - 1e-9):
+        return math.nan
+    seen = [
+        row["valid_ppl"]
+        for row in run.valid
+        if row["tokens"] <= tokens * (1 + 1e-9) and math.isfinite(row["valid_ppl"])
+    ]
+    return min(seen, default=math.nan)
+
+
+def summary_table(runs: Sequence[RunData], equal_tokens: float) -> str:
     """Markdown table, one row per configuration; the best fixed K by mean validation ppl."""
     groups = by_config(runs)
     fixed = {c: m for c, m in groups.items() if m[0].fixed}
@@ -230,8 +253,8 @@ def summary_table(runs: Sequence[RunData]) -> str:
     )
     lines = [
         "| configuration | seeds | valid ppl | test ppl | final K | wall (s) | estimation (s) "
-        "| tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| tokens | valid ppl within {equal_tokens:.3g} tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for config, members in groups.items():
         label = config_label(members[0])
@@ -242,27 +265,36 @@ def summary_table(runs: Sequence[RunData]) -> str:
             return mean_std([float(r.result[key]) for r in members], digits)
 
         lines.append(
-            f"| {label} | {len(members)} | {column('valid_ppl')} | {column('test_ppl')} "
+            f"| {label} | {len(members)} | {column('valid_ppl', 5)} | {column('test_ppl', 5)} "
             f"| {column('final_k', 3)} | {column('wall_sec', 3)} | {column('est_sec', 3)} "
-            f"| {column('tokens', 3)} |"
+            f"| {column('tokens', 3)} "
+            f"| {mean_std([valid_ppl_within(r, equal_tokens) for r in members], 5)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_summary(runs: Sequence[RunData], path: Path, title: str = "Sweep summary") -> None:
+def write_summary(
+    runs: Sequence[RunData],
+    path: Path,
+    title: str = "Sweep summary",
+    equal_tokens: float | None = None,
+) -> None:
     """``summary.md``: the table and how to read it."""
+    equal_tokens = equal_tokens or fewest_tokens(runs)
     text = (
         f"# {title}\n\n"
         "Mean ± sample std over seeds. Perplexities from fairseq-eval-lm at the best validation "
         "checkpoint; final K is the K in use at the end; wall time is fairseq's (training, "
         "estimation, validation), estimation the part spent estimating the bias (monitoring "
         "only, for fixed K); tokens are scored training tokens. The best fixed K is chosen by "
-        "mean validation perplexity.\n\n" + summary_table(runs)
+        "mean validation perplexity. The last column compares at equal training data: the best "
+        f"validation perplexity fairseq-train logged within the first {equal_tokens:.4g} scored "
+        "tokens (- for runs that stopped short of them).\n\n" + summary_table(runs, equal_tokens)
     )
     path.write_text(text)
 
 
-def make_all(sweep_dir: Path, out: Path) -> list[Path]:
+def make_all(sweep_dir: Path, out: Path, equal_tokens: float | None = None) -> list[Path]:
     """Write every figure and summary.md of ``sweep_dir`` into ``out``; return their paths."""
     runs = load_runs(sweep_dir)
     if not runs:
@@ -275,7 +307,7 @@ def make_all(sweep_dir: Path, out: Path) -> list[Path]:
     plot_truncation(runs, paths[3])
     plot_bias(runs, paths[4])
     paths.append(out / "summary.md")
-    write_summary(runs, paths[-1], title=f"Sweep {sweep_dir.name}")
+    write_summary(runs, paths[-1], f"Sweep {sweep_dir.name}", equal_tokens)
     return paths
 
 
@@ -285,13 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=None, help="directory for the files (default: SWEEP/plots)"
     )
+    parser.add_argument(
+        "--equal-tokens",
+        type=float,
+        default=None,
+        help="scored training tokens at which summary.md compares validation perplexity "
+        "(default: the fewest tokens of any run)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the figures and the summary; print their paths."""
     args = build_parser().parse_args(argv)
-    for path in make_all(args.sweep, args.out or args.sweep / "plots"):
+    if args.equal_tokens is not None and args.equal_tokens <= 0:
+        raise SystemExit(f"error: --equal-tokens must be positive, got {args.equal_tokens:g}")
+    for path in make_all(args.sweep, args.out or args.sweep / "plots", args.equal_tokens):
         print(path)
     return 0
 

@@ -178,6 +178,7 @@ def synthetic_sweep(root: Path) -> None:
         sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
         sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
         result = fake_result(spec, valid[-1]["valid_ppl"], train[-1]["trunc_k"])
+        result["tokens"] = train[-1]["tokens"]
         sweep.write_json(run_dir / "result.json", result)
 
 
@@ -199,6 +200,17 @@ def test_plot_writes_figures_and_summary(tmp_path):
     cells = [cell.strip() for cell in rows[2].split("|")]
     assert cells[2] == "2" and cells[3] == "1.315 ± 0.0071"  # valid ppl over seeds 1 and 2
     assert cells[5] == "10 ± 0"  # final K, the same for both seeds
+    # at equal data, the fewest tokens of any run (K = 5's 160k): K = 10 validated twice by then,
+    # the adaptive runs (K 20, 1280 tokens per update) once
+    within = [row.split("|")[9].strip() for row in rows[1:]]
+    assert within == ["1.815 ± 0.0071", "1.615 ± 0.0071", "2.115 ± 0.0071", "2.115 ± 0.0071"]
+    assert "within 1.6e+05 tokens" in rows[0]
+    # a later point: K = 5 stopped short of it and is left out rather than flattered
+    runs = plot.load_runs(tmp_path / "sweep")
+    later = plot.summary_table(runs, equal_tokens=320_000).splitlines()[2]
+    assert later.split("|")[9].strip() == "-"
+    with pytest.raises(SystemExit, match="--equal-tokens must be positive"):
+        plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
 
 
 @pytest.mark.e2e
