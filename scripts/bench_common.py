@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -127,6 +128,16 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
         time.sleep(2.0)
         busy = cpu_busy_fraction()
     return busy
+
+
+def warn_if_disturbed(busy_before: Sequence[float], threshold: float = 0.25) -> None:
+    """Print a warning when other work used ``threshold`` or more of the CPU before a run."""
+    busiest = max([b for b in busy_before if math.isfinite(b)], default=0.0)
+    if busiest >= threshold:
+        print(
+            f"warning: other work used up to {busiest:.0%} of the CPU just before a run; the "
+            "figures are disturbed (see --quiet-wait, --threads 1)"
+        )
 
 
 def resolve_device(name: str) -> str:

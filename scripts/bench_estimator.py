@@ -72,6 +72,7 @@ from bench_common import (  # noqa: E402
     throughput_from_log,
     verdict,
     wait_until_quiet,
+    warn_if_disturbed,
     write_json,
     zipf_tokens,
 )
@@ -477,12 +478,7 @@ def bench_cost(preset: CostPreset, args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"diagnostic steps vs the plugin's step: max relative difference of phi_k {difference:.1e}"
     )
-    busiest = max([b for b in busy_before if b == b], default=0.0)
-    if busiest >= 0.25:
-        print(
-            f"warning: other work used up to {busiest:.0%} of the CPU before a repeat; the "
-            "figures are disturbed (see --quiet-wait, --threads 1)"
-        )
+    warn_if_disturbed(busy_before)
     return {
         "preset": asdict(preset),
         "naive_window": naive_window,
@@ -777,12 +773,7 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
         f"frozen-K updates): {median(steady):.1%}; target <= {TARGET_OVERHEAD:.0%}: "
         f"{verdict(median(steady) <= TARGET_OVERHEAD)}"
     )
-    busiest = max([b for b in busy_before if b == b], default=0.0)
-    if busiest >= 0.25:
-        print(
-            f"warning: other work used up to {busiest:.0%} of the CPU before a run; the figures "
-            "are disturbed (see --quiet-wait, --threads 1)"
-        )
+    warn_if_disturbed(busy_before)
     return {
         "preset": asdict(preset),
         "target_bias": args.target_bias,

@@ -57,6 +57,7 @@ from bench_common import (  # noqa: E402
     throughput_from_log,
     verdict,
     wait_until_quiet,
+    warn_if_disturbed,
     write_json,
 )
 
@@ -409,13 +410,7 @@ def bench_preset(preset: Preset, work: Path, args: argparse.Namespace) -> dict[s
             ratio_rows,
         )
     )
-    measured = [r.busy_before for runs in results.values() for r in runs]
-    busiest = max([b for b in measured if b == b], default=0.0)
-    if busiest >= 0.25:
-        print(
-            f"warning: other work used up to {busiest:.0%} of the CPU just before a run; the "
-            "figures are disturbed (see --quiet-wait, --threads 1)"
-        )
+    warn_if_disturbed([r.busy_before for runs in results.values() for r in runs])
     return {
         "preset": asdict(preset),
         "dictionary_size": vocab,
