@@ -130,12 +130,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
     return busy
 
 
-def warn_if_disturbed(busy_before: Sequence[float], threshold: float = 0.25) -> None:
-    """Print a warning when other work used ``threshold`` or more of the CPU before a run."""
+def warn_if_disturbed(
+    busy_before: Sequence[float], unit: str = "run", threshold: float = 0.25
+) -> None:
+    """Print a warning when other work used ``threshold`` or more of the CPU before a ``unit``
+    (a fairseq run, or a repeat of an in-process measurement)."""
     busiest = max([b for b in busy_before if math.isfinite(b)], default=0.0)
     if busiest >= threshold:
         print(
-            f"warning: other work used up to {busiest:.0%} of the CPU just before a run; the "
+            f"warning: other work used up to {busiest:.0%} of the CPU just before a {unit}; the "
             "figures are disturbed (see --quiet-wait, --threads 1)"
         )
 

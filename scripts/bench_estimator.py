@@ -478,7 +478,7 @@ def bench_cost(preset: CostPreset, args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"diagnostic steps vs the plugin's step: max relative difference of phi_k {difference:.1e}"
     )
-    warn_if_disturbed(busy_before)
+    warn_if_disturbed(busy_before, unit="repeat")
     return {
         "preset": asdict(preset),
         "naive_window": naive_window,
