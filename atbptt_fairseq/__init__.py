@@ -12,13 +12,14 @@ import torch
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([argparse.Namespace])
 
-from atbptt_fairseq import checkpoint_guard, distributed_fixes, errors  # noqa: E402
+from atbptt_fairseq import checkpoint_guard, distributed_fixes, errors, training_budget  # noqa: E402
 
 # fairseq fixes that the command-line tools need (see each module): one-line errors for bad input,
-# safe and clear checkpoint loading, atomic checkpoint copies, torchrun without CUDA devices and
-# resuming with several ranks
+# safe and clear checkpoint loading, atomic checkpoint copies, torchrun without CUDA devices,
+# resuming with several ranks, and stopping at a budget of training tokens
 errors.install_excepthook()
 checkpoint_guard.install()
 distributed_fixes.install()
+training_budget.install()
 
 from atbptt_fairseq import criterions, models, optim, tasks  # noqa: E402,F401

@@ -2,9 +2,9 @@
 
 Every run is a real ``fairseq-train`` (``--user-dir atbptt_fairseq --task adaptive_tbptt_lm``,
 JSON logs) followed by ``fairseq-eval-lm`` on valid and test with the run's best checkpoint. All
-runs share one budget, a number of updates (``--budget-updates N`` becomes ``--max-update N``).
-A token budget is not offered: the tokens of an adaptive run depend on the K it will choose, so
-no update count gives every run the same tokens; tokens seen are reported instead.
+runs share one budget: a number of updates (``--budget-updates N`` becomes ``--max-update N``) or
+of scored training tokens (``--budget-tokens N`` becomes the task's ``--max-train-tokens N``; the
+same data for every run, whatever K an adaptive run chooses, at the cost of unequal updates).
 
 Fixed-K runs get ``--monitor-bias``, so delta_hat is logged for them as for adaptive runs.
 Validation and a checkpoint happen every ``--valid-interval`` updates, at the end, and at fairseq
@@ -109,6 +109,7 @@ CONTROLLED_OPTIONS = (
     "--seed",
     "--save-dir",
     "--max-update",
+    "--max-train-tokens",
     "--target-bias",
     "--monitor-bias",
     "--log-format",
@@ -139,7 +140,7 @@ class Preset:
     description: str = ""
 
 
-# keys of the hydra configs the sweep sets per run (or drops: the budget is in updates)
+# keys of the hydra configs the sweep sets per run (or drops: the budget is the sweep's)
 SWEEP_CONFIG_KEYS = {
     "data",
     "user_dir",
@@ -269,14 +270,22 @@ class SweepSettings:
 
     data: Path
     out: Path
-    budget_updates: int
+    budget_updates: int  # 0 with a token budget
     valid_interval: int
     log_interval: int
+    budget_tokens: int = 0  # 0 with an update budget
     preset: Preset | None = None
     extra_args: list[str] = field(default_factory=list)
     tensorboard_logdir: Path | None = None
     progress_seconds: float = 60.0
     threads: int = 0
+
+    @property
+    def budget_label(self) -> str:
+        """``"4000 updates"`` or ``"50000000 tokens"``: what every run of the sweep gets."""
+        if self.budget_tokens:
+            return f"{self.budget_tokens} tokens"
+        return f"{self.budget_updates} updates"
 
 
 def option_value(args: Sequence[str], option: str) -> str | None:
@@ -297,8 +306,8 @@ def check_extra_args(extra: Sequence[str]) -> None:
         if name in CONTROLLED_OPTIONS:
             raise SystemExit(
                 f"error: {name} is set by the sweep for every run; use the sweep's own options "
-                "(--budget-updates, --seeds, --deltas, --valid-interval, --log-interval, "
-                "--tensorboard-logdir, --out) instead"
+                "(--budget-updates or --budget-tokens, --seeds, --deltas, --valid-interval, "
+                "--log-interval, --tensorboard-logdir, --out) instead"
             )
 
 
@@ -348,7 +357,11 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
         "--user-dir", str(PLUGIN_DIR),
         "--task", "adaptive_tbptt_lm",
         "--seed", str(spec.seed),
-        "--max-update", str(settings.budget_updates),
+        *(
+            ["--max-train-tokens", str(settings.budget_tokens)]
+            if settings.budget_tokens
+            else ["--max-update", str(settings.budget_updates)]
+        ),
         "--save-dir", str(run_dir / "checkpoints"),
         "--log-format", "json",
         "--log-interval", str(settings.log_interval),
@@ -717,17 +730,18 @@ class RunFailed(RuntimeError):
 
 
 def _progress_line(
-    name: str, tag: str, record: dict[str, Any], budget: int, train: dict[str, Any]
+    name: str, tag: str, record: dict[str, Any], of: str, train: dict[str, Any]
 ) -> str:
-    """A short progress line from a valid or train_inner record (``train``: the last one)."""
+    """A short progress line from a valid or train_inner record (``train``: the last one;
+    ``of``: ``"/N"`` after the update number under a budget of N updates, else empty)."""
     parts = [f"K {train.get('trunc_k', '?')}"]
     if "bias_hat" in train:
         parts.append(f"delta_hat {train['bias_hat']}")
     if tag == "valid":
         loss = _float(record, "valid_loss")
-        head = f"valid @ {record.get('valid_num_updates')}/{budget}: ppl {2.0**loss:.4g}"
+        head = f"valid @ {record.get('valid_num_updates')}{of}: ppl {2.0**loss:.4g}"
     else:
-        head = f"update {record.get('num_updates')}/{budget}: train loss {record.get('loss')}"
+        head = f"update {record.get('num_updates')}{of}: train loss {record.get('loss')}"
         parts.append(f"wall {fmt_seconds(_float(record, 'wall'))}")
     return f"    [{name}] {head} ({', '.join(parts)})"
 
@@ -736,7 +750,7 @@ def run_train(
     cmd: Sequence[str],
     log_path: Path,
     name: str,
-    budget: int,
+    of: str,
     progress_seconds: float,
     threads: int = 0,
 ) -> None:
@@ -769,7 +783,7 @@ def run_train(
                     if now - last_shown < progress_seconds:
                         continue
                 if tag in ("train_inner", "valid"):
-                    say(_progress_line(name, tag, record, budget, last_train))
+                    say(_progress_line(name, tag, record, of, last_train))
                     last_shown = now
         except BaseException:
             process.terminate()
@@ -837,7 +851,7 @@ def run_one(spec: RunSpec, settings: SweepSettings) -> tuple[dict[str, Any], boo
             cmd,
             run_dir / "train.log",
             spec.name,
-            settings.budget_updates,
+            "" if settings.budget_tokens else f"/{settings.budget_updates}",
             settings.progress_seconds,
             settings.threads,
         )
@@ -849,7 +863,7 @@ def run_one(spec: RunSpec, settings: SweepSettings) -> tuple[dict[str, Any], boo
         raise RunFailed(f"{best} is missing: training saved no checkpoint")
     scores = run_evals({s: eval_command(cmd, best, s) for s in ("valid", "test")}, run_dir)
     result = summarize_run(spec, parsed, scores["valid"], scores["test"])
-    result["budget_updates"] = settings.budget_updates
+    result["budget"] = settings.budget_label
     write_json(result_path, result)
     return result, False
 
@@ -880,11 +894,11 @@ def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: boo
             continue
         if skipped:
             say(f"{head}: finished earlier, skipped (test ppl {result['test_ppl']:.4g})")
-            if result.get("budget_updates") != settings.budget_updates:
+            budget = result.get("budget") or f"{result.get('budget_updates')} updates"
+            if budget != settings.budget_label:
                 say(
-                    f"    warning: {spec.name} was run with a budget of "
-                    f"{result.get('budget_updates')} updates, not {settings.budget_updates}; "
-                    "use another --out to compare budgets"
+                    f"    warning: {spec.name} was run with a budget of {budget}, not "
+                    f"{settings.budget_label}; use another --out to compare budgets"
                 )
             continue
         durations.append(time.monotonic() - run_start)
@@ -946,17 +960,26 @@ def build_parser() -> argparse.ArgumentParser:
         "preset's, 0.9,0.5,0.1)",
     )
     parser.add_argument("--seeds", default="1", help="seeds, comma-separated (default 1)")
-    parser.add_argument(
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
         "--budget-updates",
         type=int,
-        required=True,
+        default=0,
         help="updates per run, the same for every run (fairseq --max-update)",
+    )
+    budget.add_argument(
+        "--budget-tokens",
+        type=int,
+        default=0,
+        help="scored training tokens per run, the same for every run (the task's "
+        "--max-train-tokens): equal data whatever K the runs use; needs --valid-interval",
     )
     parser.add_argument(
         "--valid-interval",
         type=int,
         default=0,
-        help="validate and checkpoint every this many updates (default: budget / 10)",
+        help="validate and checkpoint every this many updates (default with --budget-updates: "
+        "budget / 10)",
     )
     parser.add_argument(
         "--log-interval",
@@ -994,18 +1017,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSettings:
     """Check the options and build the shared run settings."""
-    if args.budget_updates < 1:
-        raise SystemExit("error: --budget-updates must be at least 1")
+    if (
+        args.budget_updates < 0
+        or args.budget_tokens < 0
+        or not (args.budget_updates or args.budget_tokens)
+    ):
+        raise SystemExit(
+            "error: the budget (--budget-updates or --budget-tokens) must be at least 1"
+        )
+    if args.budget_tokens and not args.valid_interval:
+        raise SystemExit(
+            "error: --budget-tokens needs --valid-interval (updates between validations): the "
+            "number of updates a run takes depends on its K"
+        )
     if not (args.data / "dict.txt").is_file():
         raise SystemExit(f"error: {args.data} holds no dict.txt; give a fairseq-preprocess output")
     check_extra_args(extra)
     valid_interval = args.valid_interval or max(1, args.budget_updates // 10)
+    # a token budget ends at an update no one knows in advance: log lines divide the interval
+    log_span = args.budget_updates or valid_interval
     return SweepSettings(
         data=args.data.resolve(),
         out=args.out.resolve(),
         budget_updates=args.budget_updates,
+        budget_tokens=args.budget_tokens,
         valid_interval=valid_interval,
-        log_interval=args.log_interval or default_log_interval(valid_interval, args.budget_updates),
+        log_interval=args.log_interval or default_log_interval(valid_interval, log_span),
         preset=get_preset(args.preset) if args.preset else None,
         extra_args=extra,
         tensorboard_logdir=args.tensorboard_logdir.resolve() if args.tensorboard_logdir else None,
@@ -1034,7 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: nothing to run; give --fixed and/or --deltas (or a --preset)")
     say(
         f"sweep: {len(specs)} runs ({len(fixed)} fixed K, {len(deltas)} deltas, seeds "
-        f"{args.seeds}), {settings.budget_updates} updates each, validation every "
+        f"{args.seeds}), {settings.budget_label} each, validation every "
         f"{settings.valid_interval}, into {settings.out}"
     )
     if preset is not None:

@@ -146,6 +146,7 @@ def cases(tiny_corpus, tmp_path_factory) -> Dict[str, Case]:
         "empty_split": train("empty_split", empty_split),
         "short_split": train("short_split", tiny_corpus, "--batch-size", "5000"),
         "bad_delta": train("bad_delta", tiny_corpus, "--target-bias", "1.5"),
+        "bad_token_budget": train("bad_token_budget", tiny_corpus, "--max-train-tokens", "-5"),
         "unknown_arch": train("unknown_arch", tiny_corpus, "--arch", "tbptt_lstm_huge"),
         "stateless_arch": train("stateless_arch", tiny_corpus, "--arch", "lstm_lm"),
         "eval_other_dict": Case(
@@ -198,6 +199,10 @@ def test_split_shorter_than_one_segment_for_the_batch_size(cases):
 
 def test_target_bias_outside_zero_one(cases):
     cases["bad_delta"].assert_clear_failure("--target-bias", "strictly between 0 and 1")
+
+
+def test_negative_token_budget(cases):
+    cases["bad_token_budget"].assert_clear_failure("--max-train-tokens must be at least 0", "-5")
 
 
 def test_unknown_architecture(cases):

@@ -148,6 +148,29 @@ def test_sharded_data_paths_are_used_in_turn(tiny_corpus, tmp_path):
     assert sources[:2] == [str(tiny_corpus), str(second / "bin")]
 
 
+def test_max_train_tokens_stops_training_and_survives_resume(tiny_corpus, tmp_path):
+    """--max-train-tokens stops at the first update that reaches it, through fairseq's own stop
+    (validation and checkpoints); the count is in the checkpoint, so a run resumed with a larger
+    budget stops where an uninterrupted run would."""
+
+    def train(budget: int) -> str:
+        return run_cli(
+            "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
+            "--batch-size", "2", "--cpu", "--max-train-tokens", str(budget),
+            "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
+            "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
+        )  # fmt: skip
+
+    first = train(30)  # 2 columns x K 4 = 8 scored tokens per update: 4 updates reach 32
+    assert "scored tokens: 32 >= max_train_tokens: 30" in first
+    assert [r["num_updates"] for r in json_records(first, "train_inner")] == ["1", "2", "3", "4"]
+    assert json_records(first, "valid")[-1]["valid_num_updates"] == "4"
+    assert (tmp_path / "checkpoint_last.pt").exists()
+    resumed = train(60)
+    assert "scored tokens: 64 >= max_train_tokens: 60" in resumed
+    assert [r["num_updates"] for r in json_records(resumed, "train_inner")] == ["5", "6", "7", "8"]
+
+
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
     # No loader process and no prefetch thread: a 2-update run can end while fairseq's daemon
     # prefetch thread is inside a torch call, and the interpreter's exit then aborts the process

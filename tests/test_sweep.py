@@ -149,6 +149,30 @@ def test_train_command_applies_the_copy_preset(tmp_path):
     assert sweep.default_log_interval(20, 100) == 4 and sweep.default_log_interval(30, 100) == 5
 
 
+def test_a_token_budget_becomes_max_train_tokens(tmp_path):
+    (tmp_path / "dict.txt").write_text("a 1\n")
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fixed", "5"]
+    settings = sweep.settings_from_args(
+        sweep.build_parser().parse_args(
+            [*base, "--budget-tokens", "5000", "--valid-interval", "30"]
+        ),
+        [],
+    )
+    assert settings.budget_label == "5000 tokens" and settings.log_interval == 6
+    cmd = sweep.train_command(sweep.RunSpec("fixed", 5, 1), settings, tmp_path / "run")
+    assert sweep.option_value(cmd, "--max-train-tokens") == "5000" and "--max-update" not in cmd
+    with pytest.raises(SystemExit, match="needs --valid-interval"):
+        sweep.settings_from_args(
+            sweep.build_parser().parse_args([*base, "--budget-tokens", "5000"]), []
+        )
+    with pytest.raises(SystemExit):  # one budget or the other
+        sweep.build_parser().parse_args(
+            [*base, "--budget-tokens", "5000", "--budget-updates", "10"]
+        )
+    with pytest.raises(SystemExit):
+        sweep.check_extra_args(["--max-train-tokens", "3"])
+
+
 def synthetic_sweep(root: Path) -> None:
     """Finished runs of 2 fixed K and 2 deltas over 2 seeds, with trajectories."""
     for spec in sweep.plan_runs([5, 10], [0.5, 0.1], [1, 2]):
@@ -254,3 +278,31 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
     assert again.count("finished earlier, skipped") == 2 and "start" not in again
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["k"] == 6
+
+
+def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, capsys):
+    """Every run scores the same tokens: the fixed run in a known number of updates, the adaptive
+    one in as many as its K takes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "sweep"
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out),
+        "--fixed", "6", "--deltas", "0.5", "--seeds", "1",
+        "--budget-tokens", "480", "--valid-interval", "10",
+        "--",
+        "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
+        "--truncation-length", "8", "--min-truncation-length", "2",
+        "--max-truncation-length", "20", "--estimate-window", "20",
+        "--estimate-interval", "5", "--estimate-sequences", "4", "--estimate-repeats", "1",
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "480 tokens each" in output and "valid @ 10: ppl" in output
+    fixed, adaptive = sweep.read_csv(out / "results.csv")
+    assert (fixed["updates"], fixed["tokens"]) == (20, 480)  # 4 columns x K 6 per update
+    assert 480 <= adaptive["tokens"] < 480 + 4 * 20  # stops at the first update past the budget
+    log = (out / "runs" / "delta0.5_s1" / "train.log").read_text()
+    assert f"scored tokens: {int(adaptive['tokens']):,} >= max_train_tokens: 480" in log
+    assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["budget"] == (
+        "480 tokens"
+    )

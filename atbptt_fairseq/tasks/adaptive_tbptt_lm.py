@@ -86,6 +86,14 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "K0. The stream position carries across epochs and wraps with a state reset"
         },
     )
+    max_train_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "stop training once this many target tokens have been scored (summed over "
+            "workers), checked after every update; 0: no limit. Runs with an adaptive K score a "
+            "varying number of tokens per update, so equal --max-update is not equal data"
+        },
+    )
     eval_chunk_length: int = field(
         default=100, metadata={"help": "tokens per column per evaluation batch"}
     )
@@ -244,6 +252,7 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         ("--eval-batch-size", cfg.eval_batch_size, 1),
         ("--eval-chunk-length", cfg.eval_chunk_length, 1),
         ("--updates-per-epoch", cfg.updates_per_epoch, 0),
+        ("--max-train-tokens", cfg.max_train_tokens, 0),
         ("--estimate-sequences", cfg.estimate_sequences, 1),
         ("--estimate-repeats", cfg.estimate_repeats, 1),
         ("--estimate-interval", cfg.estimate_interval, 0),
@@ -351,6 +360,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._gathered_state: Optional[Tuple[dict, List[Tensor]]] = None
         self._last_call: Optional[Tuple[int, int]] = None
         self._counted_call: Optional[Tuple[int, int]] = None
+        self.scored_tokens = 0  # target tokens of all training updates so far, all workers
         self._before_last_call: Optional[Tuple[StreamCursor, Any]] = None
         self._pending_estimate_seconds = 0.0
         self._lr_base: Optional[float] = None
@@ -670,9 +680,14 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._carried_state = batch.get("carried_state")
         if call != self._counted_call:  # once per update slot, however often it is retried
             self.controller.record_tokens(batch["net_input"]["src_tokens"].numel())
+            self.scored_tokens += batch["ntokens"] * _world()[0]  # every worker scores as many
             self._counted_call = call
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
+
+    def training_budget_reached(self) -> bool:
+        """Whether --max-train-tokens is spent (the same answer on every worker)."""
+        return 0 < self.cfg.max_train_tokens <= self.scored_tokens
 
     @property
     def _estimating(self) -> bool:
@@ -839,13 +854,14 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "carried_state": state,
                 "train_shard": self._train_shard,
                 "controller": self.controller.state_dict(),
+                "scored_tokens": self.scored_tokens,
                 "lr_base": self._lr_base,
                 "lr_set": self._lr_set,
             }
         }
 
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
-        """Restore the stream position, carried state, controller and learning-rate scaling.
+        """Restore the stream position, carried state, controller, token count and lr scaling.
 
         fairseq has already loaded the training data of the epoch it resumes (and built its
         iterator). The stored carried state covers all columns; this rank keeps its own. A
@@ -885,4 +901,5 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 self._train_shard = saved_shard
         self._last_call = self._before_last_call = None
         self.controller.load_state_dict(state["controller"])
+        self.scored_tokens = int(state.get("scored_tokens", 0))
         self._lr_base, self._lr_set = state.get("lr_base"), state.get("lr_set")
