@@ -933,6 +933,17 @@ def default_log_interval(valid_interval: int, budget: int) -> int:
     return max(d for d in range(1, min(target, step) + 1) if step % d == 0)
 
 
+def token_count(text: str) -> int:
+    """A whole number of tokens, also written as ``5e7``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"not a whole number of tokens: {text!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -969,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget.add_argument(
         "--budget-tokens",
-        type=int,
+        type=token_count,
         default=0,
         help="scored training tokens per run, the same for every run (the task's "
         "--max-train-tokens): equal data whatever K the runs use; needs --valid-interval",
