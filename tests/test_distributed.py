@@ -223,10 +223,16 @@ def test_adaptive_k_is_identical_on_every_rank(tiny_corpus, tmp_path):
 
 def test_resume_with_two_ranks_and_with_one_process(fixed_runs, tiny_corpus, tmp_path):
     """A two-rank run stopped at update 15 resumes exactly with two ranks (every rank gets its own
-    columns' carried state back), and continues in one process with the same global batch."""
+    columns' carried state back), and continues in one process with the same global batch.
+
+    The stop is a token budget, counted over both ranks: 2 ranks x 2 columns x K 8 = 32 scored
+    tokens per update, so 480 tokens end training after update 15 on every rank."""
     two, _ = fixed_runs
-    stop = [*TWO_RANKS, "--max-update", "15"]  # (the last --max-update wins)
+    stop = [*TWO_RANKS, "--max-train-tokens", "480"]
     first = run(tmp_path, "stopped", tiny_corpus, stop, 2)
+    assert "scored tokens: 480 >= max_train_tokens: 480" in first["output"]
+    for rank in (0, 1):
+        assert [r["update"] for r in train_records(first["records"][rank])] == list(range(15))
     saved = torch.load(first["checkpoint"], weights_only=True)["extra_state"]["AdaptiveTbpttLmTask"]
     assert saved["carried_state"][0].shape[1] == 4  # the state of both ranks' columns
     shutil.copytree(tmp_path / "stopped", tmp_path / "stopped_copy")
