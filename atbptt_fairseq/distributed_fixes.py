@@ -1,4 +1,4 @@
-"""Two fixes for fairseq-fixed under torchrun (installed on import).
+"""Three fixes for fairseq-fixed under torchrun (installed on import).
 
 1. torchrun on a machine without CUDA devices. fairseq's ``_infer_torch_distributed_launch_init``
    sets ``device_id = rank % torch.cuda.device_count()``, a ZeroDivisionError when there is no
@@ -13,8 +13,16 @@
    that rank 0 built itself), so every multi-rank resume fails. The receivers here unpickle the
    broadcast fully: it is an object rank 0 of the same job holds in memory, not a file, and the
    file it came from was checked by :mod:`atbptt_fairseq.checkpoint_guard`.
+
+3. Exiting with gloo. fairseq never destroys its process group; at interpreter exit gloo's
+   worker threads can then still hold tensors whose release needs the GIL of an interpreter being
+   torn down, and the process aborts ("terminate called without an active exception", SIGABRT)
+   after training has finished, so torchrun reports the run as failed (pytorch/pytorch#190489).
+   A process using gloo destroys its process group while the interpreter is still alive (an
+   ``atexit`` handler). gloo's teardown is local to the process; nccl is left to fairseq.
 """
 
+import atexit
 import io
 import logging
 import os
@@ -57,7 +65,16 @@ def _broadcast_object_slow(obj, src_rank: int, group, dist_device: torch.device)
     return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
 
 
+def _destroy_gloo_process_group() -> None:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        if distributed.get_backend() == "gloo":
+            distributed.destroy_process_group()
+
+
 def install() -> None:
-    """Patch ``fairseq.distributed.utils`` (idempotent)."""
+    """Patch ``fairseq.distributed.utils`` and register the exit handler (idempotent)."""
     distributed_utils._infer_torch_distributed_launch_init = _infer_torch_distributed_launch_init
     distributed_utils._broadcast_object_slow = _broadcast_object_slow
+    atexit.unregister(_destroy_gloo_process_group)
+    atexit.register(_destroy_gloo_process_group)
