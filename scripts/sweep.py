@@ -287,6 +287,19 @@ class SweepSettings:
             return f"{self.budget_tokens} tokens"
         return f"{self.budget_updates} updates"
 
+    @property
+    def budget_args(self) -> list[str]:
+        """The fairseq-train option that ends every run at the budget."""
+        if self.budget_tokens:
+            return ["--max-train-tokens", str(self.budget_tokens)]
+        return ["--max-update", str(self.budget_updates)]
+
+    @property
+    def updates_of(self) -> str:
+        """``"/N"`` after update numbers in progress lines under a budget of N updates; empty
+        under a token budget, where the number of updates is not known in advance."""
+        return "" if self.budget_tokens else f"/{self.budget_updates}"
+
 
 def option_value(args: Sequence[str], option: str) -> str | None:
     """The last value given for ``option`` in an argument list (``--x v`` or ``--x=v``)."""
@@ -357,11 +370,7 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
         "--user-dir", str(PLUGIN_DIR),
         "--task", "adaptive_tbptt_lm",
         "--seed", str(spec.seed),
-        *(
-            ["--max-train-tokens", str(settings.budget_tokens)]
-            if settings.budget_tokens
-            else ["--max-update", str(settings.budget_updates)]
-        ),
+        *settings.budget_args,
         "--save-dir", str(run_dir / "checkpoints"),
         "--log-format", "json",
         "--log-interval", str(settings.log_interval),
@@ -851,7 +860,7 @@ def run_one(spec: RunSpec, settings: SweepSettings) -> tuple[dict[str, Any], boo
             cmd,
             run_dir / "train.log",
             spec.name,
-            "" if settings.budget_tokens else f"/{settings.budget_updates}",
+            settings.updates_of,
             settings.progress_seconds,
             settings.threads,
         )

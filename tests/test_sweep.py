@@ -154,7 +154,7 @@ def test_a_token_budget_becomes_max_train_tokens(tmp_path):
     base = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fixed", "5"]
     settings = sweep.settings_from_args(
         sweep.build_parser().parse_args(
-            [*base, "--budget-tokens", "5000", "--valid-interval", "30"]
+            [*base, "--budget-tokens", "5e3", "--valid-interval", "30"]
         ),
         [],
     )
@@ -237,6 +237,15 @@ def test_plot_writes_figures_and_summary(tmp_path):
         plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
 
 
+# fairseq-train options of the mini sweeps (after ``--``): the tiny model, an adaptive range
+MINI_SWEEP_TRAIN = [
+    "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
+    "--truncation-length", "8", "--min-truncation-length", "2",
+    "--max-truncation-length", "20", "--estimate-window", "20",
+    "--estimate-sequences", "4", "--estimate-repeats", "1",
+]  # fmt: skip
+
+
 @pytest.mark.e2e
 def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -246,11 +255,7 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
         "--fixed", "6", "--deltas", "0.5", "--seeds", "1",
         "--budget-updates", "24", "--valid-interval", "12",
         "--tensorboard-logdir", str(tmp_path / "tb"),
-        "--",
-        "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
-        "--truncation-length", "8", "--min-truncation-length", "2",
-        "--max-truncation-length", "20", "--estimate-window", "20",
-        "--estimate-interval", "10", "--estimate-sequences", "4", "--estimate-repeats", "1",
+        "--", *MINI_SWEEP_TRAIN, "--estimate-interval", "10",
     ]  # fmt: skip
     assert sweep.main(argv) == 0
     first = capsys.readouterr().out
@@ -280,6 +285,7 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
     assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["k"] == 6
 
 
+@pytest.mark.e2e
 def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, capsys):
     """Every run scores the same tokens: the fixed run in a known number of updates, the adaptive
     one in as many as its K takes."""
@@ -289,11 +295,7 @@ def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, caps
         "--data", str(tiny_corpus), "--out", str(out),
         "--fixed", "6", "--deltas", "0.5", "--seeds", "1",
         "--budget-tokens", "480", "--valid-interval", "10",
-        "--",
-        "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
-        "--truncation-length", "8", "--min-truncation-length", "2",
-        "--max-truncation-length", "20", "--estimate-window", "20",
-        "--estimate-interval", "5", "--estimate-sequences", "4", "--estimate-repeats", "1",
+        "--", *MINI_SWEEP_TRAIN, "--estimate-interval", "5",
     ]  # fmt: skip
     assert sweep.main(argv) == 0
     output = capsys.readouterr().out
