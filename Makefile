@@ -39,7 +39,7 @@ bench: install
 
 format: install
 	$(PY) -c "import ruff" 2>/dev/null || $(PIP) install ruff
-	$(PY) -m ruff format atbptt_fairseq scripts tests
+	$(PY) -m ruff format atbptt atbptt_fairseq scripts tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -78,7 +78,7 @@ from bench_common import (  # noqa: E402
 )
 
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig  # noqa: E402
-from atbptt_fairseq.truncation import TruncationController  # noqa: E402
+from atbptt import TruncationController  # noqa: E402
 
 TARGET_OVERHEAD = 0.05
 _TASK_FIELDS = AdaptiveTbpttLmConfig.__dataclass_fields__
@@ -280,7 +280,7 @@ def cost_contenders(preset: CostPreset, naive_window: int, args: argparse.Namesp
     import torch
     import torch.nn.functional as F
 
-    from atbptt_fairseq.truncation import (
+    from atbptt import (
         estimate_bias,
         measure_gradient_profile,
         measure_gradient_profile_naive,

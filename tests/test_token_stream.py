@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from atbptt_fairseq.tasks.token_stream import (
+from atbptt.token_stream import (
     StreamCursor,
     StreamTooShortError,
     lay_out_columns,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from atbptt_fairseq.truncation import (
+from atbptt import (
     GradientProfile,
     TruncationController,
     choose_truncation_length,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from atbptt_fairseq import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError
-from atbptt_fairseq.tasks.token_stream import (
+from atbptt.token_stream import (
     StreamCursor,
     StreamTooShortError,
     aligned_stream,
@@ -36,7 +36,7 @@ from atbptt_fairseq.tasks.token_stream import (
     plan_segment,
     segments_per_pass,
 )
-from atbptt_fairseq.truncation import (
+from atbptt import (
     GradientProfile,
     TruncationController,
     measure_gradient_profile,

@@ -1,6 +1,6 @@
 """Token streams laid out as columns, and the segment plan of truncated BPTT over them.
 
-Plain PyTorch: the task builds these from fairseq datasets; tests drive them directly.
+Plain PyTorch: the fairseq task and the plain-PyTorch driver build these; tests drive them directly.
 """
 
 from dataclasses import dataclass
