@@ -5,8 +5,14 @@ bias estimate and the choice of K, the controller and its schedule, and the toke
 segment plan. Importing it changes no global state.
 """
 
-from .bias import BiasEstimate, choose_truncation_length, estimate_bias, fit_decay_rate
-from .controller import TruncationController, TruncationDecision
+from .bias import (
+    BiasEstimate,
+    choose_truncation_length,
+    estimate_bias,
+    fit_decay_rate,
+    raw_truncation_length,
+)
+from .controller import LAG_ORIGINS, TruncationController, TruncationDecision
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -15,6 +21,7 @@ from .gradient_profile import (
     measure_gradient_profile_naive,
     sample_windows,
 )
+from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
 from .token_stream import (
     Segment,
     StreamCursor,
@@ -26,6 +33,8 @@ from .token_stream import (
 )
 
 __all__ = [
+    "LAG_ORIGINS",
+    "LR_SCALINGS",
     "BiasEstimate",
     "GradientProfile",
     "Segment",
@@ -40,9 +49,12 @@ __all__ = [
     "estimate_bias",
     "fit_decay_rate",
     "lay_out_columns",
+    "learning_rate_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",
     "plan_segment",
+    "raw_truncation_length",
     "sample_windows",
+    "scaled_learning_rate",
     "segments_per_pass",
 ]

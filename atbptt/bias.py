@@ -114,6 +114,30 @@ def estimate_bias(
     )
 
 
+def raw_truncation_length(estimate: BiasEstimate, target_bias: float) -> int | None:
+    """Smallest K with relative bias strictly below ``target_bias``, W if none; unclipped.
+
+    None when the bias cannot be bounded (decay rate >= 1 or anything not finite).
+    """
+    beta = estimate.decay_rate
+    relative_bias = estimate.relative_bias
+    if not (math.isfinite(beta) and beta < 1.0) or not bool(torch.isfinite(relative_bias).all()):
+        return None
+    below_target = torch.nonzero(relative_bias < target_bias * (1.0 - TIE_TOLERANCE))
+    return int(below_target[0]) + 1 if below_target.numel() else relative_bias.numel()
+
+
+def unbounded_reason(estimate: BiasEstimate) -> str:
+    """Why the bias of ``estimate`` cannot be bounded, in words for a log line or a summary."""
+    beta = estimate.decay_rate
+    if not (math.isfinite(beta) and beta < 1.0):
+        return f"gradient norms do not decay (decay rate {beta:.4g})"
+    return (
+        "relative bias estimate is not finite "
+        f"(gradient lower bound {estimate.gradient_lower_bound:.4g})"
+    )
+
+
 def choose_truncation_length(
     estimate: BiasEstimate, target_bias: float, min_length: int, max_length: int
 ) -> int:
@@ -123,23 +147,10 @@ def choose_truncation_length(
     ``max_length`` and warns: truncating as little as allowed is the safe side (the authors'
     code returned K = 1 there).
     """
-    beta = estimate.decay_rate
-    if not (math.isfinite(beta) and beta < 1.0):
+    length = raw_truncation_length(estimate, target_bias)
+    if length is None:
         logger.warning(
-            "gradient norms do not decay (decay rate %.4g); using the maximum truncation length %d",
-            beta,
-            max_length,
+            "%s; using the maximum truncation length %d", unbounded_reason(estimate), max_length
         )
         return max_length
-    relative_bias = estimate.relative_bias
-    if not bool(torch.isfinite(relative_bias).all()):
-        logger.warning(
-            "relative bias estimate is not finite (gradient lower bound %.4g); "
-            "using the maximum truncation length %d",
-            estimate.gradient_lower_bound,
-            max_length,
-        )
-        return max_length
-    below_target = torch.nonzero(relative_bias < target_bias * (1.0 - TIE_TOLERANCE))
-    length = int(below_target[0]) + 1 if below_target.numel() else relative_bias.numel()
     return min(max(length, min_length), max_length)

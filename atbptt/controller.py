@@ -12,10 +12,20 @@ from typing import Any
 
 import torch
 
-from .bias import CUMULATIVE_MODES, choose_truncation_length, estimate_bias
+from .bias import (
+    CUMULATIVE_MODES,
+    BiasEstimate,
+    estimate_bias,
+    raw_truncation_length,
+    unbounded_reason,
+)
 from .gradient_profile import GradientProfile
 
 logger = logging.getLogger(__name__)
+
+LAG_ORIGINS = ("final", "previous")
+"""Where lag 0 of the profile lies: ``final``, the state the final loss reads (the paper's
+formula, phi_0 the readout gradient); ``previous``, the state before it (the authors' code)."""
 
 
 @dataclass
@@ -27,6 +37,9 @@ class TruncationDecision:
     decay_rate: float  # mean beta_hat over the R estimates
     seconds: float  # wall time of the whole estimate
     changed: bool
+    # why the estimate could not bound the bias in some of the R repeats (K_max stood in for
+    # them), or why the profile was unusable (K kept); empty when every repeat bounded it
+    fallback: str = ""
 
 
 class TruncationController:
@@ -58,6 +71,8 @@ class TruncationController:
         interval: int,
         budget: float = 0.0,
         cumulative: str = "approx",
+        lag_origin: str = "final",
+        tail_anchor: int | None = None,
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
             raise ValueError(
@@ -89,6 +104,12 @@ class TruncationController:
             )
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES} (got {cumulative!r})")
+        if lag_origin not in LAG_ORIGINS:
+            raise ValueError(f"lag_origin must be one of {LAG_ORIGINS} (got {lag_origin!r})")
+        if tail_anchor is not None and not 0 <= tail_anchor < window:
+            raise ValueError(
+                f"tail_anchor must lie in [0, window) = [0, {window}) (got {tail_anchor})"
+            )
         self.min_length = min_length
         self.max_length = max_length
         self.target_bias = target_bias
@@ -99,6 +120,8 @@ class TruncationController:
         self.interval = interval
         self.budget = budget
         self.cumulative = cumulative
+        self.lag_origin = lag_origin
+        self.tail_anchor = tail_anchor
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -115,9 +138,14 @@ class TruncationController:
         return self.target_bias is not None
 
     @property
+    def measured_steps(self) -> int:
+        """Steps a measurement keeps after its burn-in: W, one more when lag 0 is h_{s-1}."""
+        return self.window + (self.lag_origin == "previous")
+
+    @property
     def estimate_tokens(self) -> int:
         """Tokens one decision runs through the model: R x S x (burn-in + W)."""
-        return self.num_estimates * self.num_sequences * (self.burnin + self.window)
+        return self.num_estimates * self.num_sequences * (self.burnin + self.measured_steps)
 
     @property
     def tokens_between_estimates(self) -> int | None:
@@ -143,8 +171,11 @@ class TruncationController:
     ) -> TruncationDecision:
         """Run R measurements, estimate the bias of each and update K (adaptive mode only).
 
-        ``measure`` must draw fresh sequences on each call. A profile that is not finite (e.g. a
-        NaN loss) leaves K as it is and reports nan.
+        ``measure`` must draw fresh sequences on each call and keep ``measured_steps`` steps.
+        K = clip(int(mean of the R raw choices)), clipped once after averaging as the authors
+        did; a repeat whose bias cannot be bounded counts as K_max. A profile that is not finite
+        (e.g. a NaN loss of a diverging model) leaves K as it is and reports nan: it says nothing
+        about how fast gradients decay, and K_max would multiply the cost of the next updates.
         """
         start = time.perf_counter()
         self._last_estimate_update = num_updates
@@ -153,37 +184,51 @@ class TruncationController:
         estimates = []
         for _ in range(self.num_estimates):
             profile = measure()
-            if profile.norms.numel() < self.max_length:
+            if profile.norms.numel() != self.measured_steps:
                 raise ValueError(
-                    f"measured window of {profile.norms.numel()} lags is shorter than max_length "
-                    f"({self.max_length}); measure windows of {self.window} steps"
+                    f"measured {profile.norms.numel()} lags; measure windows of "
+                    f"{self.measured_steps} steps after the burn-in"
                 )
+            if self.lag_origin == "previous":
+                profile = profile.without_readout_lag()
             if not bool(torch.isfinite(profile.norms).all()):
+                reason = "gradient profile is not finite (NaN or infinite loss)"
                 logger.warning(
-                    "gradient profile at update %d is not finite; keeping truncation length %d",
+                    "%s at update %d; keeping truncation length %d",
+                    reason,
                     num_updates,
                     previous_length,
                 )
-                return self._decide(previous_length, math.nan, math.nan, start)
-            estimates.append(estimate_bias(profile, self.cumulative))
+                return self._decide(previous_length, math.nan, math.nan, start, reason)
+            estimates.append(estimate_bias(profile, self.cumulative, self.tail_anchor))
 
+        fallbacks = [unbounded_reason(e) for e in estimates if self._raw_choice(e) is None]
         if self.adaptive:
-            choices = [
-                choose_truncation_length(
-                    estimate, self.target_bias, self.min_length, self.max_length
-                )
-                for estimate in estimates
-            ]
+            choices = [self._raw_choice(e) or self.max_length for e in estimates]
             mean_choice = int(sum(choices) / len(choices))
             self._truncation_length = min(max(mean_choice, self.min_length), self.max_length)
+        fallback = ""
+        if fallbacks:
+            fallback = f"{len(fallbacks)} of {len(estimates)} estimates: {fallbacks[0]}"
+            if self.adaptive:
+                fallback += f"; K_max {self.max_length} stood in for them"
+            logger.warning("update %d: %s", num_updates, fallback)
 
         length = self._truncation_length
         relative_bias = _mean([float(estimate.relative_bias[length - 1]) for estimate in estimates])
         decay_rate = _mean([estimate.decay_rate for estimate in estimates])
-        return self._decide(previous_length, relative_bias, decay_rate, start)
+        return self._decide(previous_length, relative_bias, decay_rate, start, fallback)
+
+    def _raw_choice(self, estimate: BiasEstimate) -> int | None:
+        return raw_truncation_length(estimate, self.target_bias or 0.0)
 
     def _decide(
-        self, previous_length: int, relative_bias: float, decay_rate: float, start: float
+        self,
+        previous_length: int,
+        relative_bias: float,
+        decay_rate: float,
+        start: float,
+        fallback: str = "",
     ) -> TruncationDecision:
         self.last_decision = TruncationDecision(
             truncation_length=self._truncation_length,
@@ -191,6 +236,7 @@ class TruncationController:
             decay_rate=decay_rate,
             seconds=time.perf_counter() - start,
             changed=self._truncation_length != previous_length,
+            fallback=fallback,
         )
         return self.last_decision
 

@@ -39,6 +39,15 @@ class GradientProfile:
     mean_gradients: Tensor  # W x D, mean over sequences of the flattened d loss / d state_{s-k}
     num_sequences: int
 
+    def without_readout_lag(self) -> "GradientProfile":
+        """The profile with lags counted from the state before the one the loss reads.
+
+        The paper writes phi_k = || dL_s / dh_{s-k} || from k = 0, the state the final loss reads
+        (phi_0 is then the readout's gradient); the authors' code starts its lag 0 at h_{s-1}.
+        Dropping lag 0 turns the first convention into the second.
+        """
+        return GradientProfile(self.norms[1:], self.mean_gradients[1:], self.num_sequences)
+
 
 def sample_windows(
     inputs: Tensor,

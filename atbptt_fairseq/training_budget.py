@@ -1,9 +1,10 @@
-"""Stop fairseq-train once the task's training-token budget is spent (installed on import).
+"""Stop fairseq-train once one of the task's token budgets is spent (installed on import).
 
 fairseq stops on updates (``--max-update``), epochs or time. With an adaptive K an update scores
 a varying number of tokens, so runs with the same number of updates see different amounts of
-data; ``--max-train-tokens`` gives them the same data instead. The task counts the target tokens
-it has scored; fairseq-train calls ``validate_and_save`` after every update, and the wrapper here
+data; ``--max-train-tokens`` gives them the same data instead, ``--max-processed-tokens`` the same
+compute. The task counts the target tokens it has scored and the tokens it has run through the
+model; fairseq-train calls ``validate_and_save`` after every update, and the wrapper here
 lowers ``--max-update`` to the current update once the task reports its budget spent, so fairseq
 stops through its own path: validation, checkpoints, end of training. As with ``--max-update``,
 restarting a finished run from its last checkpoint trains one more update before stopping.
@@ -22,14 +23,12 @@ _original_validate_and_save = train_cli.validate_and_save
 def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
     """fairseq's ``validate_and_save``, told to stop when the task's token budget is spent."""
     budget_reached = getattr(task, "training_budget_reached", None)
-    if budget_reached is not None and budget_reached():
+    spent = budget_reached() if budget_reached is not None else None
+    if spent:
         num_updates = trainer.get_num_updates()
         max_update = cfg.optimization.max_update
         if not max_update or num_updates < max_update:
-            logger.info(
-                f"Stopping training due to scored tokens: {task.scored_tokens:,} >= "
-                f"max_train_tokens: {task.cfg.max_train_tokens:,}"
-            )
+            logger.info(f"Stopping training due to {spent}")
             with open_dict(cfg):
                 cfg.optimization.max_update = num_updates
     return _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)

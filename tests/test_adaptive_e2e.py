@@ -127,3 +127,28 @@ def test_monitor_logs_bias_at_fixed_k_to_tensorboard(tiny_corpus, tmp_path):
     scalars = tensorboard_scalars(tmp_path / "tb")
     assert {"trunc_k", "bias_hat", "beta_hat"} <= scalars.keys()
     assert all(value == 8 for value in scalars["trunc_k"])
+
+
+def test_truncation_clip_norm_follows_k_through_fairseq_train(tmp_path):
+    """--truncation-clip-norm C clips at C / K for the K in force, also after K changes."""
+    data = write_corpus(
+        tmp_path,
+        {
+            "train": markov_lines(6000, 1),
+            "valid": markov_lines(600, 2),
+            "test": markov_lines(600, 3),
+        },
+    )
+    output = run_cli(
+        "fairseq-train", str(data), *SMALL_LSTM,
+        "--truncation-length", "30", "--target-bias", "0.1",
+        "--min-truncation-length", "2", "--max-truncation-length", "40",
+        "--estimate-window", "40", "--estimate-interval", "5", "--estimate-sequences", "8",
+        "--estimate-repeats", "1", "--max-update", "12", "--log-interval", "1",
+        "--truncation-clip-norm", "2.0",
+    )  # fmt: skip
+    records = json_records(output, "train_inner")
+    lengths = [float(record["trunc_k"]) for record in records]
+    assert len(set(lengths)) > 1, f"K never changed: {lengths}"
+    for record in records:
+        assert float(record["clip_at"]) == pytest.approx(2.0 / float(record["trunc_k"]), rel=1e-3)

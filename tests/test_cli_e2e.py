@@ -171,6 +171,23 @@ def test_max_train_tokens_stops_training_and_survives_resume(tiny_corpus, tmp_pa
     assert [r["num_updates"] for r in json_records(resumed, "train_inner")] == ["5", "6", "7", "8"]
 
 
+def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path):
+    """--max-processed-tokens counts every token run through the model: each training window and
+    each estimate (burn-in included), so runs of any K get the same compute."""
+    output = run_cli(
+        "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
+        "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--max-processed-tokens", "40",
+        "--monitor-bias", "--estimate-interval", "2", "--estimate-window", "6",
+        "--estimate-burnin", "2", "--estimate-sequences", "2", "--estimate-repeats", "1",
+        "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
+        "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
+    )  # fmt: skip
+    # 2 columns x K 4 = 8 tokens per update; the estimate before the third update runs
+    # 1 x 2 x (2 + 6) = 16: 8 + 8 + (16 + 8) = 40 stops after three updates
+    assert "processed tokens: 40 >= max_processed_tokens: 40" in output
+    assert [r["num_updates"] for r in json_records(output, "train_inner")] == ["1", "2", "3"]
+
+
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
     # No loader process and no prefetch thread: a 2-update run can end while fairseq's daemon
     # prefetch thread is inside a torch call, and the interpreter's exit then aborts the process

@@ -138,45 +138,6 @@ def test_estimation_leaves_training_state_untouched(tiny_corpus):
     assert 2 <= decision.truncation_length <= 20 and decision.seconds > 0
 
 
-class RecordingOptimizer:
-    """The two calls the task makes on a fairseq optimizer."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-
-    def get_lr(self) -> float:
-        return self.lr
-
-    def set_lr(self, lr: float) -> None:
-        self.lr = lr
-
-
-@pytest.mark.parametrize(
-    "scaling, reference, expected",
-    [("none", 0, 1.0), ("sqrt", 0, 0.5), ("linear", 0, 0.25), ("sqrt", 1, 2.0), ("linear", 2, 2.0)],
-)
-def test_learning_rate_follows_k(tiny_corpus, scaling, reference, expected):
-    task = make_task(
-        tiny_corpus,
-        truncation_length=16,
-        target_bias=0.5,
-        min_truncation_length=2,
-        max_truncation_length=16,
-        estimate_window=16,
-        lr_scaling=scaling,
-        lr_scaling_reference=reference,
-    )
-    task.controller.load_state_dict({**task.controller.state_dict(), "truncation_length": 4})
-    optimizer = RecordingOptimizer(0.1)
-    task._scale_learning_rate(optimizer)
-    assert optimizer.lr == pytest.approx(0.1 * expected)
-    task._scale_learning_rate(optimizer)  # the base learning rate is not scaled twice
-    assert optimizer.lr == pytest.approx(0.1 * expected)
-    optimizer.lr = 0.03  # the scheduler sets a new base
-    task._scale_learning_rate(optimizer)
-    assert optimizer.lr == pytest.approx(0.03 * expected)
-
-
 ARCHITECTURE_SIZES = {
     "tbptt_lstm_lm_ptb": dict(
         embed_dim=900, hidden_size=900, num_layers=1, dropout=0.2, tie_embeddings=True

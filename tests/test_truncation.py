@@ -414,3 +414,64 @@ def test_readout_of_the_final_state_gives_the_same_profile():
     )
     torch.testing.assert_close(full.norms, lean.norms)
     torch.testing.assert_close(full.mean_gradients, lean.mean_gradients)
+
+
+def test_controller_clips_once_after_averaging_raw_choices():
+    """The authors' rule: K = clip(int(mean of the R raw choices)), not the mean of clipped ones."""
+    beta_7 = 0.1 ** (1 / 6.5)  # raw choice 7 at delta 0.1
+    beta_40 = 0.1 ** (1 / 39.5)  # raw choice 40
+    controller = make_controller(min_length=10, max_length=60, num_estimates=5, initial_length=20)
+    decision = controller.estimate(measuring(beta_7, beta_7, beta_7, beta_7, beta_40), 5)
+    assert decision.truncation_length == 13  # int((4 x 7 + 40) / 5); clipped first it was 16
+    assert decision.fallback == ""
+
+
+def test_controller_counts_an_unbounded_repeat_as_max_length_and_says_so(caplog):
+    flat = GradientProfile(
+        norms=torch.ones(100, dtype=torch.float64),
+        mean_gradients=torch.ones(100, 2, dtype=torch.float64),
+        num_sequences=1,
+    )
+    profiles = iter([geometric_profile(0.9, 100), flat])
+    controller = make_controller(min_length=2, max_length=50, num_estimates=2)
+    with caplog.at_level(logging.WARNING):
+        decision = controller.estimate(lambda: next(profiles), 5)
+    assert decision.truncation_length == int((22 + 50) / 2)
+    assert "1 of 2 estimates" in decision.fallback and "do not decay" in decision.fallback
+    assert "K_max 50" in decision.fallback and "K_max 50" in caplog.text
+
+
+def readout_dominated_profile(window: int, beta: float = 0.9) -> GradientProfile:
+    """phi_0 (the readout's gradient) far above a geometric tail from lag 1 on."""
+    profile = geometric_profile(beta, window)
+    profile.norms[0] = 50.0
+    profile.mean_gradients[0] *= 50.0 / float(profile.mean_gradients[0].norm())
+    return profile
+
+
+def test_lag_origin_previous_drops_the_readout_gradient():
+    final = make_controller(num_estimates=1, max_length=100, lag_origin="final")
+    previous = make_controller(num_estimates=1, max_length=100, lag_origin="previous")
+    assert final.measured_steps == 100 and previous.measured_steps == 101
+    assert previous.estimate_tokens == final.estimate_tokens + previous.num_sequences
+    k_final = final.estimate(lambda: readout_dominated_profile(100), 5).truncation_length
+    k_previous = previous.estimate(lambda: readout_dominated_profile(101), 5).truncation_length
+    # from lag 1 on the profile is 2.5 * 0.9^k: the authors' origin sees phi_k = 2.25 * 0.9^k,
+    # so K = 22 as for a pure geometric profile; phi_0 = 50 in the denominator gives a smaller K
+    assert k_previous == 22
+    assert k_final < k_previous
+    with pytest.raises(ValueError, match="101 steps"):
+        previous.estimate(lambda: readout_dominated_profile(100), 10)
+
+
+def test_controller_passes_its_tail_anchor_to_the_estimate():
+    profile = geometric_profile(0.9, 100)
+    profile.norms[60:] *= 3.0  # a bump the anchor position decides about
+    anchored = make_controller(num_estimates=1, target_bias=None, initial_length=30, tail_anchor=79)
+    decision = anchored.estimate(lambda: profile, 5)
+    expected = estimate_bias(profile, "approx", tail_anchor=79).relative_bias[29]
+    default = estimate_bias(profile, "approx").relative_bias[29]
+    assert decision.relative_bias == pytest.approx(float(expected))
+    assert float(expected) != pytest.approx(float(default))
+    with pytest.raises(ValueError, match="tail_anchor"):
+        make_controller(tail_anchor=100)

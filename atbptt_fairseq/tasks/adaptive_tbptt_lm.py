@@ -10,7 +10,6 @@ controller, which travel in the checkpoint.
 
 import copy
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,16 +36,22 @@ from atbptt.token_stream import (
     segments_per_pass,
 )
 from atbptt import (
+    LAG_ORIGINS,
+    LR_SCALINGS,
     GradientProfile,
     TruncationController,
+    learning_rate_factor,
     measure_gradient_profile,
     sample_windows,
+    scaled_learning_rate,
 )
 
 logger = logging.getLogger(__name__)
 
 TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
-LR_SCALING_CHOICES = ChoiceEnum(["none", "sqrt", "linear"])
+LR_SCALING_CHOICES = ChoiceEnum(list(LR_SCALINGS))
+LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
+BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
 CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
 
 
@@ -92,6 +97,15 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "help": "stop training once this many target tokens have been scored (summed over "
             "workers), checked after every update; 0: no limit. Runs with an adaptive K score a "
             "varying number of tokens per update, so equal --max-update is not equal data"
+        },
+    )
+    max_processed_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "stop training once this many tokens have been run through the model (summed "
+            "over workers): the inputs of every training window (2K-1 per column in the overlap "
+            "style) and of every estimate (burn-in included); 0: no limit. Equal compute for "
+            "runs of any K, where --max-train-tokens is equal data"
         },
     )
     eval_chunk_length: int = field(
@@ -148,6 +162,29 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "by this budget (the inputs of every training window) since the last one"
         },
     )
+    estimate_budget_counts: BUDGET_COUNT_CHOICES = field(
+        default="processed",
+        metadata={
+            "help": "what --estimate-budget counts as training: processed, the inputs of every "
+            "window (compute); scored, the target tokens (the authors' copy-task schedule of one "
+            "estimate per 320k scored tokens)"
+        },
+    )
+    estimate_lag_origin: LAG_ORIGIN_CHOICES = field(
+        default="final",
+        metadata={
+            "help": "lag 0 of the gradient profile: final, the state the final loss reads (the "
+            "paper's formula); previous, the state before it (the authors' code, which leaves the "
+            "readout gradient out of the bias's denominator and picks a larger K)"
+        },
+    )
+    estimate_tail_anchor: int = field(
+        default=-1,
+        metadata={
+            "help": "lag tau where the geometric tail of the bias starts; -1: W - W // 10 - 1 "
+            "(the authors used W - 20 on the copy task)"
+        },
+    )
     estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
         default="approx",
         metadata={
@@ -165,6 +202,14 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     lr_scaling: LR_SCALING_CHOICES = field(
         default="none",
         metadata={"help": "scale the learning rate with K relative to K0: none, sqrt or linear"},
+    )
+    truncation_clip_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "clip the norm of the per-token mean loss's gradient at this value divided "
+            "by the K in force, as the paper did (clip 1.0 means 1/K); 0: off. Use instead of "
+            "--clip-norm, which cannot follow K"
+        },
     )
     lr_scaling_reference: int = field(
         default=0,
@@ -253,6 +298,8 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         ("--eval-chunk-length", cfg.eval_chunk_length, 1),
         ("--updates-per-epoch", cfg.updates_per_epoch, 0),
         ("--max-train-tokens", cfg.max_train_tokens, 0),
+        ("--max-processed-tokens", cfg.max_processed_tokens, 0),
+        ("--estimate-tail-anchor", cfg.estimate_tail_anchor, -1),
         ("--estimate-sequences", cfg.estimate_sequences, 1),
         ("--estimate-repeats", cfg.estimate_repeats, 1),
         ("--estimate-interval", cfg.estimate_interval, 0),
@@ -261,6 +308,10 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     ):
         if value < least:
             raise UserInputError(f"{name} must be at least {least} (got {value})")
+    if cfg.truncation_clip_norm < 0:
+        raise UserInputError(
+            f"--truncation-clip-norm must be at least 0 (got {cfg.truncation_clip_norm})"
+        )
     if cfg.estimate_interval == 0 and not 0.0 < cfg.estimate_budget <= 1.0:
         raise UserInputError(
             f"--estimate-budget (the share of training compute spent on estimates) must lie in "
@@ -336,6 +387,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 interval=cfg.estimate_interval,
                 budget=cfg.estimate_budget,
                 cumulative=cfg.estimate_cumulative,
+                lag_origin=cfg.estimate_lag_origin,
+                tail_anchor=None if cfg.estimate_tail_anchor < 0 else cfg.estimate_tail_anchor,
             )
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
@@ -363,8 +416,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.scored_tokens = 0  # target tokens of all training updates so far, all workers
         self._before_last_call: Optional[Tuple[StreamCursor, Any]] = None
         self._pending_estimate_seconds = 0.0
-        self._lr_base: Optional[float] = None
-        self._lr_set: Optional[float] = None
+        self.processed_tokens = 0  # tokens run through the model, estimates included, all workers
+        self._update_truncation_length = cfg.truncation_length  # K of the update in progress
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -663,7 +716,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
             first_of_update = self._last_call is None or self._last_call[0] != update_num
             if first_of_update and self._estimating and self.controller.is_due(update_num):
                 self._estimate(core, update_num)
-            self._scale_learning_rate(optimizer)
         self._last_call = call
         self._before_last_call = (copy.deepcopy(self.cursor), self._carried_state)
 
@@ -678,16 +730,33 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self._carried_state = self._before_last_call[1]
             raise
         self._carried_state = batch.get("carried_state")
+        self._update_truncation_length = batch["truncation_length"]
         if call != self._counted_call:  # once per update slot, however often it is retried
-            self.controller.record_tokens(batch["net_input"]["src_tokens"].numel())
-            self.scored_tokens += batch["ntokens"] * _world()[0]  # every worker scores as many
+            processed = batch["net_input"]["src_tokens"].numel()
+            scored = batch["ntokens"]
+            counted = scored if self.cfg.estimate_budget_counts == "scored" else processed
+            self.controller.record_tokens(counted)
+            world_size = _world()[0]  # every worker runs as many tokens
+            self.scored_tokens += scored * world_size
+            self.processed_tokens += processed * world_size
             self._counted_call = call
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
 
-    def training_budget_reached(self) -> bool:
-        """Whether --max-train-tokens is spent (the same answer on every worker)."""
-        return 0 < self.cfg.max_train_tokens <= self.scored_tokens
+    def training_budget_reached(self) -> Optional[str]:
+        """Which training budget is spent, in words for the log; None if none (same on every
+        worker)."""
+        if 0 < self.cfg.max_train_tokens <= self.scored_tokens:
+            return (
+                f"scored tokens: {self.scored_tokens:,} >= max_train_tokens: "
+                f"{self.cfg.max_train_tokens:,}"
+            )
+        if 0 < self.cfg.max_processed_tokens <= self.processed_tokens:
+            return (
+                f"processed tokens: {self.processed_tokens:,} >= max_processed_tokens: "
+                f"{self.cfg.max_processed_tokens:,}"
+            )
+        return None
 
     @property
     def _estimating(self) -> bool:
@@ -696,25 +765,28 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def _lr_factor(self) -> float:
         """The paper's learning-rate scaling with K, relative to K0 or --lr-scaling-reference."""
         reference = self.cfg.lr_scaling_reference or self.cfg.truncation_length
-        ratio = self.controller.truncation_length / reference
-        return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.cfg.lr_scaling]
+        return learning_rate_factor(self._update_truncation_length, reference, self.cfg.lr_scaling)
 
-    def _scale_learning_rate(self, optimizer) -> None:
-        if self.cfg.lr_scaling == "none":
-            return
-        factor = self._lr_factor()
-        current = optimizer.get_lr()
-        if self._lr_set is None or current != self._lr_set:
-            self._lr_base = current  # the scheduler set a new base learning rate
-        self._lr_set = self._lr_base * factor
-        optimizer.set_lr(self._lr_set)
+    def optimizer_step(self, optimizer, model, update_num) -> None:
+        """Clip at --truncation-clip-norm / K and step at the scheduler's lr times factor(K).
+
+        The factor is applied only for the step itself, so the lr the scheduler reads back (and
+        fairseq logs and checkpoints) stays unscaled: a reduce-on-plateau shrink is never applied
+        to an lr that already carries the factor.
+        """
+        if self.cfg.truncation_clip_norm > 0:
+            threshold = self.cfg.truncation_clip_norm / self._update_truncation_length
+            optimizer.clip_grad_norm(threshold)
+            metrics.log_scalar("clip_at", threshold, weight=0)
+        with scaled_learning_rate(optimizer.param_groups, self._lr_factor()):
+            optimizer.step()
 
     # ------------------------------------------------------------------------- estimation
 
     def _check_estimate_fits(self, stream: SplitStream) -> None:
         """Fail at start-up, not at the first estimate, if no estimate window fits in the split."""
         inputs, _ = aligned_stream(stream.tokens, stream.targets)
-        length = self.controller.burnin + self.controller.window
+        length = self.controller.burnin + self.controller.measured_steps
         if inputs.numel() < length + 1:
             raise UserInputError(
                 f"the training split {stream.name} has {inputs.numel()} tokens, fewer than the "
@@ -728,7 +800,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         inputs, targets = aligned_stream(stream.tokens, stream.targets)
         world_size, rank = _world()
         burnin = self.controller.burnin
-        length = burnin + self.controller.window
+        length = burnin + self.controller.measured_steps
         estimator = model
         if any(p.dtype != torch.float32 for p in model.parameters()):
             estimator = copy.deepcopy(model).float()  # the estimate always runs in fp32
@@ -771,6 +843,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         finally:
             estimator.train(was_training)
         self._pending_estimate_seconds += decision.seconds
+        self.processed_tokens += self.controller.estimate_tokens * world_size
         logger.info(
             f"update {update_num}: K = {decision.truncation_length} "
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
@@ -855,8 +928,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "train_shard": self._train_shard,
                 "controller": self.controller.state_dict(),
                 "scored_tokens": self.scored_tokens,
-                "lr_base": self._lr_base,
-                "lr_set": self._lr_set,
+                "processed_tokens": self.processed_tokens,
             }
         }
 
@@ -902,4 +974,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._last_call = self._before_last_call = None
         self.controller.load_state_dict(state["controller"])
         self.scored_tokens = int(state.get("scored_tokens", 0))
-        self._lr_base, self._lr_set = state.get("lr_base"), state.get("lr_set")
+        # checkpoints before the processed-token budget: estimates not counted, windows are
+        self.processed_tokens = int(state.get("processed_tokens", 0))
+        # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
