@@ -4,7 +4,9 @@ Every run is a real ``fairseq-train`` (``--user-dir atbptt_fairseq --task adapti
 JSON logs) followed by ``fairseq-eval-lm`` on valid and test with the run's best checkpoint. All
 runs share one budget: a number of updates (``--budget-updates N`` becomes ``--max-update N``) or
 of scored training tokens (``--budget-tokens N`` becomes the task's ``--max-train-tokens N``; the
-same data for every run, whatever K an adaptive run chooses, at the cost of unequal updates).
+same data for every run, whatever K an adaptive run chooses, at the cost of unequal updates), or
+of tokens run through the model (``--budget-processed-tokens N``, the task's
+``--max-processed-tokens N``: every training window and estimate counted, the same compute).
 
 Fixed-K runs get ``--monitor-bias``, so delta_hat is logged for them as for adaptive runs.
 Validation and a checkpoint happen every ``--valid-interval`` updates, at the end, and at fairseq
@@ -39,7 +41,8 @@ Layout of ``--out``:
 Columns: ``tokens`` are scored target tokens (batch columns x K per update), summed as fairseq's
 ``wpb`` x updates over the train_inner log intervals (the few updates after the last log line at
 the last ``wpb``); with the ``overlap`` style an update also reads K-1 context tokens per column,
-not counted. ``wall_sec`` is fairseq's wall clock at the end of training (training, estimation,
+not counted there. ``processed_tokens`` counts them and the estimates' tokens too (the task's
+``ppb`` x updates). ``wall_sec`` is fairseq's wall clock at the end of training (training, estimation,
 validation, checkpoints; for a resumed run the wall at its checkpoint plus the log timestamps
 since, as fairseq's meter restarts at 0); ``est_sec`` the estimation time within it (for fixed-K
 runs: the cost of monitoring). Perplexities are 2 ** (base-2 loss), from fairseq-eval-lm at the
@@ -75,6 +78,7 @@ TRAJECTORY_COLUMNS = (
     "num_updates",
     "wall",
     "tokens",
+    "processed_tokens",
     "est_sec",
     "trunc_k",
     "bias_hat",
@@ -82,7 +86,15 @@ TRAJECTORY_COLUMNS = (
     "loss",
     "ppl",
 )
-VALIDATION_COLUMNS = ("num_updates", "wall", "tokens", "est_sec", "valid_loss", "valid_ppl")
+VALIDATION_COLUMNS = (
+    "num_updates",
+    "wall",
+    "tokens",
+    "processed_tokens",
+    "est_sec",
+    "valid_loss",
+    "valid_ppl",
+)
 RESULT_COLUMNS = (
     "run",
     "config",
@@ -99,6 +111,7 @@ RESULT_COLUMNS = (
     "wall_sec",
     "est_sec",
     "tokens",
+    "processed_tokens",
     "updates",
 )
 
@@ -110,6 +123,7 @@ CONTROLLED_OPTIONS = (
     "--save-dir",
     "--max-update",
     "--max-train-tokens",
+    "--max-processed-tokens",
     "--target-bias",
     "--monitor-bias",
     "--log-format",
@@ -274,6 +288,7 @@ class SweepSettings:
     valid_interval: int
     log_interval: int
     budget_tokens: int = 0  # 0 with an update budget
+    budget_processed_tokens: int = 0  # tokens run through the model, estimates included
     preset: Preset | None = None
     extra_args: list[str] = field(default_factory=list)
     tensorboard_logdir: Path | None = None
@@ -285,6 +300,8 @@ class SweepSettings:
         """``"4000 updates"`` or ``"50000000 tokens"``: what every run of the sweep gets."""
         if self.budget_tokens:
             return f"{self.budget_tokens} tokens"
+        if self.budget_processed_tokens:
+            return f"{self.budget_processed_tokens} processed tokens"
         return f"{self.budget_updates} updates"
 
     @property
@@ -292,13 +309,15 @@ class SweepSettings:
         """The fairseq-train option that ends every run at the budget."""
         if self.budget_tokens:
             return ["--max-train-tokens", str(self.budget_tokens)]
+        if self.budget_processed_tokens:
+            return ["--max-processed-tokens", str(self.budget_processed_tokens)]
         return ["--max-update", str(self.budget_updates)]
 
     @property
     def updates_of(self) -> str:
         """``"/N"`` after update numbers in progress lines under a budget of N updates; empty
         under a token budget, where the number of updates is not known in advance."""
-        return "" if self.budget_tokens else f"/{self.budget_updates}"
+        return f"/{self.budget_updates}" if self.budget_updates else ""
 
 
 def option_value(args: Sequence[str], option: str) -> str | None:
@@ -441,6 +460,7 @@ class ParsedLog:
     valid: list[dict[str, float]]
     estimates: list[dict[str, float]]
     tokens: float
+    processed_tokens: float  # nan for logs without ppb (before the processed-token count)
     est_sec: float
     wall_sec: float
     updates: int
@@ -549,14 +569,17 @@ def parse_log(text: str) -> ParsedLog:
             state.inner[int(_float(record, "num_updates"))] = record
             state.last = (record["_wall"], stamp)
 
-    tokens, est, previous = {}, {}, 0
-    total_tokens = total_est = 0.0
+    tokens, processed, est, previous = {}, {}, {}, 0
+    total_tokens = total_processed = total_est = 0.0
     for update in sorted(state.inner):
         record = state.inner[update]
         total_tokens += _float(record, "wpb") * (update - previous)
+        total_processed += _float(record, "ppb") * (update - previous)
         total_est += np.nan_to_num(_float(record, "est_sec"))
         tokens[update], est[update], previous = total_tokens, total_est, update
+        processed[update] = total_processed
     tokens_at = _interpolate(tokens, extrapolate=True)
+    processed_at = _interpolate(processed, extrapolate=True)
     est_at = _interpolate(est, extrapolate=False)
 
     train_rows = [
@@ -564,6 +587,7 @@ def parse_log(text: str) -> ParsedLog:
             "num_updates": update,
             "wall": record["_wall"],
             "tokens": tokens_at(update),
+            "processed_tokens": processed_at(update),
             "est_sec": est_at(update),
             **{key: _float(record, key) for key in ("trunc_k", "bias_hat", "beta_hat")},
             "loss": _float(record, "loss"),
@@ -577,6 +601,7 @@ def parse_log(text: str) -> ParsedLog:
             "num_updates": update,
             "wall": record["_wall"],
             "tokens": tokens_at(update),
+            "processed_tokens": processed_at(update),
             "est_sec": est_at(update),
             "valid_loss": _float(record, "valid_loss"),
             "valid_ppl": 2.0 ** _float(record, "valid_loss"),
@@ -590,6 +615,7 @@ def parse_log(text: str) -> ParsedLog:
         valid=valid_rows,
         estimates=[state.estimates[u] for u in sorted(state.estimates)],
         tokens=round(tokens_at(updates)),
+        processed_tokens=processed_at(updates),
         est_sec=est_at(updates),
         wall_sec=max(walls, default=math.nan),
         updates=updates,
@@ -700,6 +726,7 @@ def summarize_run(
         "wall_sec": parsed.wall_sec,
         "est_sec": parsed.est_sec,
         "tokens": parsed.tokens,
+        "processed_tokens": parsed.processed_tokens,
         "updates": parsed.updates,
     }
 
@@ -994,6 +1021,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="scored training tokens per run, the same for every run (the task's "
         "--max-train-tokens): equal data whatever K the runs use; needs --valid-interval",
     )
+    budget.add_argument(
+        "--budget-processed-tokens",
+        type=token_count,
+        default=0,
+        help="tokens run through the model per run, training windows and estimates included, "
+        "the same for every run (the task's --max-processed-tokens): equal compute whatever K "
+        "the runs use; needs --valid-interval",
+    )
     parser.add_argument(
         "--valid-interval",
         type=int,
@@ -1037,19 +1072,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSettings:
     """Check the options and build the shared run settings."""
-    if (
-        args.budget_updates < 0
-        or args.budget_tokens < 0
-        or not (args.budget_updates or args.budget_tokens)
+    budgets = (args.budget_updates, args.budget_tokens, args.budget_processed_tokens)
+    if min(budgets) < 0 or not any(budgets):
+        raise SystemExit(
+            "error: the budget (--budget-updates, --budget-tokens or --budget-processed-tokens) "
+            "must be at least 1"
+        )
+    for option, value in (
+        ("--budget-tokens", args.budget_tokens),
+        ("--budget-processed-tokens", args.budget_processed_tokens),
     ):
-        raise SystemExit(
-            "error: the budget (--budget-updates or --budget-tokens) must be at least 1"
-        )
-    if args.budget_tokens and not args.valid_interval:
-        raise SystemExit(
-            "error: --budget-tokens needs --valid-interval (updates between validations): the "
-            "number of updates a run takes depends on its K"
-        )
+        if value and not args.valid_interval:
+            raise SystemExit(
+                f"error: {option} needs --valid-interval (updates between validations): the "
+                "number of updates a run takes depends on its K"
+            )
     if not (args.data / "dict.txt").is_file():
         raise SystemExit(f"error: {args.data} holds no dict.txt; give a fairseq-preprocess output")
     check_extra_args(extra)
@@ -1061,6 +1098,7 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
         out=args.out.resolve(),
         budget_updates=args.budget_updates,
         budget_tokens=args.budget_tokens,
+        budget_processed_tokens=args.budget_processed_tokens,
         valid_interval=valid_interval,
         log_interval=args.log_interval or default_log_interval(valid_interval, log_span),
         preset=get_preset(args.preset) if args.preset else None,

@@ -185,7 +185,9 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     # 2 columns x K 4 = 8 tokens per update; the estimate before the third update runs
     # 1 x 2 x (2 + 6) = 16: 8 + 8 + (16 + 8) = 40 stops after three updates
     assert "processed tokens: 40 >= max_processed_tokens: 40" in output
-    assert [r["num_updates"] for r in json_records(output, "train_inner")] == ["1", "2", "3"]
+    records = json_records(output, "train_inner")
+    assert [r["num_updates"] for r in records] == ["1", "2", "3"]
+    assert [float(r["ppb"]) for r in records] == [8, 8, 24]  # logged per update, for sweeps
 
 
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):

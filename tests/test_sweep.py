@@ -173,6 +173,46 @@ def test_a_token_budget_becomes_max_train_tokens(tmp_path):
         sweep.check_extra_args(["--max-train-tokens", "3"])
 
 
+def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
+    (tmp_path / "dict.txt").write_text("a 1\n")
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fixed", "5"]
+    settings = sweep.settings_from_args(
+        sweep.build_parser().parse_args(
+            [*base, "--budget-processed-tokens", "2e4", "--valid-interval", "30"]
+        ),
+        [],
+    )
+    assert settings.budget_label == "20000 processed tokens" and settings.updates_of == ""
+    cmd = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 1), settings, tmp_path / "run")
+    assert sweep.option_value(cmd, "--max-processed-tokens") == "20000"
+    assert "--max-update" not in cmd and "--max-train-tokens" not in cmd
+    with pytest.raises(SystemExit, match="needs --valid-interval"):
+        sweep.settings_from_args(
+            sweep.build_parser().parse_args([*base, "--budget-processed-tokens", "5000"]), []
+        )
+    with pytest.raises(SystemExit):  # one budget only
+        sweep.build_parser().parse_args(
+            [*base, "--budget-processed-tokens", "5000", "--budget-tokens", "10"]
+        )
+    with pytest.raises(SystemExit):
+        sweep.check_extra_args(["--max-processed-tokens", "3"])
+
+
+def test_processed_tokens_cumulate_from_the_ppb_log_key():
+    lines = [
+        '{"epoch": 1, "num_updates": "2", "wpb": "10", "ppb": "30", "wall": "1", "loss": "2"}',
+        '{"epoch": 1, "num_updates": "4", "wpb": "10", "ppb": "50", "wall": "2", "loss": "2"}',
+    ]
+    parsed = sweep.parse_log(
+        "\n".join(
+            f"[2026-12-01 07:00:0{i}] | INFO | train_inner | {line}" for i, line in enumerate(lines)
+        )
+    )
+    assert [row["processed_tokens"] for row in parsed.train] == [60, 160]
+    assert [row["tokens"] for row in parsed.train] == [20, 40]
+    assert parsed.processed_tokens == 160
+
+
 def synthetic_sweep(root: Path) -> None:
     """Finished runs of 2 fixed K and 2 deltas over 2 seeds, with trajectories."""
     for spec in sweep.plan_runs([5, 10], [0.5, 0.1], [1, 2]):

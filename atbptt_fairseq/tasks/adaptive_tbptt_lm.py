@@ -418,6 +418,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._pending_estimate_seconds = 0.0
         self.processed_tokens = 0  # tokens run through the model, estimates included, all workers
         self._update_truncation_length = cfg.truncation_length  # K of the update in progress
+        self._pending_estimate_tokens = 0  # this worker's estimate tokens not yet logged
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -740,6 +741,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self.scored_tokens += scored * world_size
             self.processed_tokens += processed * world_size
             self._counted_call = call
+            # this worker's tokens through the model in this update, its estimate included
+            logging_output["processed_tokens"] = processed + self._pending_estimate_tokens
+            self._pending_estimate_tokens = 0
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
 
@@ -844,6 +848,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             estimator.train(was_training)
         self._pending_estimate_seconds += decision.seconds
         self.processed_tokens += self.controller.estimate_tokens * world_size
+        self._pending_estimate_tokens += self.controller.estimate_tokens
         logger.info(
             f"update {update_num}: K = {decision.truncation_length} "
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
@@ -877,6 +882,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if any("lr_scale" in log for log in logging_outputs):
             value = sum(log.get("lr_scale", 0.0) for log in logging_outputs) / parts
             metrics.log_scalar("lr_scale", value, round=3)
+        if any("processed_tokens" in log for log in logging_outputs):
+            # per update, like fairseq's wpb: sweeps cumulate it into processed tokens
+            processed = sum(log.get("processed_tokens", 0) for log in logging_outputs)
+            metrics.log_scalar("ppb", processed, round=1)
         if any("est_sec" in log for log in logging_outputs):
             seconds = sum(log.get("est_sec", 0.0) for log in logging_outputs)
             metrics.log_scalar_sum("est_sec", seconds, round=2)
