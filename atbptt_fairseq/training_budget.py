@@ -8,6 +8,9 @@ model; fairseq-train calls ``validate_and_save`` after every update, and the wra
 lowers ``--max-update`` to the current update once the task reports its budget spent, so fairseq
 stops through its own path: validation, checkpoints, end of training. As with ``--max-update``,
 restarting a finished run from its last checkpoint trains one more update before stopping.
+
+The same wrapper validates and saves when the task's ``--validate-interval-processed-tokens``
+says so, by letting fairseq's own mid-epoch save (which validates) fire at this update.
 """
 
 import logging
@@ -31,7 +34,22 @@ def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
             logger.info(f"Stopping training due to {spent}")
             with open_dict(cfg):
                 cfg.optimization.max_update = num_updates
-    return _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+    validation_due = getattr(task, "processed_validation_due", None)
+    if validation_due is None or not validation_due():
+        return _original_validate_and_save(
+            cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
+        )
+    task.processed_validation_done()
+    saved = cfg.checkpoint.save_interval_updates
+    with open_dict(cfg):
+        cfg.checkpoint.save_interval_updates = trainer.get_num_updates()  # due at this update
+    try:
+        return _original_validate_and_save(
+            cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
+        )
+    finally:
+        with open_dict(cfg):
+            cfg.checkpoint.save_interval_updates = saved
 
 
 def install() -> None:

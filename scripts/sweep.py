@@ -131,6 +131,7 @@ CONTROLLED_OPTIONS = (
     "--tensorboard-logdir",
     "--validate-interval-updates",
     "--save-interval-updates",
+    "--validate-interval-processed-tokens",
 )
 # task options that change evaluation: copied from the training command to fairseq-eval-lm
 EVAL_TASK_OPTIONS = ("--target-dir", "--eval-batch-size", "--eval-chunk-length")
@@ -289,6 +290,7 @@ class SweepSettings:
     log_interval: int
     budget_tokens: int = 0  # 0 with an update budget
     budget_processed_tokens: int = 0  # tokens run through the model, estimates included
+    valid_processed_tokens: int = 0  # validate every this many processed tokens instead
     preset: Preset | None = None
     extra_args: list[str] = field(default_factory=list)
     tensorboard_logdir: Path | None = None
@@ -385,6 +387,14 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
         args += ["--target-bias", f"{spec.value:g}"]
     args += target_dir_args(settings.data, args)
     interval = str(settings.valid_interval)
+    if settings.valid_processed_tokens:
+        validation = [
+            "--validate-interval-processed-tokens", str(settings.valid_processed_tokens),
+        ]  # fmt: skip
+    else:
+        validation = [
+            "--validate-interval-updates", interval, "--save-interval-updates", interval,
+        ]  # fmt: skip
     args += [
         "--user-dir", str(PLUGIN_DIR),
         "--task", "adaptive_tbptt_lm",
@@ -394,8 +404,7 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
         "--log-format", "json",
         "--log-interval", str(settings.log_interval),
         "--no-progress-bar",
-        "--validate-interval-updates", interval,
-        "--save-interval-updates", interval,
+        *validation,
         "--keep-interval-updates", "1",
         "--no-epoch-checkpoints",
     ]  # fmt: skip
@@ -1027,7 +1036,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="tokens run through the model per run, training windows and estimates included, "
         "the same for every run (the task's --max-processed-tokens): equal compute whatever K "
-        "the runs use; needs --valid-interval",
+        "the runs use; validation every --valid-tokens",
+    )
+    parser.add_argument(
+        "--valid-tokens",
+        type=token_count,
+        default=0,
+        help="with --budget-processed-tokens: validate and checkpoint every this many processed "
+        "tokens, so runs of every K validate at the same compute (default: budget / 20)",
     )
     parser.add_argument(
         "--valid-interval",
@@ -1078,15 +1094,14 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
             "error: the budget (--budget-updates, --budget-tokens or --budget-processed-tokens) "
             "must be at least 1"
         )
-    for option, value in (
-        ("--budget-tokens", args.budget_tokens),
-        ("--budget-processed-tokens", args.budget_processed_tokens),
-    ):
-        if value and not args.valid_interval:
-            raise SystemExit(
-                f"error: {option} needs --valid-interval (updates between validations): the "
-                "number of updates a run takes depends on its K"
-            )
+    if args.budget_tokens and not args.valid_interval:
+        raise SystemExit(
+            "error: --budget-tokens needs --valid-interval (updates between validations): the "
+            "number of updates a run takes depends on its K"
+        )
+    if args.valid_tokens and not args.budget_processed_tokens:
+        raise SystemExit("error: --valid-tokens goes with --budget-processed-tokens")
+    valid_tokens = args.valid_tokens or max(1, args.budget_processed_tokens // 20)
     if not (args.data / "dict.txt").is_file():
         raise SystemExit(f"error: {args.data} holds no dict.txt; give a fairseq-preprocess output")
     check_extra_args(extra)
@@ -1099,8 +1114,10 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
         budget_updates=args.budget_updates,
         budget_tokens=args.budget_tokens,
         budget_processed_tokens=args.budget_processed_tokens,
+        valid_processed_tokens=valid_tokens if args.budget_processed_tokens else 0,
         valid_interval=valid_interval,
-        log_interval=args.log_interval or default_log_interval(valid_interval, log_span),
+        log_interval=args.log_interval
+        or (20 if args.budget_processed_tokens else default_log_interval(valid_interval, log_span)),
         preset=get_preset(args.preset) if args.preset else None,
         extra_args=extra,
         tensorboard_logdir=args.tensorboard_logdir.resolve() if args.tensorboard_logdir else None,

@@ -190,6 +190,27 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     assert [float(r["ppb"]) for r in records] == [8, 8, 24]  # logged per update, for sweeps
 
 
+def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
+    """--validate-interval-processed-tokens validates and saves at equal compute, and the count
+    resumes: a run of K 4 (8 tokens per update) validates every 2 updates for 16 tokens."""
+
+    def train(updates: int) -> str:
+        return run_cli(
+            "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
+            "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--max-update", str(updates),
+            "--validate-interval-processed-tokens", "16", "--save-dir", str(tmp_path),
+            "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
+            "--no-progress-bar",
+        )  # fmt: skip
+
+    first = train(5)
+    validated = [r["valid_num_updates"] for r in json_records(first, "valid")]
+    assert validated == ["2", "4", "5"]  # 5: the end of training
+    assert (tmp_path / "checkpoint_1_4.pt").exists() or (tmp_path / "checkpoint_last.pt").exists()
+    resumed = train(8)
+    assert [r["valid_num_updates"] for r in json_records(resumed, "valid")] == ["6", "8"]
+
+
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
     # No loader process and no prefetch thread: a 2-update run can end while fairseq's daemon
     # prefetch thread is inside a torch call, and the interpreter's exit then aborts the process

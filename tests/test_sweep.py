@@ -177,18 +177,29 @@ def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
     (tmp_path / "dict.txt").write_text("a 1\n")
     base = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fixed", "5"]
     settings = sweep.settings_from_args(
-        sweep.build_parser().parse_args(
-            [*base, "--budget-processed-tokens", "2e4", "--valid-interval", "30"]
-        ),
+        sweep.build_parser().parse_args([*base, "--budget-processed-tokens", "2e4"]),
         [],
     )
     assert settings.budget_label == "20000 processed tokens" and settings.updates_of == ""
     cmd = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 1), settings, tmp_path / "run")
     assert sweep.option_value(cmd, "--max-processed-tokens") == "20000"
+    # validations at equal compute: every budget / 20 processed tokens, not every N updates
+    assert sweep.option_value(cmd, "--validate-interval-processed-tokens") == "1000"
+    assert "--validate-interval-updates" not in cmd and "--save-interval-updates" not in cmd
     assert "--max-update" not in cmd and "--max-train-tokens" not in cmd
-    with pytest.raises(SystemExit, match="needs --valid-interval"):
+    custom = sweep.settings_from_args(
+        sweep.build_parser().parse_args(
+            [*base, "--budget-processed-tokens", "2e4", "--valid-tokens", "4e3"]
+        ),
+        [],
+    )
+    assert custom.valid_processed_tokens == 4000
+    with pytest.raises(SystemExit, match="goes with --budget-processed-tokens"):
         sweep.settings_from_args(
-            sweep.build_parser().parse_args([*base, "--budget-processed-tokens", "5000"]), []
+            sweep.build_parser().parse_args(
+                [*base, "--budget-updates", "5", "--valid-tokens", "9"]
+            ),
+            [],
         )
     with pytest.raises(SystemExit):  # one budget only
         sweep.build_parser().parse_args(

@@ -108,6 +108,15 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "runs of any K, where --max-train-tokens is equal data"
         },
     )
+    validate_interval_processed_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "also validate and save a checkpoint every this many processed tokens (see "
+            "--max-processed-tokens); 0: off. Runs of different K then validate at the same "
+            "compute, where --validate-interval-updates would validate a K = 10 run 30 times "
+            "as often as a K = 300 run"
+        },
+    )
     eval_chunk_length: int = field(
         default=100, metadata={"help": "tokens per column per evaluation batch"}
     )
@@ -299,6 +308,7 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         ("--updates-per-epoch", cfg.updates_per_epoch, 0),
         ("--max-train-tokens", cfg.max_train_tokens, 0),
         ("--max-processed-tokens", cfg.max_processed_tokens, 0),
+        ("--validate-interval-processed-tokens", cfg.validate_interval_processed_tokens, 0),
         ("--estimate-tail-anchor", cfg.estimate_tail_anchor, -1),
         ("--estimate-sequences", cfg.estimate_sequences, 1),
         ("--estimate-repeats", cfg.estimate_repeats, 1),
@@ -419,6 +429,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.processed_tokens = 0  # tokens run through the model, estimates included, all workers
         self._update_truncation_length = cfg.truncation_length  # K of the update in progress
         self._pending_estimate_tokens = 0  # this worker's estimate tokens not yet logged
+        self._processed_validations = 0  # validations --validate-interval-processed-tokens made
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -762,6 +773,15 @@ class AdaptiveTbpttLmTask(FairseqTask):
             )
         return None
 
+    def processed_validation_due(self) -> bool:
+        """Whether --validate-interval-processed-tokens asks for a validation after this update."""
+        interval = self.cfg.validate_interval_processed_tokens
+        return interval > 0 and self.processed_tokens // interval > self._processed_validations
+
+    def processed_validation_done(self) -> None:
+        interval = self.cfg.validate_interval_processed_tokens
+        self._processed_validations = self.processed_tokens // interval
+
     @property
     def _estimating(self) -> bool:
         return self.controller.adaptive or self.cfg.monitor_bias
@@ -938,6 +958,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "controller": self.controller.state_dict(),
                 "scored_tokens": self.scored_tokens,
                 "processed_tokens": self.processed_tokens,
+                "processed_validations": self._processed_validations,
             }
         }
 
@@ -985,4 +1006,5 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.scored_tokens = int(state.get("scored_tokens", 0))
         # checkpoints before the processed-token budget: estimates not counted, windows are
         self.processed_tokens = int(state.get("processed_tokens", 0))
+        self._processed_validations = int(state.get("processed_validations", 0))
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
