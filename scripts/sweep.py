@@ -230,8 +230,9 @@ BIBLE_SMALL_MODEL = [
 
 
 def get_preset(name: str) -> Preset:
-    """The paper's settings by corpus (copy, ptb, wiki2) or a small CPU model (bible-small)."""
-    if name in ("copy", "ptb", "wiki2"):
+    """The paper's settings by corpus (copy, ptb, wiki2; bible: the language-model protocol on the
+    King James Bible with a 1 x 128 model) or a small CPU model (bible-small)."""
+    if name in ("copy", "ptb", "wiki2", "bible"):
         return _config_preset(name)
     if name == "bible-small":
         return Preset(
@@ -246,7 +247,7 @@ def get_preset(name: str) -> Preset:
     raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
-PRESETS = ("copy", "ptb", "wiki2", "bible-small")
+PRESETS = ("copy", "ptb", "wiki2", "bible", "bible-small")
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -1147,7 +1148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(
         f"sweep: {len(specs)} runs ({len(fixed)} fixed K, {len(deltas)} deltas, seeds "
         f"{args.seeds}), {settings.budget_label} each, validation every "
-        f"{settings.valid_interval}, into {settings.out}"
+        + (
+            f"{settings.valid_processed_tokens} processed tokens"
+            if settings.valid_processed_tokens
+            else f"{settings.valid_interval} updates"
+        )
+        + f", into {settings.out}"
     )
     if preset is not None:
         say(f"preset {args.preset}: {preset.description}")

@@ -173,11 +173,12 @@ def test_max_train_tokens_stops_training_and_survives_resume(tiny_corpus, tmp_pa
 
 def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path):
     """--max-processed-tokens counts every token run through the model: each training window and
-    each estimate (burn-in included), so runs of any K get the same compute."""
+    each estimate of the adaptive K (burn-in included), so runs of any K get the same compute."""
     output = run_cli(
         "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
         "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--max-processed-tokens", "40",
-        "--monitor-bias", "--estimate-interval", "2", "--estimate-window", "6",
+        "--target-bias", "0.5", "--min-truncation-length", "4", "--max-truncation-length", "4",
+        "--estimate-interval", "2", "--estimate-window", "6",
         "--estimate-burnin", "2", "--estimate-sequences", "2", "--estimate-repeats", "1",
         "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
         "--log-format", "json", "--log-interval", "1", "--no-progress-bar",

@@ -104,8 +104,9 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         metadata={
             "help": "stop training once this many tokens have been run through the model (summed "
             "over workers): the inputs of every training window (2K-1 per column in the overlap "
-            "style) and of every estimate (burn-in included); 0: no limit. Equal compute for "
-            "runs of any K, where --max-train-tokens is equal data"
+            "style) and of every estimate of an adaptive K (burn-in included; a fixed K's "
+            "--monitor-bias estimates observe and are not counted); 0: no limit. Equal compute "
+            "for runs of any K, where --max-train-tokens is equal data"
         },
     )
     validate_interval_processed_tokens: int = field(
@@ -867,8 +868,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         finally:
             estimator.train(was_training)
         self._pending_estimate_seconds += decision.seconds
-        self.processed_tokens += self.controller.estimate_tokens * world_size
-        self._pending_estimate_tokens += self.controller.estimate_tokens
+        if self.controller.adaptive:  # a fixed K's monitoring is an observer, not its compute
+            self.processed_tokens += self.controller.estimate_tokens * world_size
+            self._pending_estimate_tokens += self.controller.estimate_tokens
         logger.info(
             f"update {update_num}: K = {decision.truncation_length} "
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
