@@ -429,6 +429,9 @@ def eval_command(train_cmd: Sequence[str], checkpoint: Path, subset: str) -> lis
 # ------------------------------------------------------------------------------- log parsing
 
 TIMESTAMP = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+# the task's structured record of every decision on K (DECISION_RECORD), and the free-text line
+# that logs before it wrote records (read for old logs only)
+DECISION_LINE = re.compile(r"\| k_decision (\{.*\})\s*$")
 ESTIMATE_LINE = re.compile(r"update (\d+): K = (\d+) \(bias_hat ([^,\s]+), beta_hat ([^,\s]+)")
 LOADED_LINE = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 DONE_LINE = "fairseq_cli.train | done training in "
@@ -557,8 +560,19 @@ def parse_log(text: str) -> ParsedLog:
         if loaded is not None:
             state.rewind(int(loaded.group(1)), stamp)
             continue
+        decision = DECISION_LINE.search(line)
+        if decision is not None:
+            record = json.loads(decision.group(1))
+            state.estimates[int(record["update"])] = {
+                "num_updates": int(record["update"]),
+                "trunc_k": float(record["truncation_length"]),
+                "bias_hat": float(record["relative_bias"]),
+                "beta_hat": float(record["decay_rate"]),
+                "fallback": record.get("fallback", ""),
+            }
+            continue
         estimate = ESTIMATE_LINE.search(line)
-        if estimate is not None:
+        if estimate is not None and int(estimate.group(1)) not in state.estimates:
             update, k, bias, beta = estimate.groups()
             state.estimates[int(update)] = {
                 "num_updates": int(update),

@@ -2,6 +2,7 @@
 
 import ast
 import math
+import json
 import re
 import subprocess
 import sys
@@ -189,6 +190,10 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     records = json_records(output, "train_inner")
     assert [r["num_updates"] for r in records] == ["1", "2", "3"]
     assert [float(r["ppb"]) for r in records] == [8, 8, 24]  # logged per update, for sweeps
+    decisions = [json.loads(line.split("k_decision ", 1)[1]) for line in output.splitlines()
+                 if "| k_decision {" in line]  # fmt: skip
+    assert [(d["update"], d["truncation_length"]) for d in decisions] == [(2, 4)]
+    assert {"relative_bias", "decay_rate", "seconds", "changed", "fallback"} <= decisions[0].keys()
 
 
 def test_validation_every_processed_tokens(tiny_corpus, tmp_path):

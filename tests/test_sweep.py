@@ -224,6 +224,21 @@ def test_processed_tokens_cumulate_from_the_ppb_log_key():
     assert parsed.processed_tokens == 160
 
 
+def test_decisions_are_read_from_structured_records():
+    record = {"update": 40, "truncation_length": 100, "relative_bias": float("inf"),
+              "decay_rate": 0.99, "seconds": 1.5, "changed": True,
+              "fallback": "5 of 5 estimates: gradient norms do not decay; K_max 100 stood in"}  # fmt: skip
+    log = "\n".join([
+        "2026-12-01 07:00:00 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | update 40: K = 100 "
+        "(bias_hat inf, beta_hat 0.99, 1.50s)",
+        "2026-12-01 07:00:00 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | k_decision "
+        + json.dumps(record),
+    ])  # fmt: skip
+    (estimate,) = sweep.parse_log(log).estimates
+    assert estimate["num_updates"] == 40 and estimate["trunc_k"] == 100
+    assert math.isinf(estimate["bias_hat"]) and "do not decay" in estimate["fallback"]
+
+
 def synthetic_sweep(root: Path) -> None:
     """Finished runs of 2 fixed K and 2 deltas over 2 seeds, with trajectories."""
     for spec in sweep.plan_runs([5, 10], [0.5, 0.1], [1, 2]):

@@ -9,6 +9,8 @@ controller, which travel in the checkpoint.
 """
 
 import copy
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from atbptt import (
 
 logger = logging.getLogger(__name__)
 
+# prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
+DECISION_RECORD = "k_decision"
 TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
 LR_SCALING_CHOICES = ChoiceEnum(list(LR_SCALINGS))
 LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
@@ -876,6 +880,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
             f"{decision.seconds:.2f}s)"
         )
+        # the same decision as a structured record, which sweeps and the demo read
+        record = {"update": update_num, **dataclasses.asdict(decision)}
+        logger.info(f"{DECISION_RECORD} {json.dumps(record)}")
 
     def _add_estimate_logs(self, logging_output: Dict[str, Any]) -> None:
         """Identical on every worker and micro-batch: the reduction divides by ``tbptt_parts``."""
