@@ -2,11 +2,16 @@
 
 import csv
 import math
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import lightning
+import pytest
 import torch
-from conftest import load_example
+from conftest import REPO, load_example
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -76,3 +81,23 @@ def test_lightning_trains_with_adaptive_k_and_resumes_exactly(tmp_path):
         assert torch.equal(expected, actual), name
     resumed_lengths = [int(float(row["trunc_k"])) for row in logged(tmp_path, "resumed")]
     assert resumed_lengths == lengths[RESUME_STEP:]
+
+
+@pytest.mark.e2e
+def test_lightning_example_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO / "examples" / "copy_task_lightning.py"),
+            "--max-steps", "20", "--batch-size", "8", "--train-tokens", "4000", "--hidden", "16",
+            "--estimate-interval", "10", "--accelerator", "cpu", "--log-dir", str(tmp_path),
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = r"^20 updates: K = \d+ \(bias_hat [\d.e-]+, beta_hat"
+    assert re.search(final, result.stdout, re.MULTILINE), result.stdout
+    (metrics,) = tmp_path.glob("copy_task/version_0/metrics.csv")
+    with open(metrics) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(row["trunc_k"] for row in rows) and rows[-1]["bias_hat"]
