@@ -7,7 +7,7 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 ``docs/front_ends.md``)::
 
     driver = TbpttDriver(tokens, batch_size=64, config=TbpttConfig(target_bias=0.1))
-    driver.attach_optimizer(optimizer)  # only needed with lr_scaling
+    driver.attach_optimizer(optimizer)  # needed with lr_scaling or truncation_clip_norm
     for segment in driver.segments(model):
         loss = segment.loss(model)  # runs the window from the carried state, carries the next one
         optimizer.zero_grad()
@@ -18,7 +18,6 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from .controller import TruncationController, TruncationDecision
 from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
+from .learning_rate import LR_SCALINGS, learning_rate_factor
 from .protocol import RecurrentModel
 from .token_stream import (
     StreamCursor,
@@ -39,7 +39,7 @@ from .token_stream import (
 )
 
 TBPTT_STYLES = ("overlap", "disjoint")
-LR_SCALINGS = ("none", "sqrt", "linear")
+BUDGET_COUNTS = ("processed", "scored")
 
 
 @dataclass
@@ -62,9 +62,13 @@ class TbpttConfig:
     estimate_repeats: int = 5  # R
     estimate_interval: int = 0  # every this many updates; 0: on the token budget below
     estimate_budget: float = 0.03  # share of the training tokens an estimate may cost
+    estimate_budget_counts: str = "processed"  # training tokens: processed (inputs) or scored
+    estimate_lag_origin: str = "final"  # lag 0: final (the paper's formula) or previous
+    estimate_tail_anchor: int = -1  # tau; -1: W - W // 10 - 1
     estimate_cumulative: str = "approx"  # approx or exact
     monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
     lr_scaling: str = "none"  # none, sqrt or linear in K
+    truncation_clip_norm: float = 0.0  # clip the mean loss's gradient norm at this / K; 0: off
     lr_scaling_reference: int = 0  # the K at which the lr applies unscaled; 0: K0
     seed: int = 1  # seeds the estimate windows (with the update number)
 
@@ -89,6 +93,8 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         interval=config.estimate_interval,
         budget=config.estimate_budget,
         cumulative=config.estimate_cumulative,
+        lag_origin=config.estimate_lag_origin,
+        tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
     )
 
 
@@ -98,10 +104,17 @@ def _check_config(config: TbpttConfig) -> None:
         raise ValueError(f"tbptt_style must be one of {TBPTT_STYLES} (got {config.tbptt_style!r})")
     if config.lr_scaling not in LR_SCALINGS:
         raise ValueError(f"lr_scaling must be one of {LR_SCALINGS} (got {config.lr_scaling!r})")
+    if config.estimate_budget_counts not in BUDGET_COUNTS:
+        raise ValueError(
+            f"estimate_budget_counts must be one of {BUDGET_COUNTS} "
+            f"(got {config.estimate_budget_counts!r})"
+        )
     for name, least in (
         ("truncation_length", 1),
         ("updates_per_epoch", 0),
         ("estimate_burnin", -1),
+        ("estimate_tail_anchor", -1),
+        ("truncation_clip_norm", 0),
         ("lr_scaling_reference", 0),
     ):
         value = getattr(config, name)
@@ -164,7 +177,7 @@ class TbpttDriver:
         self._columns = lay_out_columns(tokens, batch_size, targets)  # (inputs, targets) C x n
         self._stream = aligned_stream(tokens, targets)  # estimate windows are cut from it
         if self.estimating:
-            length = self.controller.burnin + self.controller.window
+            length = self.controller.burnin + self.controller.measured_steps
             if self._stream[0].numel() < length:
                 raise ValueError(
                     f"the training stream has {self._stream[0].numel()} positions, fewer than "
@@ -177,6 +190,9 @@ class TbpttDriver:
         )
         self.cursor = StreamCursor()
         self.num_updates = 0  # segments served
+        self.scored_tokens = 0  # target tokens of all segments served
+        self.processed_tokens = 0  # tokens run through the model: windows and estimates
+        self._segment_length = config.truncation_length  # K of the update in progress
         self._carried: State | None = None
         self._pending: TrainingSegment | None = None
         self._attached: list[int] = []  # ids of the optimizers whose lr follows K
@@ -206,10 +222,21 @@ class TbpttDriver:
 
     @property
     def lr_factor(self) -> float:
-        """The paper's scaling of the learning rate with K, relative to the reference K."""
+        """The paper's scaling of the learning rate with the K of the update in progress,
+        relative to ``lr_scaling_reference`` (or K0)."""
         reference = self.config.lr_scaling_reference or self.config.truncation_length
-        ratio = self.controller.truncation_length / reference
-        return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.config.lr_scaling]
+        return learning_rate_factor(self._segment_length, reference, self.config.lr_scaling)
+
+    @property
+    def clip_threshold(self) -> float | None:
+        """``truncation_clip_norm`` / K of the update in progress; None when off."""
+        if self.config.truncation_clip_norm <= 0:
+            return None
+        return self.config.truncation_clip_norm / self._segment_length
+
+    @property
+    def _steps_follow_k(self) -> bool:
+        return self.config.lr_scaling != "none" or self.clip_threshold is not None
 
     # --------------------------------------------------------------------------- training
 
@@ -234,9 +261,9 @@ class TbpttDriver:
                 "the previous segment was not run: call segment.loss(model), or segment.carry("
                 "state) after running the model yourself, before asking for the next segment"
             )
-        if self.config.lr_scaling != "none" and not self._attached:
+        if self._steps_follow_k and not self._attached:
             raise RuntimeError(
-                f"lr_scaling {self.config.lr_scaling!r} needs the optimizer: call "
+                "lr_scaling and truncation_clip_norm act in the optimizer's step: call "
                 "driver.attach_optimizer(optimizer) before training"
             )
         decision = None
@@ -267,7 +294,12 @@ class TbpttDriver:
             new_pass=plan.new_pass,
             _driver=self,
         )
-        self.controller.record_tokens(segment.inputs.numel())
+        processed, scored = segment.inputs.numel(), segment.targets.numel()
+        counted = scored if self.config.estimate_budget_counts == "scored" else processed
+        self.controller.record_tokens(counted)
+        self.processed_tokens += processed
+        self.scored_tokens += scored
+        self._segment_length = truncation_length
         self.num_updates += 1
         self._pending = segment
         return segment
@@ -290,7 +322,7 @@ class TbpttDriver:
         controller = self.controller
         inputs, targets = self._stream
         burnin = controller.burnin
-        length = burnin + controller.window
+        length = burnin + controller.measured_steps
         estimator = model
         if isinstance(model, nn.Module) and any(
             p.dtype != torch.float32 for p in model.parameters()
@@ -324,33 +356,42 @@ class TbpttDriver:
         if was_training is not None:
             estimator.eval()
         try:
-            return controller.estimate(measure, self.num_updates)
+            decision = controller.estimate(measure, self.num_updates)
         finally:
             if was_training is not None:
                 estimator.train(was_training)
+        self.processed_tokens += controller.estimate_tokens
+        return decision
 
     # ---------------------------------------------------------------------- learning rate
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Scale ``optimizer``'s learning rates by :attr:`lr_factor` inside every ``step()``.
+        """Make every ``optimizer.step()`` follow K: clip at :attr:`clip_threshold`, then step
+        at the lr times :attr:`lr_factor`.
 
-        The factor is applied by step hooks and undone right after the step, so outside
-        ``step()`` the param groups hold the unscaled lr that you or your scheduler set: a
-        scheduler never reads back a scaled lr, scaling never compounds, and the optimizer's
-        ``state_dict`` stores the unscaled lr. No-op with ``lr_scaling`` "none".
+        Both happen in the optimizer's step hooks, and the lr is restored right after the step
+        (as :func:`atbptt.scaled_learning_rate` does for the fairseq task), so outside ``step()``
+        the param groups hold the unscaled lr that you or your scheduler set: a scheduler never
+        reads back a scaled lr, scaling never compounds, and the optimizer's ``state_dict`` stores
+        the unscaled lr. No-op without ``lr_scaling`` and ``truncation_clip_norm``.
         """
-        if self.config.lr_scaling == "none" or id(optimizer) in self._attached:
+        if not self._steps_follow_k or id(optimizer) in self._attached:
             return
-        optimizer.register_step_pre_hook(self._scale_lr)
+        optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._unscale_lr)
         self._attached.append(id(optimizer))
 
-    def _scale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._unscale_lr(optimizer, args, kwargs)  # a step that raised left its lr scaled
+        threshold = self.clip_threshold
+        if threshold is not None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(parameters, threshold)
         self._unscaled_lrs[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
         factor = self.lr_factor
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
+        if factor != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
 
     def _unscale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         unscaled = self._unscaled_lrs.pop(id(optimizer), None)
@@ -371,6 +412,9 @@ class TbpttDriver:
         return {
             "cursor": self.cursor.state_dict(),
             "num_updates": self.num_updates,
+            "segment_length": self._segment_length,
+            "scored_tokens": self.scored_tokens,
+            "processed_tokens": self.processed_tokens,
             "carried_state": carried,
             "controller": self.controller.state_dict(),
             "columns": list(self._columns[0].shape),
@@ -386,6 +430,9 @@ class TbpttDriver:
             )
         self.cursor = StreamCursor.from_state_dict(state["cursor"])
         self.num_updates = int(state["num_updates"])
+        self._segment_length = int(state["segment_length"])
+        self.scored_tokens = int(state["scored_tokens"])
+        self.processed_tokens = int(state["processed_tokens"])
         carried = state["carried_state"]
         self._carried = None if carried is None else tuple(carried)
         self._pending = None

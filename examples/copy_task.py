@@ -3,7 +3,8 @@
     python examples/copy_task.py --updates 2000
 
 The paper's copy-task model and settings (configs/copy_adaptive.yaml): a 2-layer LSTM of 50 units,
-SGD at lr 1.0 x sqrt(K), weight decay 1e-5, clip 1.0, K0 = 15, W = 100, K in [2, 100], delta 0.1.
+SGD at lr 1.0 x sqrt(K), weight decay 1e-5, gradient clipped at 1.0 / K, K0 = 15, W = 100, K in
+[2, 100], delta 0.1.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> float:
         truncation_length=15, target_bias=args.target_bias, min_truncation_length=2,
         max_truncation_length=100, estimate_window=100, estimate_burnin=20,
         estimate_sequences=64, estimate_repeats=1, estimate_cumulative="exact",
-        estimate_interval=args.estimate_interval, estimate_budget=0.024,
-        lr_scaling="sqrt", lr_scaling_reference=1, seed=args.seed,
+        estimate_tail_anchor=80, estimate_interval=args.estimate_interval,
+        estimate_budget=0.024, estimate_budget_counts="scored", lr_scaling="sqrt",
+        lr_scaling_reference=1, truncation_clip_norm=1.0, seed=args.seed,
     )  # fmt: skip
     model = CopyLstm(hidden=args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=1e-5)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> float:
         driver = TbpttDriver(train[0], args.batch_size, config, targets=train[1])
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    driver.attach_optimizer(optimizer)  # lr 1.0 x sqrt(K) inside every step
+    driver.attach_optimizer(optimizer)  # every step: clip at 1.0 / K, lr 1.0 x sqrt(K)
     losses: list[float] = []
     ppl = math.nan
     while driver.num_updates < args.updates:
@@ -102,7 +104,6 @@ def main(argv: list[str] | None = None) -> float:
             loss = segment.loss(model)
             optimizer.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(loss.item())
             if driver.num_updates % args.log_interval == 0:

@@ -44,14 +44,15 @@ def main(argv: list[str] | None = None) -> None:
         truncation_length=15, target_bias=0.1, min_truncation_length=2,
         max_truncation_length=100, estimate_window=100, estimate_burnin=20,
         estimate_sequences=64, estimate_repeats=1, estimate_cumulative="exact",
-        estimate_interval=args.estimate_interval, estimate_budget=0.024,
-        lr_scaling="sqrt", lr_scaling_reference=1, seed=args.seed,
+        estimate_tail_anchor=80, estimate_interval=args.estimate_interval,
+        estimate_budget=0.024, estimate_budget_counts="scored", lr_scaling="sqrt",
+        lr_scaling_reference=1, truncation_clip_norm=1.0, seed=args.seed,
     )  # fmt: skip
     try:
         driver = TbpttDriver(tokens, args.batch_size, config, targets=targets)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    module = CopyTask(CopyLstm(hidden=args.hidden), driver, clip_norm=1.0)
+    module = CopyTask(CopyLstm(hidden=args.hidden), driver)
     trainer = lightning.Trainer(
         max_steps=args.max_steps, accelerator=args.accelerator, devices=1, enable_progress_bar=False,
         logger=CSVLogger(args.log_dir, name="copy_task"), log_every_n_steps=10,

@@ -164,7 +164,10 @@ def test_learning_rate_scales_with_k_inside_the_step_and_never_compounds():
 
 def test_estimate_matches_the_fairseq_task_and_leaves_training_alone(tiny_corpus):
     """Same windows, same profile, same decision as the task; grads, state and RNG untouched."""
-    options = dict(TINY_ADAPTIVE, estimate_cumulative="exact", seed=3)
+    options = dict(
+        TINY_ADAPTIVE, estimate_cumulative="exact", estimate_lag_origin="previous",
+        estimate_tail_anchor=8, seed=3,
+    )  # fmt: skip
     task_config = AdaptiveTbpttLmConfig(data=str(tiny_corpus), train_subset="train", **options)
     task = AdaptiveTbpttLmTask.setup_task(task_config)
     task.load_dataset("train")
@@ -186,6 +189,28 @@ def test_estimate_matches_the_fairseq_task_and_leaves_training_alone(tiny_corpus
     assert decision.decay_rate == pytest.approx(expected.decay_rate, rel=1e-6)
 
 
+def test_gradient_is_clipped_at_c_over_k_in_the_step():
+    """With truncation_clip_norm C, the step applies lr x f(K) to the gradient clipped at C / K."""
+    tokens, targets = copy_task.copy_stream(4 * 60, 2, 4, seed=1)
+    config = TbpttConfig(
+        truncation_length=4, truncation_clip_norm=0.01, lr_scaling="linear",
+        lr_scaling_reference=2,
+    )  # fmt: skip
+    driver = TbpttDriver(tokens, 4, config, targets=targets)
+    model = copy_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    driver.attach_optimizer(optimizer)
+    segment = driver.next_segment(model)
+    segment.loss(model).backward()
+    gradient_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    change = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert driver.clip_threshold == 0.01 / 4 < gradient_norm
+    assert float(change.norm()) == pytest.approx(0.1 * (4 / 2) * 0.01 / 4, rel=1e-4)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
 def train(driver, model, optimizer, until: int) -> list:
     """The example's loop: clip, step; returns the K decisions that ran."""
     decisions = []
@@ -203,7 +228,10 @@ def train(driver, model, optimizer, until: int) -> list:
 
 def make_run(seed: int):
     tokens, targets = copy_task.copy_stream(4 * 90, 2, 4, seed=1)
-    config = TbpttConfig(**TINY_ADAPTIVE, lr_scaling="sqrt", lr_scaling_reference=1)
+    config = TbpttConfig(
+        **TINY_ADAPTIVE, lr_scaling="sqrt", lr_scaling_reference=1, truncation_clip_norm=2.0,
+        estimate_budget_counts="scored",
+    )  # fmt: skip
     driver = TbpttDriver(tokens, 4, config, targets=targets)
     model = copy_model(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
@@ -244,6 +272,8 @@ def test_resume_from_a_state_dict_continues_exactly():
         del state["controller"]["last_decision"]["seconds"]  # wall time
     assert actual["controller"] == expected["controller"]
     assert actual["cursor"] == expected["cursor"] and actual["num_updates"] == 31
+    for count in ("scored_tokens", "processed_tokens", "segment_length"):
+        assert actual[count] == expected[count], count
     assert all(
         torch.equal(a, b) for a, b in zip(actual["carried_state"], expected["carried_state"])
     )
@@ -264,7 +294,7 @@ def test_config_defaults_match_the_fairseq_task():
     the same, and every method option of the task exists in the driver's config."""
     task_fields = {f.name: f for f in dataclasses.fields(AdaptiveTbpttLmConfig)}
     fairseq_only = {
-        "_name", "data", "target_dir", "max_train_tokens", "eval_chunk_length", "eval_batch_size",
+        "_name", "data", "target_dir", "max_train_tokens", "max_processed_tokens", "eval_chunk_length", "eval_batch_size",
         "seed", "train_subset", "cpu", "fp16", "amp", "tpu",
     }  # fmt: skip
     driver_fields = {f.name: f.default for f in dataclasses.fields(TbpttConfig)}

@@ -29,12 +29,13 @@ class CopyModule(TbpttModule):
 
 def make_module(seed: int) -> CopyModule:
     """A 2 x 8 LSTM on 16 columns of the copy task (m in 2..4); K0 = 5, estimates every 4 steps,
-    lr 0.5 x sqrt(K)."""
+    lr 0.5 x sqrt(K), gradient clipped at 2 / K by the driver and at 1 by the module."""
     tokens, targets = copy_task.copy_stream(16 * 60, 2, 4, seed=1)
     config = TbpttConfig(
         truncation_length=5, target_bias=0.1, min_truncation_length=2, max_truncation_length=20,
         estimate_window=20, estimate_burnin=4, estimate_sequences=8, estimate_repeats=1,
         estimate_interval=4, lr_scaling="sqrt", lr_scaling_reference=1,
+        truncation_clip_norm=2.0,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = copy_task.CopyLstm(hidden=8)
