@@ -191,7 +191,7 @@ class TbpttDriver:
         self.cursor = StreamCursor()
         self.num_updates = 0  # segments served
         self.scored_tokens = 0  # target tokens of all segments served
-        self.processed_tokens = 0  # tokens run through the model: windows and estimates
+        self.processed_tokens = 0  # tokens through the model: windows, estimates of an adaptive K
         self._segment_length = config.truncation_length  # K of the update in progress
         self._carried: State | None = None
         self._pending: TrainingSegment | None = None
@@ -360,7 +360,8 @@ class TbpttDriver:
         finally:
             if was_training is not None:
                 estimator.train(was_training)
-        self.processed_tokens += controller.estimate_tokens
+        if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
+            self.processed_tokens += controller.estimate_tokens
         return decision
 
     # ---------------------------------------------------------------------- learning rate

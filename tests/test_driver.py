@@ -294,7 +294,8 @@ def test_config_defaults_match_the_fairseq_task():
     the same, and every method option of the task exists in the driver's config."""
     task_fields = {f.name: f for f in dataclasses.fields(AdaptiveTbpttLmConfig)}
     fairseq_only = {
-        "_name", "data", "target_dir", "max_train_tokens", "max_processed_tokens", "eval_chunk_length", "eval_batch_size",
+        "_name", "data", "target_dir", "max_train_tokens", "max_processed_tokens",
+        "validate_interval_processed_tokens", "eval_chunk_length", "eval_batch_size",
         "seed", "train_subset", "cpu", "fp16", "amp", "tpu",
     }  # fmt: skip
     driver_fields = {f.name: f.default for f in dataclasses.fields(TbpttConfig)}
