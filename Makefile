@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 FAIRSEQ_VERSION ?= 0.12.3.1
+LIGHTNING_VERSION ?= 2.6.6
 FAIRSEQ_DEPS := "hydra-core==1.3.2" "omegaconf==2.3.0" numpy cython cffi regex sacrebleu tqdm bitarray \
 	scikit-learn packaging sentencepiece tensorboardX matplotlib pytest
 
@@ -19,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	# otherwise pin the CPU build so pip never resolves an unpinned multi-GB CUDA torch.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install $(FAIRSEQ_DEPS)
+	# the Lightning front end (atbptt_lightning); after torch, so it never resolves another torch
+	$(PIP) install "lightning==$(LIGHTNING_VERSION)"
 	$(PY) -c "import fairseq" 2>/dev/null || \
 		$(PIP) install --no-deps --no-build-isolation "fairseq-fixed==$(FAIRSEQ_VERSION)"
 	$(PIP) install --no-deps --no-build-isolation -e .
@@ -39,7 +42,7 @@ bench: install
 
 format: install
 	$(PY) -c "import ruff" 2>/dev/null || $(PIP) install ruff
-	$(PY) -m ruff format atbptt atbptt_fairseq scripts tests
+	$(PY) -m ruff format atbptt atbptt_fairseq atbptt_lightning examples scripts tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,8 @@
 
 The method as a library, torch and numpy only: the per-lag gradient profile, the decay fit, the
 bias estimate and the choice of K, the controller and its schedule, and the token stream with its
-segment plan. Importing it changes no global state.
+segment plan, the protocol of a stateful recurrent model and a driver for plain PyTorch training
+loops. Importing it changes no global state.
 """
 
 from .bias import (
@@ -13,6 +14,7 @@ from .bias import (
     raw_truncation_length,
 )
 from .controller import LAG_ORIGINS, TruncationController, TruncationDecision
+from .driver import TbpttConfig, TbpttDriver, TrainingSegment, build_controller, evaluate_stream
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -22,6 +24,7 @@ from .gradient_profile import (
     sample_windows,
 )
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
+from .protocol import RecurrentModel
 from .token_stream import (
     Segment,
     StreamCursor,
@@ -37,16 +40,22 @@ __all__ = [
     "LR_SCALINGS",
     "BiasEstimate",
     "GradientProfile",
+    "RecurrentModel",
     "Segment",
     "State",
     "StepFn",
     "StreamCursor",
     "StreamTooShortError",
+    "TbpttConfig",
+    "TbpttDriver",
+    "TrainingSegment",
     "TruncationController",
     "TruncationDecision",
     "aligned_stream",
+    "build_controller",
     "choose_truncation_length",
     "estimate_bias",
+    "evaluate_stream",
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",

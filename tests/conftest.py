@@ -110,3 +110,15 @@ def tiny_corpus(tmp_path_factory) -> Path:
             "test": random_sentences(40, 40, seed=3),
         },
     )
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (not a package) as a module, for its model and data."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", REPO / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

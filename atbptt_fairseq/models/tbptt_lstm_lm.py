@@ -166,7 +166,12 @@ class TbpttLstmDecoder(FairseqDecoder):
 
 @register_model("tbptt_lstm_lm", dataclass=TbpttLstmLmConfig)
 class TbpttLstmLanguageModel(FairseqLanguageModel):
-    """Stateful LSTM LM; see :class:`TbpttLstmDecoder` for the state protocol."""
+    """Stateful LSTM LM; see :class:`TbpttLstmDecoder` for the state protocol.
+
+    Satisfies :class:`atbptt.protocol.RecurrentModel`, so the plain-PyTorch driver trains it too.
+    """
+
+    state_batch_dim = 1  # (h, c) are num_layers x B x H
 
     @classmethod
     def build_model(cls, cfg: TbpttLstmLmConfig, task) -> "TbpttLstmLanguageModel":
@@ -183,6 +188,15 @@ class TbpttLstmLanguageModel(FairseqLanguageModel):
 
     def readout(self, state: LstmState) -> Tensor:
         return self.decoder.readout(state)
+
+    def run_window(
+        self, tokens: Tensor, state: LstmState, output_start: int, carry_offset: int
+    ) -> Tuple[Tensor, LstmState]:
+        """Logits from ``output_start`` on and the (detached) state after ``carry_offset`` steps."""
+        logits, extra = self.decoder(
+            tokens, state=state, carry_offset=carry_offset, output_start=output_start
+        )
+        return logits, extra["carried_state"]
 
     def reset_streams(self) -> None:
         self.decoder.reset_streams()

@@ -1,0 +1,121 @@
+"""A LightningModule that trains a stateful recurrent model by (adaptive) TBPTT.
+
+Manual optimization: every training step asks the driver for the next segment at the K in force
+(the estimate runs inside that call when it is due), runs it from the carried state and steps the
+optimizer. The driver's state (stream position, carried state, controller) travels in Lightning's
+checkpoints, so a resumed fit continues exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning
+from torch import Tensor, nn
+
+from atbptt import TbpttDriver, TrainingSegment
+
+CHECKPOINT_KEY = "atbptt_driver"
+
+
+class SegmentSlots:
+    """The training "data loader": one item per update of an epoch, the slot's index.
+
+    The segments themselves are built inside ``training_step``, at the K in force then: Lightning
+    fetches batches ahead of the step that would change K or carry the state. Stateful for
+    Lightning (empty state), because the data position lives in the driver and its checkpoint.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.count))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+class TbpttModule(lightning.LightningModule):
+    """Trains ``model`` (an :class:`atbptt.RecurrentModel`) on the driver's token stream.
+
+    Subclass it and define ``configure_optimizers`` (one optimizer; step any scheduler yourself,
+    e.g. in ``on_train_epoch_end``). With ``lr_scaling`` in the driver's config the optimizer's
+    lr is scaled with K inside each step. ``clip_norm``: clip the gradient norm before each step
+    (Lightning's ``gradient_clip_val`` does not apply to manual optimization). Logs ``train_loss``,
+    ``trunc_k`` and, once K has been estimated, ``bias_hat`` and ``beta_hat``. One process only.
+    """
+
+    def __init__(
+        self, model: nn.Module, driver: TbpttDriver, clip_norm: float | None = None
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.tbptt = driver
+        self.clip_norm = clip_norm
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                "TbpttModule trains in one process (the driver does not split its columns over "
+                f"ranks); got world size {self.trainer.world_size}: use devices=1"
+            )
+
+    def train_dataloader(self) -> SegmentSlots:
+        return SegmentSlots(self.tbptt.segments_per_epoch)
+
+    def on_train_start(self) -> None:
+        self.tbptt.attach_optimizer(self._optimizer().optimizer)
+
+    def training_step(self, batch: int, batch_idx: int) -> Tensor:
+        optimizer = self._optimizer()
+        segment = self.tbptt.next_segment(self.model)
+        loss = segment.loss(self.model)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.clip_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        self._log_segment(loss.detach(), segment)
+        return loss.detach()
+
+    def _optimizer(self) -> Any:
+        optimizer = self.optimizers()
+        if isinstance(optimizer, list):
+            raise TypeError(
+                f"TbpttModule steps one optimizer; configure_optimizers returned {len(optimizer)}"
+            )
+        return optimizer
+
+    def _log_segment(self, loss: Tensor, segment: TrainingSegment) -> None:
+        options = {"on_step": True, "on_epoch": False, "batch_size": segment.inputs.size(0)}
+        self.log("train_loss", loss, prog_bar=True, **options)
+        self.log("trunc_k", float(segment.truncation_length), prog_bar=True, **options)
+        decision = self.tbptt.controller.last_decision
+        if decision is not None:
+            self.log("bias_hat", decision.relative_bias, **options)
+            self.log("beta_hat", decision.decay_rate, **options)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.tbptt.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if CHECKPOINT_KEY in checkpoint:
+            self.tbptt.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        else:
+            warnings.warn(
+                "the checkpoint holds no TBPTT driver state: training starts at the beginning "
+                "of the stream from a zero state, with K0",
+                stacklevel=2,
+            )

@@ -1,0 +1,104 @@
+"""Lightning front end: a real ``lightning.Trainer`` on the copy task; K adapts, resume is exact."""
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import lightning
+import pytest
+import torch
+from conftest import REPO, load_example
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from atbptt import TbpttConfig, TbpttDriver
+from atbptt_lightning import TbpttModule
+
+copy_task = load_example("copy_task")
+TOTAL_STEPS, RESUME_STEP = 15, 7
+
+
+class CopyModule(TbpttModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def make_module(seed: int) -> CopyModule:
+    """A 2 x 8 LSTM on 16 columns of the copy task (m in 2..4); K0 = 5, estimates every 4 steps,
+    lr 0.5 x sqrt(K), gradient clipped at 2 / K by the driver and at 1 by the module."""
+    tokens, targets = copy_task.copy_stream(16 * 60, 2, 4, seed=1)
+    config = TbpttConfig(
+        truncation_length=5, target_bias=0.1, min_truncation_length=2, max_truncation_length=20,
+        estimate_window=20, estimate_burnin=4, estimate_sequences=8, estimate_repeats=1,
+        estimate_interval=4, lr_scaling="sqrt", lr_scaling_reference=1,
+        truncation_clip_norm=2.0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = copy_task.CopyLstm(hidden=8)
+    return CopyModule(model, TbpttDriver(tokens, 16, config, targets=targets), clip_norm=1.0)
+
+
+def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=()) -> None:
+    trainer = lightning.Trainer(
+        max_steps=TOTAL_STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
+        enable_model_summary=False, logger=CSVLogger(tmp_path, name=name),
+        callbacks=list(callbacks), enable_checkpointing=bool(callbacks), log_every_n_steps=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's tips about workers and callbacks
+        trainer.fit(module, ckpt_path=ckpt_path)
+
+
+def logged(tmp_path, name: str) -> list:
+    (metrics,) = (tmp_path / name).glob("version_*/metrics.csv")
+    with open(metrics) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_lightning_trains_with_adaptive_k_and_resumes_exactly(tmp_path):
+    uninterrupted = make_module(seed=0)
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints", every_n_train_steps=RESUME_STEP, save_top_k=-1
+    )
+    fit(uninterrupted, tmp_path, "full", callbacks=[checkpoints])
+    driver = uninterrupted.tbptt
+    assert driver.num_updates == TOTAL_STEPS
+    assert TOTAL_STEPS > driver.segments_per_epoch > RESUME_STEP  # resumes mid-epoch
+    rows = logged(tmp_path, "full")
+    lengths = [int(float(row["trunc_k"])) for row in rows if row["trunc_k"]]
+    biases = [float(row["bias_hat"]) for row in rows if row.get("bias_hat")]
+    assert len(lengths) == TOTAL_STEPS and lengths[0] == 5 and len(set(lengths)) > 1, lengths
+    assert len(biases) == TOTAL_STEPS - 4 and all(math.isfinite(b) for b in biases)
+
+    resumed = make_module(seed=1)  # other initial weights: everything must come from the file
+    (checkpoint,) = (tmp_path / "checkpoints").glob(f"*step={RESUME_STEP}.ckpt")
+    fit(resumed, tmp_path, "resumed", ckpt_path=checkpoint)
+    assert resumed.tbptt.num_updates == TOTAL_STEPS
+    for (name, expected), actual in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(expected, actual), name
+    resumed_lengths = [int(float(row["trunc_k"])) for row in logged(tmp_path, "resumed")]
+    assert resumed_lengths == lengths[RESUME_STEP:]
+
+
+@pytest.mark.e2e
+def test_lightning_example_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO / "examples" / "copy_task_lightning.py"),
+            "--max-steps", "20", "--batch-size", "8", "--train-tokens", "4000", "--hidden", "16",
+            "--estimate-interval", "10", "--accelerator", "cpu", "--log-dir", str(tmp_path),
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = r"^20 updates: K = \d+ \(bias_hat [\d.e-]+, beta_hat"
+    assert re.search(final, result.stdout, re.MULTILINE), result.stdout
+    (metrics,) = tmp_path.glob("copy_task/version_0/metrics.csv")
+    with open(metrics) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(row["trunc_k"] for row in rows) and rows[-1]["bias_hat"]
