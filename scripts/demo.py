@@ -56,8 +56,10 @@ import sweep  # noqa: E402
 
 FULL_STEPS = {"train": 4000, "valid": 1000, "test": 1000}
 QUICK_STEPS = {"train": 1000, "valid": 250, "test": 250}
-FULL_BUDGET = 3000
-QUICK_BUDGET = 1500
+# Both runs get the tokens the fixed-K baseline runs through the model in this many updates
+# (64 columns x (2K - 1) per update in the overlap style): equal compute, not equal updates
+FULL_BASELINE_UPDATES = 3000
+QUICK_BASELINE_UPDATES = 1500
 ADAM = ["--optimizer", "adam", "--lr", "0.01", "--lr-scaling", "none"]
 # The estimate the Adam demo was measured with (the task's defaults: 5 approximate estimates
 # averaged, burn-in W / 10) instead of the copy configs' single exact one of the authors
@@ -109,10 +111,27 @@ def summary_rows(runs: Sequence[plot.RunData], sweep_dir: Path) -> list[list[str
                 f"{result['final_bias_hat']:.3g}",
                 f"{result['wall_sec']:.0f}",
                 f"{result['est_sec']:.1f}",
+                f"{result['processed_tokens']:,.0f}",
                 f"{result['tokens']:,.0f}",
+                f"{result['updates']:,}",
             ]
         )
     return rows
+
+
+def fallback_lines(runs: Sequence[plot.RunData], sweep_dir: Path) -> list[str]:
+    """Every decision on K that fell back (K_max for an estimate that could not bound the bias,
+    or K kept on a non-finite profile), with why: such a K is not the estimator's choice."""
+    lines = []
+    for run in runs:
+        log = sweep_dir / "runs" / run.result["run"] / "train.log"
+        for estimate in sweep.parse_log(log.read_text()).estimates:
+            if estimate.get("fallback"):
+                lines.append(
+                    f"  {run.result['run']}, update {estimate['num_updates']}: "
+                    f"K {estimate['trunc_k']:g} is a fallback ({estimate['fallback']})"
+                )
+    return lines
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -132,13 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smaller data (1000 train steps per column) and {QUICK_BUDGET} updates per run",
+        help="smaller data (1000 train steps per column) and the compute of "
+        f"{QUICK_BASELINE_UPDATES} baseline updates per run",
     )
     parser.add_argument(
-        "--budget-updates",
-        type=int,
+        "--budget-processed-tokens",
+        type=sweep.token_count,
         default=0,
-        help=f"updates per run (default {FULL_BUDGET}, about 3 min each; --quick: {QUICK_BUDGET})",
+        help="tokens each run may run through the model, training windows and the adaptive "
+        "run's estimates included: the same compute for both (default: what the fixed-K "
+        f"baseline runs in {FULL_BASELINE_UPDATES} updates; --quick: {QUICK_BASELINE_UPDATES})",
     )
     parser.add_argument("--delta", type=float, default=0.1, help="target bias of the adaptive run")
     parser.add_argument(
@@ -175,14 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = out / "data" / ("copy_variable_quick" if args.quick else "copy_variable")
     prepare_data(data, args.quick)
 
-    budget = args.budget_updates or (QUICK_BUDGET if args.quick else FULL_BUDGET)
-    valid_interval = max(1, budget // 10)
+    baseline_updates = QUICK_BASELINE_UPDATES if args.quick else FULL_BASELINE_UPDATES
+    columns = 64  # the copy configs' batch size
+    budget = args.budget_processed_tokens or baseline_updates * columns * (2 * args.fixed_k - 1)
+    valid_tokens = max(1, budget // 10)
     settings = sweep.SweepSettings(
         data=data,
-        out=out / f"sweep{suffix}",
-        budget_updates=budget,
-        valid_interval=valid_interval,
-        log_interval=sweep.default_log_interval(valid_interval, budget),
+        out=out / f"sweep{suffix}-compute{budget}",
+        budget_updates=0,
+        budget_processed_tokens=budget,
+        valid_processed_tokens=valid_tokens,
+        valid_interval=0,
+        log_interval=50,
         preset=sweep.get_preset("copy"),
         extra_args=([] if args.paper_sgd else ADAM + ADAM_ESTIMATE)
         + ["--truncation-length", str(args.fixed_k)]
@@ -192,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     specs = sweep.plan_runs([args.fixed_k], [args.delta], [args.seed])
     sweep.say(
-        f"training {len(specs)} runs of {budget} updates (validation every {valid_interval}): "
-        f"fixed K = {args.fixed_k} and adaptive delta = {args.delta}"
+        f"training {len(specs)} runs on the same compute, {budget:,} processed tokens each "
+        f"(validation every {valid_tokens:,}): fixed K = {args.fixed_k} and adaptive delta = "
+        f"{args.delta}"
     )
     failures = sweep.run_sweep(specs, settings)
     if failures:
@@ -201,13 +228,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = [run for run in plot.load_runs(settings.out) if run.result["run"] in
             {spec.name for spec in specs}]  # fmt: skip
-    header = ["run", "valid ppl", "test ppl", "K", "delta_hat", "wall s", "est s", "tokens"]
-    sweep.say("\n" + format_table(header, summary_rows(runs, settings.out)) + "\n")
+    header = ["run", "valid ppl", "test ppl", "K", "delta_hat", "wall s", "est s"]
+    header += ["processed tokens", "scored tokens", "updates"]
+    sweep.say(
+        f"\nBoth runs: the same compute, {budget:,} tokens through the model (training windows "
+        "and the adaptive run's estimates), not the same updates.\n"
+    )
+    sweep.say(format_table(header, summary_rows(runs, settings.out)) + "\n")
     sweep.say(
         "ppl: fairseq-eval-lm at the best validation checkpoint; K: K0 -> last K (range of the "
         "estimates); delta_hat: the last estimate of the relative gradient bias at the "
         "K in use; wall: fairseq's clock incl. estimation and validation; est: estimation time."
     )
+    fallbacks = fallback_lines(runs, settings.out)
+    if fallbacks:
+        sweep.say(
+            f"\n{len(fallbacks)} decision(s) on K were fallbacks, not the estimator's choice:"
+        )
+        for line in fallbacks:
+            sweep.say(line)
+    else:
+        sweep.say("\nEvery decision on K was the estimator's choice (no fallback).")
     for path in plot.make_all(settings.out, out / f"plots{suffix}"):
         sweep.say(f"wrote {path}")
     sweep.say(f"demo finished in {sweep.fmt_seconds(time.monotonic() - started)}")

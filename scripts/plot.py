@@ -8,6 +8,9 @@ Like the paper's figures, one line per configuration (fixed K or delta), the mea
     valid_loss_vs_tokens.png  validation loss (bits per token) against scored training tokens, log
                               scale: shows convergence where perplexity flattens near 1 (copy task)
     k_vs_updates.png          the truncation length K of the adaptive runs against updates
+    valid_ppl_vs_processed.png  validation perplexity against processed tokens (every token run
+                              through the model, estimates included: compute); k_vs_processed.png
+                              K against processed tokens (empty for sweeps before that count)
     bias_vs_updates.png       the estimated relative bias delta_hat against updates, fixed and
                               adaptive runs (log scale; dotted lines: the targets delta; gaps:
                               delta_hat = inf, no positive lower bound on the gradient norm)
@@ -15,7 +18,9 @@ Like the paper's figures, one line per configuration (fixed K or delta), the mea
                               the best checkpoint), final K, wall time; the best fixed K (by mean
                               validation perplexity) marked; and the best validation perplexity
                               within the first T scored tokens, a comparison at equal training
-                              data (T: --equal-tokens, default the fewest tokens of any run)
+                              data (T: --equal-tokens, default the fewest tokens of any run),
+                              and the compute each adaptive run needed to reach the best fixed
+                              K's best validation perplexity (time to target)
 
     python scripts/plot.py sweeps/copy                 # files go to sweeps/copy/plots
     python scripts/plot.py sweeps/copy --out figures
@@ -48,6 +53,8 @@ FIGURES = (
     "valid_loss_vs_tokens",
     "k_vs_updates",
     "bias_vs_updates",
+    "valid_ppl_vs_processed",
+    "k_vs_processed",
 )
 
 
@@ -100,27 +107,35 @@ def config_label(run: RunData) -> str:
 def mean_curve(
     runs: Sequence[RunData], source: str, x_key: str, y_key: str, log_y: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds of (x, y) at each update logged by every seed (geometric mean if log_y).
+    """Mean over seeds of y against x (geometric mean if log_y), on the x range all seeds cover.
 
-    Seeds of one configuration log and validate at the same updates, so points are matched by
-    update; an x that is wall time is averaged like y. Non-finite values are left out.
+    Each seed's curve is interpolated at the union of the seeds' x values, so seeds that log or
+    validate at different x (adaptive runs validating every N processed tokens reach them at
+    different updates) still average point by point. Non-finite values are left out.
     """
-    tables = []
+    curves = []
     for run in runs:
         rows = run.train if source == "train" else run.valid
-        table = {}
-        for row in rows:
-            x, y = point(run, row, x_key), row.get(y_key, math.nan)
-            if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y):
-                table[int(row["num_updates"])] = (x, y)
-        tables.append(table)
-    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
-    if not common:
+        points = sorted(
+            (x, y)
+            for row in rows
+            for x, y in [(point(run, row, x_key), row.get(y_key, math.nan))]
+            if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+            and (y > 0 or not log_y)
+        )  # fmt: skip
+        if not points:
+            return np.array([]), np.array([])
+        xs, ys = np.array(points).T
+        curves.append((xs, np.log(ys) if log_y else ys))
+    if not curves:
         return np.array([]), np.array([])
-    xs = np.array([np.mean([t[u][0] for t in tables]) for u in common])
-    ys_per_seed = np.array([[t[u][1] for t in tables] for u in common])
-    ys = np.exp(np.log(ys_per_seed).mean(axis=1)) if log_y else ys_per_seed.mean(axis=1)
-    return xs, ys
+    low, high = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
+    grid = np.unique(np.concatenate([c[0] for c in curves]))
+    grid = grid[(grid >= low) & (grid <= high)]
+    if not len(grid):
+        return np.array([]), np.array([])
+    mean = np.mean([np.interp(grid, xs, ys) for xs, ys in curves], axis=0)
+    return grid, np.exp(mean) if log_y else mean
 
 
 def point(run: RunData, row: dict[str, Any], x_key: str) -> float:
@@ -171,6 +186,7 @@ def plot_validation(
     xlabel = {
         "wall": "wall time (s; fixed K without bias monitoring)",
         "tokens": "scored training tokens",
+        "processed_tokens": "processed tokens (windows and estimates: compute)",
     }[x_key]
     if log_y:
         ax.set_yscale("log")
@@ -180,18 +196,19 @@ def plot_validation(
     _finish(ax, path, title, xlabel, ylabel)
 
 
-def plot_truncation(runs: Sequence[RunData], path: Path) -> None:
-    """K of the adaptive runs against updates (fixed runs as flat reference lines)."""
+def plot_truncation(runs: Sequence[RunData], path: Path, x_key: str = "num_updates") -> None:
+    """K of the adaptive runs against updates or processed tokens (fixed runs as flat lines)."""
     groups = by_config(runs)
     style = styles(groups)
     _, ax = plt.subplots(figsize=(7, 4.5))
     for config, members in groups.items():
-        xs, ys = mean_curve(members, "train", "num_updates", "trunc_k")
+        xs, ys = mean_curve(members, "train", x_key, "trunc_k")
         if members[0].fixed:
             ax.plot(xs, ys, alpha=0.5, label=config_label(members[0]), **style[config])
         else:
             ax.plot(xs, ys, label=config_label(members[0]), **style[config])
-    _finish(ax, path, "truncation length K (mean over seeds)", "updates", "K")
+    xlabel = "updates" if x_key == "num_updates" else "processed tokens"
+    _finish(ax, path, "truncation length K (mean over seeds)", xlabel, "K")
 
 
 def plot_bias(runs: Sequence[RunData], path: Path) -> None:
@@ -253,8 +270,8 @@ def summary_table(runs: Sequence[RunData], equal_tokens: float) -> str:
     )
     lines = [
         "| configuration | seeds | valid ppl | test ppl | final K | wall (s) | estimation (s) "
-        f"| tokens | valid ppl within {equal_tokens:.3g} tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| tokens | processed tokens | valid ppl within {equal_tokens:.3g} tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for config, members in groups.items():
         label = config_label(members[0])
@@ -262,14 +279,56 @@ def summary_table(runs: Sequence[RunData], equal_tokens: float) -> str:
             label = f"**{label}** (best fixed)"
 
         def column(key: str, digits: int = 4) -> str:
-            return mean_std([float(r.result[key]) for r in members], digits)
+            values = [r.result.get(key) for r in members]
+            return mean_std([math.nan if v is None else float(v) for v in values], digits)
 
         lines.append(
             f"| {label} | {len(members)} | {column('valid_ppl', 5)} | {column('test_ppl', 5)} "
             f"| {column('final_k', 3)} | {column('wall_sec', 3)} | {column('est_sec', 3)} "
-            f"| {column('tokens', 3)} "
+            f"| {column('tokens', 3)} | {column('processed_tokens', 3)} "
             f"| {mean_std([valid_ppl_within(r, equal_tokens) for r in members], 5)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def compute_to_reach(run: RunData, target: float) -> float:
+    """Processed tokens at the first validation with perplexity at or below ``target``; NaN if
+    the run never got there."""
+    for row in sorted(run.valid, key=lambda row: row["num_updates"]):
+        if row.get("valid_ppl", math.nan) <= target * (1 + 1e-9):
+            return float(row.get("processed_tokens", math.nan))
+    return math.nan
+
+
+def time_to_target_table(runs: Sequence[RunData]) -> str:
+    """Per seed, the compute each adaptive run needs to reach the best fixed run's best
+    validation perplexity, against what that fixed run needed (the paper's time-to-target)."""
+    groups = by_config(runs)
+    fixed = {c: m for c, m in groups.items() if m[0].fixed}
+    if not fixed:
+        return ""
+    best = min(fixed, key=lambda c: np.mean([r.result["valid_ppl"] for r in fixed[c]]))
+    targets = {r.result["seed"]: r for r in fixed[best]}
+    lines = [
+        f"| configuration | seed | target: {config_label(fixed[best][0])}'s best valid ppl "
+        "| its processed tokens to reach it | this run's | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for config, members in groups.items():
+        if members[0].fixed:
+            continue
+        for run in sorted(members, key=lambda r: r.result["seed"]):
+            reference = targets.get(run.result["seed"])
+            if reference is None:
+                continue
+            target = min(row["valid_ppl"] for row in reference.valid)
+            theirs, ours = compute_to_reach(reference, target), compute_to_reach(run, target)
+            ratio = ours / theirs if math.isfinite(ours) and theirs else math.nan
+            lines.append(
+                f"| {config_label(run)} | {run.result['seed']:g} | {target:.5g} | {theirs:.4g} "
+                f"| {'not reached' if math.isnan(ours) else f'{ours:.4g}'} "
+                f"| {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -289,8 +348,19 @@ def write_summary(
         "only, for fixed K); tokens are scored training tokens. The best fixed K is chosen by "
         "mean validation perplexity. The last column compares at equal training data: the best "
         f"validation perplexity fairseq-train logged within the first {equal_tokens:.4g} scored "
-        "tokens (- for runs that stopped short of them).\n\n" + summary_table(runs, equal_tokens)
+        "tokens (- for runs that stopped short of them). Processed tokens count every token "
+        "run through the model (training windows, 2K-1 per column in the overlap style, and "
+        "the adaptive runs' estimates): the compute.\n\n" + summary_table(runs, equal_tokens)
     )
+    if any(math.isfinite(float(r.result.get("processed_tokens") or math.nan)) for r in runs):
+        table = time_to_target_table(runs)
+        if table:
+            text += (
+                "\n## Time to target\n\nProcessed tokens each adaptive run needed to reach the "
+                "best validation perplexity of the best fixed K (same seed), against what that "
+                "fixed run needed; ratio < 1: the adaptive run got there with less compute.\n\n"
+                + table
+            )
     path.write_text(text)
 
 
@@ -306,6 +376,8 @@ def make_all(sweep_dir: Path, out: Path, equal_tokens: float | None = None) -> l
     plot_validation(runs, "tokens", paths[2], metric="valid_loss")
     plot_truncation(runs, paths[3])
     plot_bias(runs, paths[4])
+    plot_validation(runs, "processed_tokens", paths[5])
+    plot_truncation(runs, paths[6], x_key="processed_tokens")
     paths.append(out / "summary.md")
     write_summary(runs, paths[-1], f"Sweep {sweep_dir.name}", equal_tokens)
     return paths

@@ -251,6 +251,7 @@ def synthetic_sweep(root: Path) -> None:
                 "num_updates": u,
                 "wall": u / 10,
                 "tokens": 64 * k * u,
+                "processed_tokens": 64 * (2 * k - 1) * u,
                 "est_sec": u / 100,
                 "trunc_k": k if spec.mode == "fixed" else 15 + u / 100,
                 "bias_hat": 0.001 * (1 + u / 100) if spec.mode == "fixed" else spec.value * 0.9,
@@ -261,7 +262,8 @@ def synthetic_sweep(root: Path) -> None:
             for u in range(10, 510, 10)
         ]
         valid = [
-            {"num_updates": u, "wall": u / 10, "tokens": 64 * k * u, "est_sec": u / 100,
+            {"num_updates": u, "wall": u / 10, "tokens": 64 * k * u,
+             "processed_tokens": 64 * (2 * k - 1) * u, "est_sec": u / 100,
              "valid_loss": math.log2(1.1 + 100 / u + offset), "valid_ppl": 1.1 + 100 / u + offset}
             for u in range(100, 600, 100)
         ]  # fmt: skip
@@ -269,6 +271,7 @@ def synthetic_sweep(root: Path) -> None:
         sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
         result = fake_result(spec, valid[-1]["valid_ppl"], train[-1]["trunc_k"])
         result["tokens"] = train[-1]["tokens"]
+        result["processed_tokens"] = train[-1]["processed_tokens"]
         sweep.write_json(run_dir / "result.json", result)
 
 
@@ -279,7 +282,8 @@ def test_plot_writes_figures_and_summary(tmp_path):
         data = (tmp_path / "figures" / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     summary = (tmp_path / "figures" / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    main_table = summary.split("## Time to target")[0]
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line]
     labels = [row.split("|")[1].strip() for row in rows[1:]]
     assert labels == [
         "fixed K=5",
@@ -292,13 +296,19 @@ def test_plot_writes_figures_and_summary(tmp_path):
     assert cells[5] == "10 ± 0"  # final K, the same for both seeds
     # at equal data, the fewest tokens of any run (K = 5's 160k): K = 10 validated twice by then,
     # the adaptive runs (K 20, 1280 tokens per update) once
-    within = [row.split("|")[9].strip() for row in rows[1:]]
+    within = [row.split("|")[10].strip() for row in rows[1:5]]
     assert within == ["1.815 ± 0.0071", "1.615 ± 0.0071", "2.115 ± 0.0071", "2.115 ± 0.0071"]
     assert "within 1.6e+05 tokens" in rows[0]
     # a later point: K = 5 stopped short of it and is left out rather than flattered
     runs = plot.load_runs(tmp_path / "sweep")
     later = plot.summary_table(runs, equal_tokens=320_000).splitlines()[2]
-    assert later.split("|")[9].strip() == "-"
+    assert later.split("|")[10].strip() == "-"
+    # time to target: adaptive delta 0.5 (K 20) reaches K = 10's best valid ppl at the same
+    # update, with 39 / 19 of its processed tokens
+    target_rows = summary.split("## Time to target")[1].splitlines()
+    ratios = {row.split("|")[1].strip() + row.split("|")[2].strip(): row.split("|")[6].strip()
+              for row in target_rows if row.startswith("| adaptive")}  # fmt: skip
+    assert ratios["adaptive delta=0.51"] == f"{39 / 19:.2f}"
     with pytest.raises(SystemExit, match="--equal-tokens must be positive"):
         plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
 

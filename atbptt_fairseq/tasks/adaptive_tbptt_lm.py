@@ -41,6 +41,7 @@ from atbptt import (
     LAG_ORIGINS,
     LR_SCALINGS,
     GradientProfile,
+    TbpttConfig,
     TruncationController,
     learning_rate_factor,
     measure_gradient_profile,
@@ -50,6 +51,8 @@ from atbptt import (
 
 logger = logging.getLogger(__name__)
 
+# the method's options default as in the plain-PyTorch driver: one source of truth
+METHOD_DEFAULTS = TbpttConfig()
 # prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
 DECISION_RECORD = "k_decision"
 TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
@@ -76,20 +79,20 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     truncation_length: int = field(
-        default=35,
+        default=METHOD_DEFAULTS.truncation_length,
         metadata={
             "help": "truncation length K: fixed K, or the initial K0 when --target-bias is set"
         },
     )
     tbptt_style: TBPTT_STYLE_CHOICES = field(
-        default="overlap",
+        default=METHOD_DEFAULTS.tbptt_style,
         metadata={
             "help": "overlap: window 2K-1 from the carried state, loss on the last K positions, "
             "stride K (the paper's); disjoint: window K, loss on all K, stride K"
         },
     )
     updates_per_epoch: int = field(
-        default=0,
+        default=METHOD_DEFAULTS.updates_per_epoch,
         metadata={
             "help": "update slots in one fairseq epoch; 0: one pass over the training columns at "
             "K0. The stream position carries across epochs and wraps with a state reset"
@@ -133,34 +136,38 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     target_bias: Optional[float] = field(
-        default=None,
+        default=METHOD_DEFAULTS.target_bias,
         metadata={
             "help": "tolerable relative gradient bias delta in (0, 1); K adapts to keep the "
             "estimated bias below it. Unset: K stays fixed at --truncation-length"
         },
     )
     min_truncation_length: int = field(
-        default=10, metadata={"help": "smallest K the adaptive rule may choose (K_min)"}
+        default=METHOD_DEFAULTS.min_truncation_length,
+        metadata={"help": "smallest K the adaptive rule may choose (K_min)"},
     )
     max_truncation_length: int = field(
-        default=300, metadata={"help": "largest K the adaptive rule may choose (K_max)"}
+        default=METHOD_DEFAULTS.max_truncation_length,
+        metadata={"help": "largest K the adaptive rule may choose (K_max)"},
     )
     estimate_window: int = field(
-        default=400,
+        default=METHOD_DEFAULTS.estimate_window,
         metadata={"help": "lags W over which state-gradient norms are measured (>= K_max)"},
     )
     estimate_burnin: int = field(
-        default=-1,
+        default=METHOD_DEFAULTS.estimate_burnin,
         metadata={"help": "steps run without gradient before the window; -1: W // 10"},
     )
     estimate_sequences: int = field(
-        default=32, metadata={"help": "sequences S drawn from the training stream per estimate"}
+        default=METHOD_DEFAULTS.estimate_sequences,
+        metadata={"help": "sequences S drawn from the training stream per estimate"},
     )
     estimate_repeats: int = field(
-        default=5, metadata={"help": "estimates R averaged into one choice of K"}
+        default=METHOD_DEFAULTS.estimate_repeats,
+        metadata={"help": "estimates R averaged into one choice of K"},
     )
     estimate_interval: int = field(
-        default=0,
+        default=METHOD_DEFAULTS.estimate_interval,
         metadata={
             "help": "re-estimate K every this many updates; 0: on the compute budget of "
             "--estimate-budget instead. Counts of updates or tokens, never time, so runs are "
@@ -168,7 +175,7 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     estimate_budget: float = field(
-        default=0.03,
+        default=METHOD_DEFAULTS.estimate_budget,
         metadata={
             "help": "with --estimate-interval 0, the share of training compute spent on "
             "estimates, counted in tokens run through the model: one estimate runs R x S x "
@@ -177,7 +184,7 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     estimate_budget_counts: BUDGET_COUNT_CHOICES = field(
-        default="processed",
+        default=METHOD_DEFAULTS.estimate_budget_counts,
         metadata={
             "help": "what --estimate-budget counts as training: processed, the inputs of every "
             "window (compute); scored, the target tokens (the authors' copy-task schedule of one "
@@ -185,7 +192,7 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     estimate_lag_origin: LAG_ORIGIN_CHOICES = field(
-        default="final",
+        default=METHOD_DEFAULTS.estimate_lag_origin,
         metadata={
             "help": "lag 0 of the gradient profile: final, the state the final loss reads (the "
             "paper's formula); previous, the state before it (the authors' code, which leaves the "
@@ -193,32 +200,32 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     estimate_tail_anchor: int = field(
-        default=-1,
+        default=METHOD_DEFAULTS.estimate_tail_anchor,
         metadata={
             "help": "lag tau where the geometric tail of the bias starts; -1: W - W // 10 - 1 "
             "(the authors used W - 20 on the copy task)"
         },
     )
     estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
-        default="approx",
+        default=METHOD_DEFAULTS.estimate_cumulative,
         metadata={
             "help": "full-gradient norm lower bound: approx sums per-lag norms (the paper's "
             "choice for language models), exact takes the norm of the summed gradients"
         },
     )
     monitor_bias: bool = field(
-        default=False,
+        default=METHOD_DEFAULTS.monitor_bias,
         metadata={
             "help": "with a fixed K, still estimate and log the relative bias at K on the "
             "--estimate-interval schedule"
         },
     )
     lr_scaling: LR_SCALING_CHOICES = field(
-        default="none",
+        default=METHOD_DEFAULTS.lr_scaling,
         metadata={"help": "scale the learning rate with K relative to K0: none, sqrt or linear"},
     )
     truncation_clip_norm: float = field(
-        default=0.0,
+        default=METHOD_DEFAULTS.truncation_clip_norm,
         metadata={
             "help": "clip the norm of the per-token mean loss's gradient at this value divided "
             "by the K in force, as the paper did (clip 1.0 means 1/K); 0: off. Use instead of "
@@ -226,7 +233,7 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     lr_scaling_reference: int = field(
-        default=0,
+        default=METHOD_DEFAULTS.lr_scaling_reference,
         metadata={
             "help": "the K at which --lr applies unscaled under --lr-scaling; 0: K0. With 1, "
             "--lr 1.0 --lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
