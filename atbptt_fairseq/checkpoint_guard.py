@@ -6,19 +6,32 @@ resume and by fairseq-eval-lm, fairseq-validate, ...) calls ``torch.load`` witho
 but only as long as nobody sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` in the environment, and a
 refusal or a truncated file ends in a long traceback. The wrapper installed here
 
+* checks, before anything is unpickled, the CRC-32 that the checkpoint's zip archive stores for
+  every member (a flipped bit inside tensor data would otherwise load and give wrong results);
 * refuses, before anything is unpickled, a checkpoint whose pickle names a global outside
   torch's weights-only allowlist (plus ``argparse.Namespace``, allowlisted by the plugin for
-  fairseq's own legacy checkpoints): such a file could run code when loaded;
+  fairseq's own legacy checkpoints): such a file could run code when loaded. A pickle that
+  cannot be parsed, or names a global that exists nowhere (a damaged name), is reported as
+  corrupt instead: it is damage, not code;
 * runs fairseq's loader with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` (and without
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), so the load itself stays weights-only whatever the
   environment says;
 * turns a missing, truncated or corrupt file into one :class:`~atbptt_fairseq.errors.UserInputError`
   line that names the file and what to do.
 
+Resuming. The wrapper of ``checkpoint_utils.load_checkpoint`` lets the task check the state it
+stored (``task.check_checkpoint_dict``: e.g. the dictionary the checkpoint was trained with)
+after fairseq restored it and before the first update, whatever ``--reset-*`` options say.
+
 Saving with several ranks. fairseq asks only rank 0 for the task's checkpoint state, but every
 rank carries its own columns' recurrent state. The wrapper of ``checkpoint_utils.save_checkpoint``
 (which every rank calls at the same point) first lets the task gather the state of all ranks
 (``task.gather_checkpoint_state()``), so that rank 0 saves all of it.
+
+Stale temporary files. fairseq and the plugin write every checkpoint file as ``<name>.pt.tmp``
+and rename it; a process killed while writing leaves the ``.tmp`` behind. The wrapper of
+``checkpoint_utils.verify_checkpoint_directory`` (which fairseq-train calls on its first worker at
+start, with ``--save-dir``) removes such files from the save directory, with one log line each.
 
 Copies. fairseq writes the first checkpoint of a save atomically (``.tmp`` then rename) but copies
 it to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with ``shutil.copyfile``: a process killed
@@ -27,10 +40,16 @@ copy used by ``checkpoint_utils`` goes through a temporary file and ``os.replace
 checkpoint file is either the old one or the complete new one.
 """
 
+import _compat_pickle
 import contextlib
+import importlib.util
+import logging
 import os
+import re
 import shutil
+import sys
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
@@ -39,6 +58,8 @@ from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
 
 from atbptt_fairseq.errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(UserInputError):
@@ -86,18 +107,76 @@ def check_checkpoint_file(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?); {_WHAT_TO_DO}")
     if not zipfile.is_zipfile(path):
         return  # torch's legacy format; the forced weights-only load below checks it
+    _check_archive(path)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as error:  # noqa: BLE001  (any failure to read the archive)
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({_first_line(error)}); {_WHAT_TO_DO}"
         ) from error
-    if unsafe:
+    code = [name for name in sorted(unsafe) if _names_existing_object(name)]
+    if code:
         raise CheckpointError(
-            f"refusing to load checkpoint {path}: it pickles {', '.join(sorted(unsafe))}, which "
+            f"refusing to load checkpoint {path}: it pickles {', '.join(code)}, which "
             "could run code when loaded; use only checkpoints written by fairseq-train from a "
             "source you trust"
         )
+    if unsafe:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (its pickle names {', '.join(sorted(unsafe))}, which "
+            f"does not exist); {_WHAT_TO_DO}"
+        )
+
+
+def _check_archive(path: str) -> None:
+    """Compare every archive member with the CRC-32 the zip stores for it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({_first_line(error)}); {_WHAT_TO_DO}"
+        ) from error
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {damaged} fails its CRC-32 check (the file changed "
+            f"after it was written); {_WHAT_TO_DO}"
+        )
+
+
+def _names_existing_object(dotted: str) -> bool:
+    """Whether the global ``module.name`` of a pickle may name real code.
+
+    Imports nothing: a module already imported is looked into; one that is not counts as real if
+    its top-level package can be found. A name that exists nowhere can only be damage.
+    """
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name, attributes = ".".join(parts[:split]), parts[split:]
+        # pickles of protocol 2 name Python 2 modules (``__builtin__``), renamed when loaded
+        renamed = _compat_pickle.NAME_MAPPING.get((module_name, attributes[0]))
+        if len(attributes) == 1 and renamed is not None:
+            module_name, attributes = renamed[0], [renamed[1]]
+        module_name = _compat_pickle.IMPORT_MAPPING.get(module_name, module_name)
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                if importlib.util.find_spec(module_name.split(".")[0]) is not None:
+                    return True
+            except (ImportError, ValueError):
+                pass
+            continue
+        target = module
+        for attribute in attributes:
+            target = getattr(target, attribute, _MISSING)
+            if target is _MISSING:
+                break
+        if target is not _MISSING:
+            return True
+    return False
+
+
+_MISSING = object()
 
 
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
@@ -118,18 +197,21 @@ def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
             last_loaded_task_config = stored.get("task") if stored is not None else None
             return state
         except Exception as error:  # noqa: BLE001  (reading the file failed: say which and why)
-            if "GLOBAL" in str(error) or "Unsupported global" in str(error):
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            if named is not None and _names_existing_object(named.group(1).rstrip(".")):
                 raise CheckpointError(
                     f"refusing to load checkpoint {path}: it holds objects that are not plain "
                     f"data ({_unsupported_global(error)}); only use checkpoints you trust"
                 ) from error
+            reason = _reason(error) if named is None else f"{named.group(1)} does not exist"
             raise CheckpointError(
-                f"cannot read checkpoint {path} ({_reason(error)}): it is not a PyTorch "
+                f"cannot read checkpoint {path} ({reason}): it is not a PyTorch "
                 f"checkpoint, or it is truncated or corrupt; {_WHAT_TO_DO}"
             ) from error
 
 
 def _unsupported_global(error: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the global, else its first line."""
     for line in str(error).splitlines():
         if "GLOBAL" in line:
             return line.strip().split(" was not an allowed global")[0]
@@ -144,6 +226,23 @@ def _reason(error: BaseException) -> str:
     return _first_line(error)
 
 
+_original_load_checkpoint = checkpoint_utils.load_checkpoint
+
+
+def load_checkpoint(cfg, trainer, **passthrough_args):
+    """fairseq-train's resume, then the task's check that the checkpoint fits its data.
+
+    Runs for every resumed checkpoint, ``--reset-dataloader`` and ``--finetune-from-model``
+    included (fairseq gives the task its checkpoint state only without them), and before the
+    first update, so a refused checkpoint leaves every file as it was.
+    """
+    extra_state, epoch_itr = _original_load_checkpoint(cfg, trainer, **passthrough_args)
+    check = getattr(trainer.task, "check_checkpoint_dict", None)
+    if extra_state is not None and check is not None:
+        check(extra_state.get(type(trainer.task).__name__) or {})
+    return extra_state, epoch_itr
+
+
 _original_save_checkpoint = checkpoint_utils.save_checkpoint
 
 
@@ -152,6 +251,30 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     if not cfg.no_save and hasattr(trainer.task, "gather_checkpoint_state"):
         trainer.task.gather_checkpoint_state()
     return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+
+
+# the temporary names under which fairseq (``torch_persistent_save``) and the plugin
+# (``AtomicCopyPathManager.copy``) write checkpoint files before renaming them
+_STALE_TEMPORARY = re.compile(r"checkpoint.*\.pt\.tmp")
+
+_original_verify_checkpoint_directory = checkpoint_utils.verify_checkpoint_directory
+
+
+def verify_checkpoint_directory(save_dir: str) -> None:
+    """fairseq's check that ``save_dir`` is writable, then removal of the checkpoint ``.tmp``
+    files that a killed run left there (fairseq-train calls this at start, on one worker)."""
+    _original_verify_checkpoint_directory(save_dir)
+    remove_stale_temporaries(save_dir)
+
+
+def remove_stale_temporaries(save_dir: str) -> None:
+    """Delete ``checkpoint*.pt.tmp`` files directly in ``save_dir``, logging each."""
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if _STALE_TEMPORARY.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                logger.info(f"removed {path}, a checkpoint left half-written by a killed run")
 
 
 class AtomicCopyPathManager(PathManager):
@@ -177,5 +300,7 @@ class AtomicCopyPathManager(PathManager):
 def install() -> None:
     """Patch ``fairseq.checkpoint_utils`` (idempotent)."""
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.load_checkpoint = load_checkpoint
     checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
     checkpoint_utils.PathManager = AtomicCopyPathManager

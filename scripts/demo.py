@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ["--estimate-interval", str(args.estimate_interval)],
         progress_seconds=20.0,
         threads=args.threads,
+        jobs=2,  # the two runs side by side, one core each
+        rerun_changed=True,  # a finished run of other code or options is trained again
     )
     specs = sweep.plan_runs([args.fixed_k], [args.delta], [args.seed])
     sweep.say(

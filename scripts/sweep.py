@@ -28,8 +28,21 @@ gets ``--target-dir targets`` for training and evaluation. ``--threads 1`` suits
         --budget-updates 2000 -- --arch tbptt_lstm_lm_wiki2 --lr 20 --clip-norm 0.25 \\
         --batch-size 16 --estimate-window 200 --max-truncation-length 200
 
+``--jobs N`` trains N runs at once (threads, each starting its own fairseq-train with ``--threads``
+intra-op threads; progress lines name their run). Each run is locked while a sweep works on it
+(``fcntl.flock`` on ``runs/<name>/lock``), so several sweep processes may share one ``--out``:
+each leaves the runs another one holds and moves on.
+
+A run directory records what it was trained with (``run.json``: the fairseq-train command with
+the resolved data path and every option, and the code version: a sha256 of the ``atbptt`` and
+``atbptt_fairseq`` sources plus the git commit). Rerunning the sweep with other data, options, budget
+or code on the same ``--out`` is refused before anything starts, in one line naming what differs;
+use another ``--out``, or ``--rerun-changed`` to train those runs again in fresh directories (the
+old ones move to ``<out>/replaced/<name>-<time>``).
+
 Layout of ``--out``:
 
+    runs/<name>/run.json         the command and code version the run is trained with
     runs/<name>/train.log        fairseq-train output (appended when a run resumes)
     runs/<name>/checkpoints/     checkpoint_best.pt, checkpoint_last.pt (resume point)
     runs/<name>/eval_valid.log   fairseq-eval-lm output, likewise eval_test.log
@@ -37,6 +50,7 @@ Layout of ``--out``:
     runs/<name>/validation.csv   per validation: num_updates, wall, tokens, valid_loss, valid_ppl
     runs/<name>/result.json      written last and atomically: the run is finished and skipped
     results.csv                  one row per finished run (rewritten after every run)
+    replaced/<name>-<time>/      runs moved aside by --rerun-changed
 
 Columns: ``tokens`` are scored target tokens (batch columns x K per update), summed as fairseq's
 ``wpb`` x updates over the train_inner log intervals (the few updates after the last log line at
@@ -53,19 +67,25 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import csv
+import fcntl
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import yaml
@@ -297,6 +317,8 @@ class SweepSettings:
     tensorboard_logdir: Path | None = None
     progress_seconds: float = 60.0
     threads: int = 0
+    jobs: int = 1  # runs trained at once
+    rerun_changed: bool = False  # train runs recorded with another configuration again
 
     @property
     def budget_label(self) -> str:
@@ -424,6 +446,133 @@ def eval_command(train_cmd: Sequence[str], checkpoint: Path, subset: str) -> lis
             args += [option, value]
     args += [flag for flag in EVAL_FLAGS if flag in train_cmd]
     return args
+
+
+# ------------------------------------------------------------------------------- run records
+
+# the packages whose source is the code a run trains with
+SOURCE_PACKAGES = ("atbptt", "atbptt_fairseq")
+# options that only say where files go: a sweep directory moved elsewhere is the same sweep
+LOCATION_OPTIONS = ("--save-dir", "--user-dir", "--tensorboard-logdir")
+
+
+def code_version(repo: Path = REPO) -> dict[str, str | None]:
+    """The code a run trains with: a sha256 over the plugin's and the method's Python sources
+    (what decides whether runs are comparable) and, for people, the git commit if there is one."""
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        for path in sorted((repo / package).rglob("*.py")):
+            digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"source_sha256": digest.hexdigest(), "git_commit": commit}
+
+
+def command_options(cmd: Sequence[str]) -> dict[str, str]:
+    """A fairseq-train command as ``{option: value}`` (the last value where an option repeats, as
+    fairseq reads it; ``"set"`` for a flag), the data path under ``data``; locations left out."""
+    options = {"data": cmd[1]}
+    args = list(cmd[2:])
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, _, inline = arg.partition("=")
+        if inline:
+            options[name] = inline
+        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+            options[name] = args[index + 1]
+        else:
+            options[name] = "set"
+    for option in LOCATION_OPTIONS:
+        options.pop(option, None)
+    return options
+
+
+def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two run records (``{"command": [...], "code": {...}}``), e.g.
+    ``--lr 1.0 -> 0.5``; a record without code (an older sweep's) is compared on its command."""
+    old, new = command_options(recorded["command"]), command_options(current["command"])
+    differences = [
+        f"{name} {old.get(name, 'unset')} -> {new.get(name, 'unset')}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+    old_code, new_code = recorded.get("code"), current["code"]
+    if old_code and old_code["source_sha256"] != new_code["source_sha256"]:
+        differences.append(
+            f"code {old_code['source_sha256'][:12]} -> {new_code['source_sha256'][:12]} "
+            f"(commit {old_code.get('git_commit') or '?'} -> {new_code.get('git_commit') or '?'})"
+        )
+    return differences
+
+
+def recorded_run(run_dir: Path) -> dict[str, Any] | None:
+    """The record of what a run directory was trained with: ``run.json``, or for a run of an
+    older sweep the ``command.txt`` it wrote (command only); None for a run not started."""
+    if (run_dir / "run.json").is_file():
+        return json.loads((run_dir / "run.json").read_text())
+    if (run_dir / "command.txt").is_file():
+        return {"command": (run_dir / "command.txt").read_text().split(), "code": None}
+    return None
+
+
+def changed_runs(
+    specs: Sequence[RunSpec], settings: SweepSettings, code: dict[str, Any]
+) -> dict[str, list[str]]:
+    """The runs under ``--out`` recorded with another command or code, with what differs."""
+    changed = {}
+    for spec in specs:
+        run_dir = settings.out / "runs" / spec.name
+        recorded = recorded_run(run_dir)
+        if recorded is None:
+            continue
+        current = {"command": train_command(spec, settings, run_dir), "code": code}
+        differences = record_differences(recorded, current)
+        if differences:
+            changed[spec.name] = differences
+    return changed
+
+
+def refuse_changed_runs(changed: dict[str, list[str]], out: Path) -> None:
+    """One error line naming the first changed run, what differs, and how to go on."""
+    first, differences = next(iter(changed.items()))
+    others = f" (and {len(changed) - 1} more runs)" if len(changed) > 1 else ""
+    raise SystemExit(
+        f"error: run {first} in {out} was trained with another configuration{others}: "
+        f"{'; '.join(differences)}; use another --out, or --rerun-changed to train such runs "
+        f"again in fresh directories (the old ones move to {out / 'replaced'})"
+    )
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold the run's lock (``run_dir/lock``) while the block runs; False if another sweep
+    process holds it (that process is training the run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def move_aside(run_dir: Path, out: Path) -> Path:
+    """Move a run directory to ``out/replaced/<name>-<time>``, out of results.csv's way."""
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    destination = out / "replaced" / f"{run_dir.name}-{stamp}"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), str(destination))
+    return destination
 
 
 # ------------------------------------------------------------------------------- log parsing
@@ -666,7 +815,7 @@ def _cell(value: Any) -> Any:
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts) with the given columns, atomically; NaN and None become empty."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
@@ -698,7 +847,7 @@ def write_trajectories(run_dir: Path, parsed: ParsedLog) -> None:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -758,9 +907,13 @@ def summarize_run(
 # ------------------------------------------------------------------------------------ running
 
 
+_SAY_LOCK = threading.Lock()  # whole lines, whichever of the --jobs threads prints them
+
+
 def say(message: str) -> None:
-    """One progress line on stdout."""
-    print(message, flush=True)
+    """One progress line (or block of lines) on stdout, never interleaved with another."""
+    with _SAY_LOCK:
+        print(message, flush=True)
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -789,6 +942,37 @@ class RunFailed(RuntimeError):
     """A fairseq subprocess of a run exited with an error."""
 
 
+class ChildProcesses:
+    """The fairseq subprocesses the sweep has running (one run's, or ``--jobs`` runs'), so that
+    stopping the sweep (Ctrl-C, SIGTERM) stops every one of them, not only the main thread's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, cmd: Sequence[str], **popen_args: Any) -> subprocess.Popen:
+        with self._lock:
+            if self.stopping:
+                raise RunFailed("the sweep is stopping")
+            process = subprocess.Popen(list(cmd), **popen_args)
+            self._running.add(process)
+        return process
+
+    def wait(self, process: subprocess.Popen) -> int:
+        code = process.wait()
+        with self._lock:
+            self._running.discard(process)
+        return code
+
+    def stop_all(self) -> None:
+        """Terminate every running subprocess and start no more."""
+        with self._lock:
+            self.stopping = True
+            for process in self._running:
+                process.terminate()
+
+
 def _progress_line(
     name: str, tag: str, record: dict[str, Any], of: str, train: dict[str, Any]
 ) -> str:
@@ -813,17 +997,19 @@ def run_train(
     of: str,
     progress_seconds: float,
     threads: int = 0,
+    children: ChildProcesses | None = None,
 ) -> None:
     """Run fairseq-train, appending its output to ``log_path``; print validations as they come
     and at most one training line every ``progress_seconds``."""
+    children = children or ChildProcesses()
     last_shown = time.monotonic()
     last_train: dict[str, Any] = {}
     with log_path.open("a") as log:
         stamp = datetime.now().isoformat(timespec="seconds")
         log.write(f"# sweep attempt {stamp}: {' '.join(cmd)}\n")
         log.flush()
-        process = subprocess.Popen(
-            list(cmd),
+        process = children.start(
+            cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -847,29 +1033,36 @@ def run_train(
                     last_shown = now
         except BaseException:
             process.terminate()
-            process.wait()
+            children.wait(process)
             raise
-        code = process.wait()
+        code = children.wait(process)
     if code != 0:
         tail = log_path.read_text().splitlines()[-25:]
         raise RunFailed(f"fairseq-train exited {code}; end of {log_path}:\n" + "\n".join(tail))
 
 
-def run_evals(cmds: dict[str, list[str]], run_dir: Path) -> dict[str, tuple[float, float]]:
-    """Run the fairseq-eval-lm commands side by side, sharing the cores; parse their results."""
-    env = child_env(max(1, (os.cpu_count() or 2) // len(cmds)))
+def run_evals(
+    cmds: dict[str, list[str]],
+    run_dir: Path,
+    cores: int = 0,
+    children: ChildProcesses | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Run the fairseq-eval-lm commands side by side, sharing ``cores`` (0: all of the
+    machine's); parse their results."""
+    children = children or ChildProcesses()
+    env = child_env(max(1, (cores or os.cpu_count() or 2) // len(cmds)))
     processes = {}
     for subset, cmd in cmds.items():
         log = (run_dir / f"eval_{subset}.log").open("w")
         log.write(f"# {' '.join(cmd)}\n")
         log.flush()
         processes[subset] = (
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env),
+            children.start(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env),
             log,
         )
     results = {}
     for subset, (process, log) in processes.items():
-        code = process.wait()
+        code = children.wait(process)
         log.close()
         text = (run_dir / f"eval_{subset}.log").read_text()
         if code != 0:
@@ -891,88 +1084,168 @@ def training_finished(log_path: Path) -> bool:
     return DONE_LINE in last_attempt
 
 
-def run_one(spec: RunSpec, settings: SweepSettings) -> tuple[dict[str, Any], bool]:
-    """Train, evaluate and summarize one run; ``(result, skipped)``.
+def run_one(
+    spec: RunSpec,
+    settings: SweepSettings,
+    code: dict[str, Any] | None = None,
+    children: ChildProcesses | None = None,
+    on_start: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, Any] | None, str]:
+    """Train, evaluate and summarize one run; ``(result, status)``, status ``"done"``,
+    ``"skipped"`` (finished earlier) or ``"locked"`` (another sweep process is at it: result None).
 
-    A run with a ``result.json`` is skipped. Otherwise fairseq-train resumes from the run's
+    The run's lock is held throughout. ``run.json`` records the command and ``code`` (default:
+    :func:`code_version`) before training starts; a run recorded with another configuration is
+    refused, or with ``settings.rerun_changed`` moved aside and trained afresh. A run with a
+    ``result.json`` is skipped. Otherwise fairseq-train resumes from the run's
     ``checkpoint_last.pt`` if an earlier attempt left one (it starts afresh if not); a
     ``train_done.json`` marks training as complete so that only the evaluation is redone.
+    ``on_start`` is called before anything is trained or evaluated.
     """
+    code = code or code_version()
     run_dir = settings.out / "runs" / spec.name
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text()), True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(spec, settings, run_dir)
-    done_path = run_dir / "train_done.json"
-    if not done_path.is_file() and not training_finished(run_dir / "train.log"):
-        (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-        run_train(
-            cmd,
-            run_dir / "train.log",
-            spec.name,
-            settings.updates_of,
-            settings.progress_seconds,
-            settings.threads,
-        )
-        write_json(done_path, {"command": cmd})
-    parsed = parse_log((run_dir / "train.log").read_text())
-    write_trajectories(run_dir, parsed)
-    best = run_dir / "checkpoints" / "checkpoint_best.pt"
-    if not best.is_file():
-        raise RunFailed(f"{best} is missing: training saved no checkpoint")
-    scores = run_evals({s: eval_command(cmd, best, s) for s in ("valid", "test")}, run_dir)
-    result = summarize_run(spec, parsed, scores["valid"], scores["test"])
-    result["budget"] = settings.budget_label
-    write_json(result_path, result)
-    return result, False
+    with run_lock(run_dir) as locked:
+        if not locked:
+            return None, "locked"
+        cmd = train_command(spec, settings, run_dir)
+        record = {"command": cmd, "code": code}
+        recorded = recorded_run(run_dir)
+        differences = record_differences(recorded, record) if recorded is not None else []
+        if differences and not settings.rerun_changed:
+            raise RunFailed(
+                f"{run_dir} was trained with another configuration: {'; '.join(differences)}"
+            )
+        if differences:
+            moved = move_aside(run_dir, settings.out)
+            say(f"    [{spec.name}] trained with another configuration: moved to {moved}")
+            return run_one(spec, settings, code, children, on_start)
+        result_path = run_dir / "result.json"
+        if result_path.is_file():
+            return json.loads(result_path.read_text()), "skipped"
+        on_start()
+        if not (run_dir / "run.json").is_file():
+            write_json(run_dir / "run.json", record)
+        done_path = run_dir / "train_done.json"
+        if not done_path.is_file() and not training_finished(run_dir / "train.log"):
+            run_train(
+                cmd,
+                run_dir / "train.log",
+                spec.name,
+                settings.updates_of,
+                settings.progress_seconds,
+                settings.threads,
+                children,
+            )
+            write_json(done_path, {"command": cmd})
+        parsed = parse_log((run_dir / "train.log").read_text())
+        write_trajectories(run_dir, parsed)
+        best = run_dir / "checkpoints" / "checkpoint_best.pt"
+        if not best.is_file():
+            raise RunFailed(f"{best} is missing: training saved no checkpoint")
+        evals = {subset: eval_command(cmd, best, subset) for subset in ("valid", "test")}
+        cores = max(1, (os.cpu_count() or 2) // settings.jobs)
+        scores = run_evals(evals, run_dir, cores, children)
+        result = summarize_run(spec, parsed, scores["valid"], scores["test"])
+        result["budget"] = settings.budget_label
+        write_json(result_path, result)
+        return result, "done"
+
+
+class SweepProgress:
+    """Elapsed time, durations and failures of a sweep's runs, shared by its ``--jobs`` threads."""
+
+    def __init__(self, total: int, jobs: int) -> None:
+        self.total, self.jobs = total, jobs
+        self.started = time.monotonic()
+        self.durations: list[float] = []
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def elapsed(self) -> str:
+        return fmt_seconds(time.monotonic() - self.started)
+
+    def eta(self, remaining: int) -> str:
+        """Time for ``remaining`` runs at the mean duration so far, ``jobs`` at a time."""
+        with self._lock:
+            mean = np.mean(self.durations) if self.durations else math.nan
+        return fmt_seconds(mean * remaining / self.jobs)
+
+    def finished(self, seconds: float) -> None:
+        with self._lock:
+            self.durations.append(seconds)
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
 
 
 def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: bool = False) -> int:
-    """Run the grid in order with start/finish lines and an ETA; return the number of failures."""
+    """Run the grid in order, ``settings.jobs`` runs at a time, with start/finish lines and an
+    ETA; return the number of failures.
+
+    Refuses (one line, nothing started) if a run under ``--out`` was recorded with another
+    configuration, unless ``settings.rerun_changed``. A run that another sweep process holds
+    (its lock) is left to that process. After a failure no new run starts unless ``keep_going``.
+    """
     settings.out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    durations: list[float] = []
-    failures = 0
-    for index, spec in enumerate(specs, 1):
+    code = code_version()
+    changed = changed_runs(specs, settings, code)
+    if changed and not settings.rerun_changed:
+        refuse_changed_runs(changed, settings.out)
+    progress = SweepProgress(len(specs), settings.jobs)
+    children = ChildProcesses()
+    stop = threading.Event()
+
+    def work(index: int, spec: RunSpec) -> None:
+        if stop.is_set():
+            return
         head = f"run {index}/{len(specs)} {spec.name}"
-        remaining = len(specs) - index + 1
-        eta = np.mean(durations) * remaining if durations else math.nan
         run_start = time.monotonic()
-        if not (settings.out / "runs" / spec.name / "result.json").is_file():
+
+        def announce() -> None:
             say(
-                f"{head}: start (elapsed {fmt_seconds(run_start - started)}, "
-                f"ETA {fmt_seconds(eta)})"
+                f"{head}: start (elapsed {progress.elapsed()}, "
+                f"ETA {progress.eta(len(specs) - index + 1)})"
             )
+
         try:
-            result, skipped = run_one(spec, settings)
+            result, status = run_one(spec, settings, code, children, announce)
         except RunFailed as error:
-            failures += 1
+            if children.stopping:
+                return
+            progress.failed()
             say(f"{head}: FAILED after {fmt_seconds(time.monotonic() - run_start)}\n{error}")
             if not keep_going:
-                break
-            continue
-        if skipped:
+                stop.set()
+            return
+        if status == "locked":
+            say(f"{head}: another sweep process is running it (its lock is held), skipped")
+        elif status == "skipped":
             say(f"{head}: finished earlier, skipped (test ppl {result['test_ppl']:.4g})")
-            budget = result.get("budget") or f"{result.get('budget_updates')} updates"
-            if budget != settings.budget_label:
-                say(
-                    f"    warning: {spec.name} was run with a budget of {budget}, not "
-                    f"{settings.budget_label}; use another --out to compare budgets"
-                )
-            continue
-        durations.append(time.monotonic() - run_start)
-        write_results(settings.out)
-        eta = np.mean(durations) * (len(specs) - index)
-        say(
-            f"{head}: done in {fmt_seconds(durations[-1])}: valid ppl {result['valid_ppl']:.4g}, "
-            f"test ppl {result['test_ppl']:.4g}, final K {result['final_k']:g}, "
-            f"delta_hat {result['final_bias_hat']:.3g} "
-            f"(elapsed {fmt_seconds(time.monotonic() - started)}, ETA {fmt_seconds(eta)})"
-        )
+        else:
+            duration = time.monotonic() - run_start
+            progress.finished(duration)
+            write_results(settings.out)
+            say(
+                f"{head}: done in {fmt_seconds(duration)}: valid ppl "
+                f"{result['valid_ppl']:.4g}, test ppl {result['test_ppl']:.4g}, final K "
+                f"{result['final_k']:g}, delta_hat {result['final_bias_hat']:.3g} "
+                f"(elapsed {progress.elapsed()}, ETA {progress.eta(len(specs) - index)})"
+            )
+
+    with ThreadPoolExecutor(max_workers=settings.jobs, thread_name_prefix="run") as pool:
+        futures = [pool.submit(work, index, spec) for index, spec in enumerate(specs, 1)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # Ctrl-C, SIGTERM: stop every run's fairseq process too
+            stop.set()
+            children.stop_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     path = write_results(settings.out)
     say(f"results: {path} ({len(load_results(settings.out))} finished runs)")
-    return failures
+    return progress.failures
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -1093,6 +1366,21 @@ def build_parser() -> argparse.ArgumentParser:
         "models such as the copy task's run fastest with 1",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each a fairseq-train of --threads threads (e.g. --jobs 2 "
+        "--threads 1 on 2 cores). Several sweep processes may also share one --out: a run "
+        "one of them is training is locked, and the others move on",
+    )
+    parser.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train again, in a fresh run directory, every run that --out holds with another "
+        "command (data, options, budget) or code; the old directory moves to <out>/replaced/. "
+        "Without it such a sweep is refused",
+    )
+    parser.add_argument(
         "--keep-going", action="store_true", help="go on with the next run when one fails"
     )
     parser.add_argument(
@@ -1119,6 +1407,8 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
     valid_tokens = args.valid_tokens or max(1, args.budget_processed_tokens // 20)
     if not (args.data / "dict.txt").is_file():
         raise SystemExit(f"error: {args.data} holds no dict.txt; give a fairseq-preprocess output")
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     check_extra_args(extra)
     valid_interval = args.valid_interval or max(1, args.budget_updates // 10)
     # a token budget ends at an update no one knows in advance: log lines divide the interval
@@ -1138,6 +1428,8 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
         tensorboard_logdir=args.tensorboard_logdir.resolve() if args.tensorboard_logdir else None,
         progress_seconds=args.progress_seconds,
         threads=args.threads,
+        jobs=args.jobs,
+        rerun_changed=args.rerun_changed,
     )
 
 
@@ -1175,7 +1467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in specs:
             say(" ".join(train_command(spec, settings, settings.out / "runs" / spec.name)))
         return 0
-    # SIGTERM ends the sweep like Ctrl-C: the running fairseq child is stopped, not orphaned
+    # SIGTERM ends the sweep like Ctrl-C: the running fairseq children are stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return 1 if run_sweep(specs, settings, keep_going=args.keep_going) else 0
 

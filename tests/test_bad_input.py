@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import shutil
+import struct
 import subprocess
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,6 +18,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 from conftest import BIN, REPO, TINY_TRAIN, USER_DIR, StubOptimizer, random_sentences, run_cli
+from fairseq.data import Dictionary
 
 import atbptt_fairseq  # noqa: F401
 from atbptt_fairseq import checkpoint_guard
@@ -25,6 +28,7 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
     AdaptiveTbpttLmConfig,
     AdaptiveTbpttLmTask,
     check_config,
+    dictionary_identity,
 )
 
 pytestmark = pytest.mark.e2e
@@ -387,3 +391,212 @@ def test_non_finite_estimate_keeps_k_warns_and_training_continues(tiny_corpus, c
     assert math.isnan(task.controller.last_decision.relative_bias)
     assert any("not finite" in record.getMessage() for record in caplog.records)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------- other data, damaged checkpoints, a K beyond the data
+# (reliability, round two: every case is refused in one line or warned about, never silent)
+
+
+def permute_dictionary(data: Path) -> None:
+    """Reorder ``dict.txt`` in place: the same size and symbols, other meanings of the ids."""
+    lines = (data / "dict.txt").read_text().splitlines()
+    (data / "dict.txt").write_text("\n".join(lines[1::2] + lines[0::2]) + "\n")
+
+
+def storage_member(checkpoint: Path, tensor: torch.Tensor) -> str:
+    """The archive member that holds ``tensor``'s storage."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        for info in archive.infolist():
+            if "/data/" in info.filename and archive.read(info) == tensor.numpy().tobytes():
+                return info.filename
+    raise AssertionError("no archive member holds the tensor")
+
+
+def flip_bits(source: Path, destination: Path, member: str) -> None:
+    """Copy ``source`` with one bit of every 4-byte word of ``member`` flipped in place, the
+    CRC-32 in the archive left as it was (as a disk or a copy would damage it)."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = archive.getinfo(member)
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_length + extra_length
+    for offset in range(start + 3, start + info.file_size, 4):
+        data[offset] ^= 0x40  # an exponent bit of a float32
+    destination.write_bytes(bytes(data))
+
+
+def rewrite_pickle(source: Path, destination: Path, edit) -> None:
+    """Copy ``source`` with ``edit`` applied to its ``data.pkl``, the archive's CRCs updated."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(destination, "w") as out:
+        for info in archive.infolist():
+            data = archive.read(info)
+            out.writestr(info.filename, edit(data) if info.filename.endswith("/data.pkl") else data)
+
+
+def without_dictionary_identity(source: Path, destination: Path) -> None:
+    """A checkpoint as the plugin wrote it before it recorded the dictionary."""
+    state = torch.load(source)
+    del state["extra_state"]["AdaptiveTbpttLmTask"]["dictionary"]
+    del state["task_state"]["dictionary_identity"]
+    torch.save(state, destination)
+
+
+@pytest.fixture(scope="module")
+def round_two(cases, tiny_corpus) -> Dict[str, Case]:
+    root: Path = cases["root"]  # type: ignore[assignment]
+    checkpoint = root / "good" / "checkpoint_last.pt"
+    permuted = copy_data(tiny_corpus, root / "permuted_dict")
+    permute_dictionary(permuted)
+    embedding = torch.load(checkpoint)["model"]["decoder.embed_tokens.weight"]
+    flipped = root / "flipped.pt"
+    flip_bits(checkpoint, flipped, storage_member(checkpoint, embedding))
+    old = root / "without_identity.pt"
+    without_dictionary_identity(checkpoint, old)
+    resume_permuted = root / "resume_permuted"
+    resume_permuted.mkdir()
+    shutil.copy(checkpoint, resume_permuted / "checkpoint_last.pt")
+    table = {
+        "eval_permuted": Case("fairseq-eval-lm", [str(permuted), *EVAL, "--path", str(checkpoint)]),
+        "resume_permuted": Case(
+            "fairseq-train",
+            [str(permuted), *TRAIN, "--save-dir", str(resume_permuted)],
+            resume_permuted,
+        ),
+        "eval_flipped": Case("fairseq-eval-lm", [str(tiny_corpus), *EVAL, "--path", str(flipped)]),
+        "eval_old": Case("fairseq-eval-lm", [str(tiny_corpus), *EVAL, "--path", str(old)]),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(Case.run, table.values()))
+    table["paths"] = {"checkpoint": checkpoint, "flipped": flipped, "permuted": permuted}
+    return table
+
+
+def test_checkpoint_of_another_dictionary_of_the_same_size_is_refused(round_two, tiny_corpus):
+    trained = dictionary_identity(Dictionary.load(str(tiny_corpus / "dict.txt")))
+    other = dictionary_identity(Dictionary.load(str(round_two["paths"]["permuted"] / "dict.txt")))
+    assert trained["types"] == other["types"]  # the size check alone let these through
+    for name in ("eval_permuted", "resume_permuted"):  # the resume changed no file
+        round_two[name].assert_clear_failure(
+            f"{trained['types']} types (sha256 {trained['sha256'][:12]})",
+            f"permuted_dict/dict.txt ({other['types']} types, sha256 {other['sha256'][:12]})",
+            "data directory (dict.txt)",
+        )
+
+
+def test_checkpoint_without_dictionary_identity_loads_with_one_warning(round_two, tiny_corpus):
+    case = round_two["eval_old"]
+    assert case.returncode == 0 and "Perplexity" in case.output, case.output[-3000:]
+    assert case.output.count("records no dictionary identity") == 1
+    # resuming from one: the same single warning
+    task = AdaptiveTbpttLmTask.setup_task(
+        AdaptiveTbpttLmConfig(data=str(tiny_corpus), seed=1, train_subset="train")
+    )
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    task_logger = logging.getLogger("atbptt_fairseq.tasks.adaptive_tbptt_lm")
+    task_logger.addHandler(handler)
+    try:
+        task.check_checkpoint_dict({"cursor": {}})
+        task.check_checkpoint_dict({"cursor": {}})
+    finally:
+        task_logger.removeHandler(handler)
+    assert sum("records no dictionary identity" in message for message in warnings) == 1
+
+
+def test_flipped_bits_in_tensor_data_are_reported_as_corrupt(round_two):
+    paths = round_two["paths"]
+    # torch itself loads the damaged file: the flipped bits change a parameter
+    damaged = torch.load(paths["flipped"])["model"]["decoder.embed_tokens.weight"]
+    intact = torch.load(paths["checkpoint"])["model"]["decoder.embed_tokens.weight"]
+    assert not torch.equal(damaged, intact)
+    case = round_two["eval_flipped"]
+    case.assert_clear_failure(f"checkpoint {paths['flipped']} is corrupt", "CRC-32")
+    assert case.returncode == 1 and case.output.count("atbptt_fairseq: error:") == 1
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda pickle: pickle[:2] + b"\xff" + pickle[3:],  # no such opcode
+        lambda pickle: pickle.replace(b"_rebuild_tensor_v2", b"_rebuild_tensoq_v2", 1),
+        lambda pickle: pickle.replace(b"collections\nOrderedDict", b"collectionz\nOrderedDict", 1),
+    ],
+    ids=["opcode", "function", "module"],
+)
+def test_damaged_pickle_is_corrupt_not_unsafe(round_two, tmp_path, edit):
+    damaged = tmp_path / "checkpoint_last.pt"
+    rewrite_pickle(round_two["paths"]["checkpoint"], damaged, edit)
+    from fairseq import checkpoint_utils
+
+    with pytest.raises(checkpoint_guard.CheckpointError) as error:
+        checkpoint_utils.load_checkpoint_to_cpu(str(damaged))
+    message = str(error.value)
+    assert "corrupt" in message and str(damaged) in message and "refusing" not in message
+    # the archive itself is sound: only the pickle is damaged
+    with zipfile.ZipFile(damaged) as archive:
+        assert archive.testzip() is None
+
+
+def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path, caplog):
+    from fairseq import checkpoint_utils
+
+    stale = ["checkpoint_last.pt.tmp", "checkpoint_2_40.pt.tmp", "checkpoint_best.pt.tmp"]
+    kept = ["checkpoint_last.pt", "notes.pt.tmp", "checkpoint_last.pt.tmp.bak", "data.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "checkpoint_last.pt.tmp").write_bytes(b"x")  # not in the save dir
+    with caplog.at_level(logging.INFO, logger="atbptt_fairseq.checkpoint_guard"):
+        checkpoint_utils.verify_checkpoint_directory(str(tmp_path))  # what fairseq-train runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["sub"])
+    assert (tmp_path / "sub" / "checkpoint_last.pt.tmp").exists()
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed ")]
+    assert sorted(removed) == sorted(
+        f"removed {tmp_path / name}, a checkpoint left half-written by a killed run"
+        for name in stale
+    )
+
+
+def test_target_stream_binarized_with_another_dictionary_is_refused(tiny_corpus, tmp_path):
+    data = copy_data(tiny_corpus, tmp_path / "data")
+    (data / "targets").mkdir()
+    for name in ("dict.txt", "train.bin", "train.idx"):
+        shutil.copy(data / name, data / "targets" / name)
+    config = AdaptiveTbpttLmConfig(
+        data=str(data), seed=1, train_subset="train", target_dir="targets"
+    )
+    AdaptiveTbpttLmTask.setup_task(config)  # the same dictionary: fine
+    permute_dictionary(data / "targets")
+    with pytest.raises(UserInputError, match="is read with the input dictionary") as error:
+        AdaptiveTbpttLmTask.setup_task(config)
+    assert "targets/dict.txt (48 types" in str(error.value) and "--srcdict" in str(error.value)
+
+
+def test_truncation_length_longer_than_a_column_logs_and_scales_the_applied_k(tiny_corpus, caplog):
+    config = AdaptiveTbpttLmConfig(
+        data=str(tiny_corpus), seed=1, train_subset="train", truncation_length=5000,
+        lr_scaling="sqrt", lr_scaling_reference=1,
+    )  # fmt: skip
+    task = AdaptiveTbpttLmTask.setup_task(config)
+    task.load_dataset("train")
+    slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=4).next_epoch_itr())
+    column = task._train_columns[0].size(1)
+    assert column < 5000 and len(slots) == 1
+    torch.manual_seed(0)
+    model_config = TbpttLstmLmConfig(embed_dim=8, hidden_size=8, num_layers=1, dropout=0.0)
+    model = TbpttLstmLanguageModel.build_model(model_config, task)
+    from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
+
+    criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
+    with caplog.at_level(logging.WARNING):
+        for update in range(3):  # three passes over the one-segment columns
+            _, _, logging_output = task.train_step(
+                slots[0], model, criterion, StubOptimizer(model), update
+            )
+            assert logging_output["trunc_k"] == column
+            assert logging_output["lr_scale"] == pytest.approx(math.sqrt(column))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"K = 5000 is longer than a training column ({column} tokens" in warnings[0]
+    assert f"K = {column} applies" in warnings[0]

@@ -384,3 +384,110 @@ def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, caps
     assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["budget"] == (
         "480 tokens"
     )
+
+
+# ------------------------------------------- sweeps that would mix configurations, or runs
+
+
+def test_run_records_name_what_differs(tmp_path):
+    settings = sweep.SweepSettings(
+        data=tmp_path / "a", out=tmp_path / "out", budget_updates=100, valid_interval=20,
+        log_interval=5, extra_args=["--lr", "1.0", "--clip-norm", "0.5"],
+    )  # fmt: skip
+    spec = sweep.RunSpec("fixed", 5, 1)
+    code = {"source_sha256": "a" * 64, "git_commit": "c1"}
+    recorded = {"command": sweep.train_command(spec, settings, tmp_path / "r1"), "code": code}
+    # the same run in a moved sweep directory is the same run
+    moved = {"command": sweep.train_command(spec, settings, tmp_path / "r2"), "code": code}
+    assert sweep.record_differences(recorded, moved) == []
+    settings.data, settings.budget_updates = tmp_path / "b", 200
+    settings.extra_args = ["--lr", "1.0", "--lr", "0.5", "--dropout=0.1"]
+    current = {
+        "command": sweep.train_command(spec, settings, tmp_path / "r1"),
+        "code": {"source_sha256": "b" * 64, "git_commit": "c2"},
+    }
+    assert sweep.record_differences(recorded, current) == [
+        "--clip-norm 0.5 -> unset",
+        "--dropout unset -> 0.1",
+        "--lr 1.0 -> 0.5",
+        "--max-update 100 -> 200",
+        f"data {tmp_path / 'a'} -> {tmp_path / 'b'}",
+        f"code {'a' * 12} -> {'b' * 12} (commit c1 -> c2)",
+    ]
+    # an older sweep's run (command.txt, no code version) is compared on its command
+    assert sweep.record_differences({"command": recorded["command"], "code": None}, current)[
+        -1
+    ].startswith("data ")
+
+
+def test_code_version_hashes_the_sources_of_both_packages(tmp_path):
+    for package in sweep.SOURCE_PACKAGES:
+        (tmp_path / package / "sub").mkdir(parents=True)
+        (tmp_path / package / "sub" / "module.py").write_text("x = 1\n")
+    first = sweep.code_version(tmp_path)
+    assert first["git_commit"] is None  # not a git checkout
+    (tmp_path / "atbptt" / "notes.txt").write_text("not code")
+    assert sweep.code_version(tmp_path) == first
+    (tmp_path / "atbptt_fairseq" / "sub" / "module.py").write_text("x = 2\n")
+    assert sweep.code_version(tmp_path)["source_sha256"] != first["source_sha256"]
+    assert sweep.code_version()["git_commit"]  # this checkout
+
+
+def test_a_run_locked_by_another_sweep_process_is_left_to_it(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dict.txt").write_text("a 1\n")
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "fixed_k6_s1"
+    argv = ["--data", str(tmp_path / "data"), "--out", str(out), "--fixed", "6", "--deltas",
+            "none", "--budget-updates", "10"]  # fmt: skip
+    with sweep.run_lock(run_dir) as locked:  # as the other process holds it
+        assert locked
+        assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "fixed_k6_s1: another sweep process is running it (its lock is held), skipped" in output
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock"]  # nothing trained or recorded
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        sweep.main([*argv, "--jobs", "0"])
+
+
+@pytest.mark.e2e
+def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "sweep"
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "0.5",
+        "--budget-updates", "8", "--valid-interval", "4", "--jobs", "2", "--threads", "1",
+        "--", *MINI_SWEEP_TRAIN, "--estimate-interval", "4",
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+    for name in ("fixed_k6_s1", "delta0.5_s1"):
+        assert f"{name}: start" in output and f"{name}: done in" in output
+        assert f"[{name}] valid @ 8/8" in output  # every progress line names its run
+    assert [r["run"] for r in sweep.read_csv(out / "results.csv")] == ["fixed_k6_s1", "delta0.5_s1"]
+    record = json.loads((out / "runs" / "fixed_k6_s1" / "run.json").read_text())
+    assert record["command"][1] == str(tiny_corpus.resolve())
+    assert record["code"] == sweep.code_version()
+
+    logs = {p: p.read_bytes() for p in out.glob("runs/*/train.log")}
+    with pytest.raises(SystemExit) as refused:
+        sweep.main([*argv, "--lr", "0.5"])
+    message = str(refused.value)
+    assert message.startswith("error: run fixed_k6_s1 in") and "\n" not in message
+    assert "(and 1 more runs): --lr 1.0 -> 0.5;" in message and "--rerun-changed" in message
+    assert logs == {p: p.read_bytes() for p in out.glob("runs/*/train.log")}  # nothing ran
+
+    argv = [*argv[: argv.index("--deltas")], "--deltas", "none", *argv[argv.index("0.5") + 1 :]]
+    assert sweep.main(["--rerun-changed", *argv, "--lr", "0.5"]) == 0
+    output = capsys.readouterr().out
+    assert "[fixed_k6_s1] trained with another configuration: moved to" in output
+    (replaced,) = (out / "replaced").iterdir()
+    assert replaced.name.startswith("fixed_k6_s1-") and (replaced / "result.json").is_file()
+    rerun = json.loads((out / "runs" / "fixed_k6_s1" / "run.json").read_text())
+    assert sweep.option_value(rerun["command"], "--lr") == "0.5"
+    assert (
+        sweep.option_value(json.loads((replaced / "run.json").read_text())["command"], "--lr")
+        == "1.0"
+    )

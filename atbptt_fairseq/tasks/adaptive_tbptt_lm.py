@@ -10,6 +10,7 @@ controller, which travel in the checkpoint.
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -368,6 +369,17 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         )
 
 
+def dictionary_identity(dictionary: Dictionary) -> Dict[str, Any]:
+    """What a checkpoint records of the dictionary it was trained with: the sha256 of its symbols
+    in id order (the meaning of every token id; counts left out) and, for messages, its size.
+
+    Sizes match easily (fairseq pads a dictionary to a multiple of 8), so only the hash tells two
+    corpora's dictionaries apart.
+    """
+    joined = "\n".join(dictionary.symbols).encode("utf-8")
+    return {"sha256": hashlib.sha256(joined).hexdigest(), "types": len(dictionary)}
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
@@ -442,6 +454,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._update_truncation_length = cfg.truncation_length  # K of the update in progress
         self._pending_estimate_tokens = 0  # this worker's estimate tokens not yet logged
         self._processed_validations = 0  # validations --validate-interval-processed-tokens made
+        self._warned_long_truncation = False
+        self._warned_unchecked_dictionary = False
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -474,8 +488,35 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 f"{dict_path} is not a fairseq dictionary ({error}); regenerate it with "
                 "fairseq-preprocess"
             ) from None
+        if cfg.target_dir:
+            cls._check_target_dictionary(dict_path, dictionary, paths[0], cfg.target_dir)
         logger.info(f"dictionary: {len(dictionary)} types")
         return cls(cfg, dictionary)
+
+    @staticmethod
+    def _check_target_dictionary(
+        dict_path: str, dictionary: Dictionary, data_path: str, target_dir: str
+    ) -> None:
+        """The target stream is read with the input dictionary: refuse one binarized with
+        another (its own dict.txt, when it has one, must be the same)."""
+        target_dict_path = os.path.join(data_path, target_dir, "dict.txt")
+        if not os.path.isfile(target_dict_path):
+            return
+        try:
+            target_dictionary = Dictionary.load(target_dict_path)
+        except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
+            raise UserInputError(
+                f"{target_dict_path} is not a fairseq dictionary ({error}); regenerate it with "
+                "fairseq-preprocess"
+            ) from None
+        inputs, targets = dictionary_identity(dictionary), dictionary_identity(target_dictionary)
+        if inputs["sha256"] != targets["sha256"]:
+            raise UserInputError(
+                f"{target_dict_path} ({targets['types']} types, sha256 "
+                f"{targets['sha256'][:12]}) is not {dict_path} ({inputs['types']} types, sha256 "
+                f"{inputs['sha256'][:12]}): --target-dir {target_dir} is read with the input "
+                f"dictionary; binarize the targets with fairseq-preprocess --srcdict {dict_path}"
+            )
 
     @property
     def source_dictionary(self) -> Dictionary:
@@ -692,8 +733,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
         checkpoint lives on the CPU, possibly in another precision).
         """
         inputs, targets = self._train_columns
-        truncation_length = self.controller.truncation_length
-        segment = plan_segment(self.cursor, truncation_length, self.cfg.tbptt_style, inputs.size(1))
+        requested = self.controller.truncation_length
+        truncation_length = self._applied_truncation_length(requested)
+        if truncation_length < requested:
+            self._warn_long_truncation(requested, truncation_length)
+        segment = plan_segment(self.cursor, requested, self.cfg.tbptt_style, inputs.size(1))
         if segment.new_pass:
             self._carried_state = None
         state = self._carried_state
@@ -718,6 +762,26 @@ class AdaptiveTbpttLmTask(FairseqTask):
             "ntokens": target.numel(),
             "truncation_length": truncation_length,
         }
+
+    def _applied_truncation_length(self, truncation_length: int) -> int:
+        """The K a training segment really has: a K longer than a training column trains each
+        column as one segment from a zero state, i.e. with K = the column length."""
+        if self._train_columns is None:
+            return truncation_length
+        return min(truncation_length, self._train_columns[0].size(1))
+
+    def _warn_long_truncation(self, requested: int, applied: int) -> None:
+        """Say once per run that K is capped by the column length (on the first worker)."""
+        if self._warned_long_truncation:
+            return
+        self._warned_long_truncation = True
+        if _world()[1] == 0:
+            logger.warning(
+                f"K = {requested} is longer than a training column ({applied} tokens: the split "
+                "over --batch-size x workers columns), so every update trains a whole column from "
+                f"a zero state: K = {applied} applies, and trunc_k and --lr-scaling use it; lower "
+                "--truncation-length (--max-truncation-length) or --batch-size for a longer K"
+            )
 
     def train_step(
         self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs
@@ -800,7 +864,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def _lr_factor(self) -> float:
         """The paper's learning-rate scaling with K, relative to K0 or --lr-scaling-reference."""
-        reference = self.cfg.lr_scaling_reference or self.cfg.truncation_length
+        reference = self.cfg.lr_scaling_reference or self._applied_truncation_length(
+            self.cfg.truncation_length
+        )
         return learning_rate_factor(self._update_truncation_length, reference, self.cfg.lr_scaling)
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
@@ -975,8 +1041,47 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "scored_tokens": self.scored_tokens,
                 "processed_tokens": self.processed_tokens,
                 "processed_validations": self._processed_validations,
+                "dictionary": dictionary_identity(self.dictionary),
             }
         }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """fairseq's task state, plus the dictionary's identity: fairseq-eval-lm (and every
+        loader of a trained model) hands this back to :meth:`load_state_dict` before building the
+        model, where :meth:`get_checkpoint_dict` reaches only a resumed fairseq-train."""
+        return {**super().state_dict(), "dictionary_identity": dictionary_identity(self.dictionary)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.check_checkpoint_dictionary(state_dict.pop("dictionary_identity", None))
+        super().load_state_dict(state_dict)
+
+    def check_checkpoint_dict(self, state: Dict[str, Any]) -> None:
+        """Refuse to resume from a checkpoint of other data (called by the plugin's wrapper of
+        fairseq's ``load_checkpoint`` before anything is trained or written)."""
+        self.check_checkpoint_dictionary(state.get("dictionary"))
+
+    def check_checkpoint_dictionary(self, trained: Optional[Dict[str, Any]]) -> None:
+        """Refuse a checkpoint trained with another dictionary than this data directory's (its
+        token ids would mean other words); warn once for one that recorded none."""
+        own = dictionary_identity(self.dictionary)
+        dict_path = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
+        if not trained or "sha256" not in trained:
+            if not self._warned_unchecked_dictionary:
+                self._warned_unchecked_dictionary = True
+                logger.warning(
+                    "the checkpoint records no dictionary identity (it was written by an older "
+                    f"version of the plugin): cannot check that it was trained with {dict_path}"
+                )
+            return
+        if trained["sha256"] != own["sha256"]:
+            raise UserInputError(
+                f"the checkpoint was trained with a dictionary of {trained.get('types', '?')} "
+                f"types (sha256 {trained['sha256'][:12]}), not this data directory's {dict_path} "
+                f"({own['types']} types, sha256 {own['sha256'][:12]}): evaluate or resume with "
+                "the data directory (dict.txt) it was trained on, or binarize your text with "
+                "fairseq-preprocess --srcdict <that dict.txt>"
+            )
 
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Restore the stream position, carried state, controller, token count and lr scaling.
