@@ -38,9 +38,17 @@ it to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with ``shutil.copyfile``: 
 during that copy leaves a truncated ``checkpoint_last.pt``, and the next run cannot resume. The
 copy used by ``checkpoint_utils`` goes through a temporary file and ``os.replace`` here, so every
 checkpoint file is either the old one or the complete new one.
+
+Failed writes. When a checkpoint cannot be written (a full disk, a read-only --save-dir), fairseq
+retries twice, logs a traceback and leaves the partial ``.tmp`` file behind. Here the write is
+tried once, the partial file removed, and the failure ends in one line naming the file and the
+cause; the file keeps its previous content. A --save-dir that cannot be written ends
+in one line too, and a --save-dir that the run created is removed again if the run fails while
+it is still empty (a failed start leaves nothing behind).
 """
 
 import _compat_pickle
+import atexit
 import contextlib
 import importlib.util
 import logging
@@ -243,6 +251,18 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
     return extra_state, epoch_itr
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint or the save directory that cannot be written (full disk, no permission)."""
+
+
+def _write_error(path: str, error: OSError) -> CheckpointWriteError:
+    cause = error.strerror or str(error)
+    return CheckpointWriteError(
+        f"cannot write checkpoint {path}: {cause}; the file keeps its previous content (if it "
+        "had one); free some space or give another --save-dir, then resume"
+    )
+
+
 _original_save_checkpoint = checkpoint_utils.save_checkpoint
 
 
@@ -257,13 +277,78 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
 # (``AtomicCopyPathManager.copy``) write checkpoint files before renaming them
 _STALE_TEMPORARY = re.compile(r"checkpoint.*\.pt\.tmp")
 
+_original_torch_persistent_save = checkpoint_utils.torch_persistent_save
+
+
+def torch_persistent_save(obj, filename: str, async_write: bool = False) -> None:
+    """Save ``obj`` to ``filename`` through ``filename.tmp`` and a rename, in one try.
+
+    A failed write removes the partial ``.tmp`` file and raises :class:`CheckpointWriteError`
+    (fairseq's own version retries for 5 s, logs a traceback and leaves the ``.tmp`` file).
+    """
+    if async_write or not PathManager.supports_rename(filename):
+        return _original_torch_persistent_save(obj, filename, async_write)
+    temporary = filename + ".tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(temporary, filename)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        if isinstance(error, OSError):
+            raise _write_error(filename, error) from error
+        raise
+
+
 _original_verify_checkpoint_directory = checkpoint_utils.verify_checkpoint_directory
 
 
+def _first_missing_directory(path: str) -> Optional[str]:
+    """The outermost directory of ``path`` (itself included) that does not exist yet."""
+    missing = None
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _remove_created_directories(save_dir: str, outermost: str, only_after_failure: bool) -> None:
+    """Remove ``save_dir`` and its parents up to ``outermost`` (all created by this run) while
+    they are empty; with ``only_after_failure``, only when the process ends on an exception."""
+    if only_after_failure and getattr(sys, "last_value", None) is None:
+        return
+    directory = os.path.abspath(save_dir)
+    while True:
+        try:
+            os.rmdir(directory)  # only an empty directory
+        except OSError:
+            return
+        if directory == outermost:
+            return
+        directory = os.path.dirname(directory)
+
+
 def verify_checkpoint_directory(save_dir: str) -> None:
-    """fairseq's check that ``save_dir`` is writable, then removal of the checkpoint ``.tmp``
-    files that a killed run left there (fairseq-train calls this at start, on one worker)."""
-    _original_verify_checkpoint_directory(save_dir)
+    """fairseq's check that checkpoints can be written into ``save_dir``, reported in one line.
+
+    fairseq creates ``save_dir`` here, before the task checks its options: a run that then
+    fails removes it again (and the parents it created) if nothing was written into it. The
+    checkpoint ``.tmp`` files that a killed run left there are removed (fairseq-train calls this
+    at start, on one worker).
+    """
+    outermost = _first_missing_directory(save_dir)
+    try:
+        _original_verify_checkpoint_directory(save_dir)
+    except OSError as error:
+        if outermost is not None:
+            _remove_created_directories(save_dir, outermost, only_after_failure=False)
+        raise CheckpointWriteError(
+            f"cannot write checkpoints into --save-dir {save_dir}: {error.strerror or error}; "
+            "give a --save-dir you can write to"
+        ) from error
+    if outermost is not None:
+        atexit.register(_remove_created_directories, save_dir, outermost, True)
     remove_stale_temporaries(save_dir)
 
 
@@ -290,9 +375,11 @@ class AtomicCopyPathManager(PathManager):
         try:
             shutil.copyfile(src_path, temporary)
             os.replace(temporary, dst_path)
-        except BaseException:
-            if os.path.exists(temporary):
+        except BaseException as error:
+            if os.path.lexists(temporary):
                 os.remove(temporary)
+            if isinstance(error, OSError):
+                raise _write_error(dst_path, error) from error
             raise
         return True
 
@@ -302,5 +389,6 @@ def install() -> None:
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     checkpoint_utils.load_checkpoint = load_checkpoint
     checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
     checkpoint_utils.PathManager = AtomicCopyPathManager

@@ -79,7 +79,8 @@ def prepare_data(dest: Path, quick: bool) -> None:
     command = [sys.executable, str(Path(__file__).resolve().parent / "prepare_copy_task.py")]
     command += ["--dest", str(dest), "--variable", "--force"]
     command += [f"--{split}-steps={count}" for split, count in steps.items()]
-    subprocess.run(command, check=True, env=sweep.child_env())
+    if subprocess.run(command, check=False, env=sweep.child_env()).returncode != 0:
+        raise SystemExit(1)  # prepare_copy_task.py said why in its last line
 
 
 def k_summary(run: plot.RunData, sweep_dir: Path) -> str:
@@ -193,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
     out = args.out.resolve()
+    sweep.check_out_dir(out)
     suffix = ("_quick" if args.quick else "") + ("_sgd" if args.paper_sgd else "")
     data = out / "data" / ("copy_variable_quick" if args.quick else "copy_variable")
     prepare_data(data, args.quick)

@@ -31,7 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepare_common import check_destination, fail, log
+from prepare_common import (
+    Destination,
+    check_destination,
+    fail,
+    log,
+    recorded_options,
+    reported_os_errors,
+)
 from prepare_text import add_split_options, prepare_lines, resolve_fractions
 
 BIBLE_COMMAND = ("bible", "-f", "Gen1:1-Rev22:21")
@@ -109,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if `bible` is missing and running as root, apt-get install bible-kjv",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
     return parser
 
 
@@ -119,19 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     valid_fraction, test_fraction = resolve_fractions(args)
     if args.max_lines is not None and args.max_lines < 3:
         raise fail(f"--max-lines must be at least 3 (one line per split), got {args.max_lines}")
-    check_destination(args.dest, args.force)
-    ensure_bible(args.install)
-    verses = read_verses()
-    log(f"read {len(verses)} verses from `{' '.join(BIBLE_COMMAND)}`")
-    lines = [text for text in (tokenize(verse) for verse in verses[: args.max_lines]) if text]
-    prepare_lines(
-        lambda: iter(lines),
-        args.dest,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-        vocab_size=args.vocab_size,
-        force=args.force,
+    destination = Destination(
+        args.dest, args.force, Path(__file__).name, options=recorded_options(args)
     )
+    with reported_os_errors(args.dest):
+        check_destination(destination)
+        ensure_bible(args.install)
+        verses = read_verses()
+        log(f"read {len(verses)} verses from `{' '.join(BIBLE_COMMAND)}`")
+        lines = [text for text in (tokenize(verse) for verse in verses[: args.max_lines]) if text]
+        prepare_lines(
+            lambda: iter(lines),
+            destination,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            vocab_size=args.vocab_size,
+        )
 
 
 if __name__ == "__main__":

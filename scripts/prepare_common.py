@@ -2,16 +2,25 @@
 
 Every preparation ends in the output of ``fairseq-preprocess --only-source``: a directory with
 ``dict.txt`` and ``{train,valid,test}.{bin,idx}``. The helpers here build that directory in a
-temporary sibling and rename it into place only when complete, so an interrupted run never leaves
-a partial directory that looks finished. Expected problems (missing file, empty input, bad option,
-no network, checksum mismatch) end with ``SystemExit("error: ...")``: one line, no traceback.
+temporary sibling and rename it into place only when complete, so an interrupted run (or a full
+disk) never leaves a partial directory that looks finished. Every finished data-bin carries a
+marker file, ``.atbptt-data-bin.json``, naming the script, its inputs and options, and every file
+it wrote; ``--force`` replaces only such a data-bin (or a plain fairseq-preprocess output), never
+a directory with anything else in it, the inputs, the working directory or the home directory.
+Expected problems (missing file, empty input, bad option, no network, checksum mismatch, input
+that is not text, a full disk) end with ``SystemExit("error: ...")``: one line, no traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import codecs
 import contextlib
+import errno
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +29,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 
@@ -37,19 +48,181 @@ def fail(message: str) -> SystemExit:
 
 
 # --------------------------------------------------------------------------------------------
-# Destination handling: refuse to overwrite, stage in a sibling, rename when complete.
+# Destination handling: replace only what these scripts wrote; stage in a sibling and rename
+# into place when complete.
 # --------------------------------------------------------------------------------------------
 
+DATA_BIN_MARKER = ".atbptt-data-bin.json"
+# Everything that `fairseq-preprocess --only-source` writes into its --destdir
+_PREPROCESS_OUTPUT = re.compile(r"dict\.txt|preprocess\.log|[^/]+\.(bin|idx)")
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
-def check_destination(dest: Path, force: bool) -> None:
-    """Refuse an existing non-empty destination unless ``force`` (checked before any work)."""
-    if dest.exists() and not dest.is_dir():
-        raise fail(f"destination {dest} exists and is not a directory; choose another --dest")
-    if dest.is_dir() and any(dest.iterdir()) and not force:
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a preparation writes its data-bin (``--dest``), and what must survive that.
+
+    ``--force`` replaces ``--dest`` as a whole, so ``--dest`` may neither be nor contain one of
+    the ``inputs`` (files and directories the preparation reads). ``scanned_dirs`` are input
+    directories read as a whole: ``--dest`` may not lie inside one either, or the next run would
+    read the data-bin as input. ``tool`` and ``options`` are recorded in the data-bin's marker.
+    """
+
+    path: Path
+    force: bool
+    tool: str
+    inputs: tuple[Path, ...] = ()
+    scanned_dirs: tuple[Path, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options worth recording in the marker (all but --dest and --force)."""
+    return {name: value for name, value in vars(args).items() if name not in ("dest", "force")}
+
+
+def _files_below(directory: Path) -> list[str]:
+    """Relative paths of everything below ``directory`` except directories (links included)."""
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    found = []
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
+        here = Path(root)
+        links = [name for name in dirs if (here / name).is_symlink()]
+        for name in files + links:
+            found.append((here / name).relative_to(directory).as_posix())
+    return sorted(found)
+
+
+def _writer_and_foreign_files(directory: Path) -> tuple[str, list[str]]:
+    """Which tool wrote ``directory``, and the files in it that this tool did not write.
+
+    A data-bin of these scripts carries the marker, which lists every file they wrote. A
+    directory without it counts as fairseq-preprocess output if it holds dict.txt, and then
+    every file that ``fairseq-preprocess --only-source`` does not write is foreign. Without
+    either, every file is foreign.
+    """
+    present = _files_below(directory)
+    try:
+        marker = json.loads((directory / DATA_BIN_MARKER).read_text(encoding="utf-8"))
+        writer, written = str(marker["written_by"]), set(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        writer, written = "", set()
+    if writer:
+        return writer, [name for name in present if name not in written | {DATA_BIN_MARKER}]
+    if "dict.txt" in present:
+        return "fairseq-preprocess", [n for n in present if not _PREPROCESS_OUTPUT.fullmatch(n)]
+    return "", present
+
+
+def _protected_place(path: Path) -> str | None:
+    """Why the resolved ``path`` may never be a destination (None if it may)."""
+    cwd = Path.cwd().resolve()
+    if path == cwd:
+        return "it is the working directory"
+    if cwd.is_relative_to(path):
+        return "it contains the working directory"
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home directory known
+        return None
+    if path == home:
+        return "it is your home directory"
+    if home.is_relative_to(path):
+        return "it contains your home directory"
+    return None
+
+
+def _listing(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_destination(destination: Destination) -> None:
+    """Refuse a ``--dest`` whose (re)placement could lose anything these scripts did not write.
+
+    Checked before any work, and again just before the finished data-bin is renamed into place.
+    An existing non-empty ``--dest`` is replaced only with ``--force``, and only when it holds
+    nothing but a data-bin written by these scripts or by fairseq-preprocess.
+    """
+    with reported_os_errors(destination.path):  # e.g. a folder in it that cannot be listed
+        _check_destination(destination)
+
+
+def _check_destination(destination: Destination) -> None:
+    dest = destination.path
+    option = f"--dest {dest}"
+    if dest.is_symlink():
+        raise fail(f"{option} is a symbolic link; give the directory itself")
+    resolved = dest.resolve()
+    why = _protected_place(resolved)
+    if why is not None:
         raise fail(
-            f"destination {dest} already exists and is not empty; "
-            "pass --force to replace it or choose another --dest"
+            f"refusing {option}: {why}; give a directory of its own for the data-bin, "
+            "e.g. data-bin/NAME"
         )
+    for item in destination.inputs:
+        if resolved == item.resolve() or item.resolve().is_relative_to(resolved):
+            verb = "is" if resolved == item.resolve() else "contains"
+            raise fail(
+                f"refusing {option}: it {verb} the input {item}; choose a --dest outside the input"
+            )
+    for directory in destination.scanned_dirs:
+        if resolved.is_relative_to(directory.resolve()):
+            raise fail(
+                f"refusing {option}: it lies inside the input directory {directory}, whose text "
+                "files are all read (a later run would read the data-bin as text); choose a "
+                "--dest outside it"
+            )
+    existing = next(path for path in (resolved, *resolved.parents) if path.exists())
+    if not existing.is_dir():
+        if existing == resolved:
+            raise fail(f"{option} is a file, not a directory; choose another --dest")
+        raise fail(f"cannot create {option}: {existing} is a file; choose another --dest")
+    if existing != resolved or not any(resolved.iterdir()):
+        return
+    writer, foreign = _writer_and_foreign_files(resolved)
+    if foreign:
+        raise fail(
+            f"{option} already exists and holds files that these scripts did not write "
+            f"({_listing(foreign)}); choose another --dest or move them out (--force only "
+            "replaces a data-bin written by these scripts or by fairseq-preprocess)"
+        )
+    if not destination.force:
+        raise fail(
+            f"{option} already holds a data-bin (written by {writer}); pass --force to replace "
+            "it or choose another --dest"
+        )
+
+
+def os_error_line(error: OSError, dest: Path) -> str:
+    """The one-line message for a failed read or write while preparing ``dest``."""
+    where = f"{error.filename}: " if error.filename else ""
+    if error.errno in _NO_SPACE:
+        hint = "free some space or choose a --dest on another disk"
+    elif error.errno in _NO_ACCESS:
+        hint = "check that the input is readable and that --dest's folder is writable"
+    else:
+        hint = "fix the cause and run again"
+    return (
+        f"preparing {dest} failed: {where}{error.strerror or error}; nothing was written to "
+        f"{dest}; {hint}"
+    )
+
+
+@contextlib.contextmanager
+def reported_os_errors(dest: Path) -> Iterator[None]:
+    """Turn an OSError (disk full, no permission, ...) into one ``error:`` line naming ``dest``.
+
+    The staging helpers below have already removed what they wrote when this sees the error.
+    """
+    try:
+        yield
+    except OSError as error:
+        raise fail(os_error_line(error, dest)) from None
 
 
 def _current_umask() -> int:
@@ -58,26 +231,46 @@ def _current_umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def staged_directory(dest: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``dest``; rename it to ``dest`` on success.
+def write_marker(stage: Path, destination: Destination) -> None:
+    """Record in a finished data-bin who wrote it, from what, and every file it holds."""
+    record = {
+        "written_by": destination.tool,
+        "inputs": [str(path.resolve()) for path in destination.inputs],
+        "options": dict(destination.options),
+        "files": _files_below(stage),
+    }
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    (stage / DATA_BIN_MARKER).write_text(text, encoding="utf-8")
 
-    On any exception (including Ctrl-C) the temporary directory is removed and ``dest`` is left
-    untouched. With ``force`` an existing ``dest`` is replaced only after the new one is complete.
+
+@contextlib.contextmanager
+def staged_directory(destination: Destination) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``--dest``; rename it to ``--dest`` on success.
+
+    On success the marker (:func:`write_marker`) is added before the rename. On any exception
+    (including Ctrl-C and a full disk) the temporary directory is removed and ``--dest`` is left
+    untouched. With ``force`` an existing ``--dest`` is replaced only after the new one is
+    complete, and only as :func:`check_destination` allows.
     """
-    dest = Path(dest)
-    check_destination(dest, force)
+    check_destination(destination)
+    dest = destination.path.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(stage, 0o777 & ~_current_umask())  # mkdtemp makes it private; use normal perms
     try:
+        os.chmod(stage, 0o777 & ~_current_umask())  # mkdtemp makes it private; use normal perms
         yield stage
-        check_destination(dest, force)  # something may have appeared there in the meantime
+        write_marker(stage, destination)
+        check_destination(destination)  # something may have appeared there in the meantime
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
-        os.replace(stage, dest)
+        try:
+            os.replace(stage, dest)
+        except BaseException:
+            if old is not None:
+                os.replace(old, dest)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -89,10 +282,54 @@ def staged_directory(dest: Path, force: bool) -> Iterator[Path]:
 @contextlib.contextmanager
 def work_directory(dest: Path) -> Iterator[Path]:
     """Yield a scratch directory next to ``dest`` (same disk, large corpora fit); always removed."""
-    dest = Path(dest)
+    dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.work-", dir=dest.parent) as work:
         yield Path(work)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading text: UTF-8 (or a byte-order mark saying otherwise), never binary data.
+# --------------------------------------------------------------------------------------------
+
+# Longest first: the UTF-32-LE mark begins with the UTF-16-LE one
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-8, unless the file starts with a byte-order mark of UTF-8, -16 or -32 (then skipped)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return next((name for mark, name in _BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
+
+
+def read_text_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file; a one-line error for anything that is not text.
+
+    Without a byte-order mark the file must be valid UTF-8 without NUL characters: binary data,
+    and UTF-16/32 text without a mark (half its bytes NUL for Latin text), would otherwise
+    become a dictionary of garbage tokens.
+    """
+    encoding = text_encoding(path)
+    label = "UTF-8" if encoding == "utf-8" else encoding.upper().replace("-SIG", " with BOM")
+    try:
+        with open(path, encoding=encoding) as handle:
+            for number, line in enumerate(handle, 1):
+                if "\0" in line:
+                    raise fail(
+                        f"{path} is not text: line {number} holds a NUL character (binary "
+                        "data, or UTF-16/32 text without a byte-order mark); convert it to UTF-8"
+                    )
+                yield line
+    except UnicodeDecodeError as exc:
+        guess = "; Latin-1, or UTF-16 without a byte-order mark?" if encoding == "utf-8" else ""
+        raise fail(f"{path} is not {label} text ({exc.reason}{guess}); convert it to UTF-8")
 
 
 # --------------------------------------------------------------------------------------------

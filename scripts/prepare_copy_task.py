@@ -30,9 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prepare_common import (
     SPLITS,
+    Destination,
     check_destination,
     fail,
     log,
+    recorded_options,
+    reported_os_errors,
     run_preprocess,
     staged_directory,
     write_lines,
@@ -148,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of columns (lines) in every split (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
     return parser
 
 
@@ -162,9 +169,12 @@ def main(argv: list[str] | None = None) -> None:
             raise fail(f"--{split}-steps must be at least 1, got {n}")
     if args.columns < 1:
         raise fail(f"--columns must be at least 1, got {args.columns}")
-    check_destination(args.dest, args.force)
+    destination = Destination(
+        args.dest, args.force, Path(__file__).name, options=recorded_options(args)
+    )
+    check_destination(destination)
 
-    with staged_directory(args.dest, args.force) as stage:
+    with reported_os_errors(args.dest), staged_directory(destination) as stage:
         raw = stage / "raw"
         inputs: dict[str, Path] = {}
         targets: dict[str, Path] = {}

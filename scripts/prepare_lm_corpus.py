@@ -30,11 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prepare_common import (
     SPLITS,
+    Destination,
     check_destination,
     download,
     extract_archive,
     fail,
     log,
+    read_text_lines,
+    recorded_options,
+    reported_os_errors,
     run_preprocess,
     staged_directory,
     work_directory,
@@ -147,15 +151,11 @@ def fetch(corpus: Corpus, download_dir: Path, work: Path, base_url: str | None) 
 
 def iter_kept_lines(path: Path, drop_empty_lines: bool) -> Iterator[str]:
     """Lines of a split file without their newline; whitespace-only lines dropped if asked."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                line = line.rstrip("\n")
-                if drop_empty_lines and not line.strip():
-                    continue
-                yield line
-    except UnicodeDecodeError as exc:
-        raise fail(f"{path} is not UTF-8 text ({exc.reason}); is it the right file?")
+    for line in read_text_lines(path):
+        line = line.rstrip("\n")
+        if drop_empty_lines and not line.strip():
+            continue
+        yield line
 
 
 def stage_split(path: Path, out: Path, drop_empty_lines: bool) -> Path:
@@ -196,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fetch the release files by name from this base URL instead (checksums still checked)",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
     return parser
 
 
@@ -204,10 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     """Get the corpus, check it and binarize it into --dest."""
     args = build_parser().parse_args(argv)
     corpus = CORPORA[args.corpus]
-    check_destination(args.dest, args.force)
     download_dir = args.download_dir or args.dest.parent / "downloads"
+    source = args.source_dir if args.source_dir is not None else download_dir
+    destination = Destination(
+        args.dest, args.force, Path(__file__).name, inputs=(source,), options=recorded_options(args)
+    )
+    check_destination(destination)
 
-    with work_directory(args.dest) as work:
+    with reported_os_errors(args.dest), work_directory(args.dest) as work:
         if args.source_dir is not None:
             files = locate_files(args.source_dir, corpus)
         else:
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             split: stage_split(path, work / f"{split}.txt", corpus.drop_empty_lines)
             for split, path in files.items()
         }
-        with staged_directory(args.dest, args.force) as stage:
+        with staged_directory(destination) as stage:
             run_preprocess(stage, staged, what=args.corpus)
 
 

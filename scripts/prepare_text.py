@@ -15,12 +15,18 @@ Two tokenizations:
     python scripts/prepare_text.py --input book.txt --dest data-bin/book --lowercase
     python scripts/prepare_text.py --input texts/ --dest data-bin/texts_spm --spm-vocab-size 8000
 
-A directory is read as all the *.txt files directly in it (not in subdirectories), sorted by name.
+A directory is read as every *.txt file below it, at any depth, in the order of their paths
+below it (sorted, so the same tree gives the same corpus); hidden files and folders (a name
+starting with ".") and symbolic links to folders are skipped, and the log says how many files were
+skipped. Text must be UTF-8; a file that starts with a byte-order mark is read in the encoding the
+mark names (UTF-8, UTF-16 or UTF-32, the mark dropped). Anything else (invalid UTF-8, NUL bytes as
+in binary data or UTF-16 without a mark) is refused with a line naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,9 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prepare_common import (
     SPLITS,
+    Destination,
     check_destination,
     fail,
     log,
+    read_text_lines,
+    recorded_options,
+    reported_os_errors,
     run_preprocess,
     split_counts,
     staged_directory,
@@ -45,15 +55,36 @@ SPM_BATCH_LINES = 10000
 
 
 def list_input_files(path: Path) -> list[Path]:
-    """The text files to read: the file itself, or every *.txt directly in a directory, sorted."""
+    """The text files to read: the file itself, or every *.txt below a directory (any depth).
+
+    Sorted by their path below ``path``; hidden files and folders and linked folders skipped.
+    """
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.glob("*.txt") if p.is_file())
-        if not files:
-            raise fail(f"directory {path} contains no .txt files; give a text file or directory")
-        return files
-    raise fail(f"input {path} does not exist; give a text file or a directory of .txt files")
+    if not path.is_dir():
+        raise fail(f"input {path} does not exist; give a text file or a directory of .txt files")
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    files: list[Path] = []
+    skipped = 0
+    for root, dirs, names in os.walk(path, onerror=unreadable):
+        here = Path(root)
+        kept_dirs = [d for d in dirs if not d.startswith(".") and not (here / d).is_symlink()]
+        skipped += len(dirs) - len(kept_dirs)
+        dirs[:] = kept_dirs
+        for name in names:
+            if name.endswith(".txt") and not name.startswith(".") and (here / name).is_file():
+                files.append(here / name)
+            else:
+                skipped += 1
+    files.sort(key=lambda file: file.relative_to(path).parts)
+    if not files:
+        raise fail(f"directory {path} contains no .txt files; give a text file or directory")
+    note = f" (skipped {skipped} other files, hidden files or folders, or linked folders)"
+    log(f"reading {len(files)} .txt files below {path}{note if skipped else ''}")
+    return files
 
 
 def normalize_line(line: str, lowercase: bool) -> str:
@@ -65,14 +96,10 @@ def normalize_line(line: str, lowercase: bool) -> str:
 def iter_text_lines(files: list[Path], lowercase: bool) -> Iterator[str]:
     """Non-empty normalized lines of all files, in order."""
     for path in files:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    text = normalize_line(line, lowercase)
-                    if text:
-                        yield text
-        except UnicodeDecodeError as exc:
-            raise fail(f"{path} is not UTF-8 text ({exc.reason}); convert it to UTF-8 first")
+        for line in read_text_lines(path):
+            text = normalize_line(line, lowercase)
+            if text:
+                yield text
 
 
 def parse_split_ratio(text: str) -> tuple[float, float]:
@@ -155,16 +182,15 @@ def encode_file(model: Path, source: Path, target: Path) -> None:
 
 def prepare_lines(
     read_lines: Callable[[], Iterable[str]],
-    dest: Path,
+    destination: Destination,
     *,
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
     vocab_size: int | None = None,
     spm_vocab_size: int | None = None,
     spm_model_type: str = "unigram",
-    force: bool = False,
 ) -> None:
-    """Split normalized non-empty lines into train/valid/test, tokenize and binarize into ``dest``.
+    """Split normalized non-empty lines into train/valid/test, tokenize and binarize them.
 
     ``read_lines`` is called twice (count, then write) so large inputs are streamed, not held.
     """
@@ -173,12 +199,12 @@ def prepare_lines(
     for name, value in (("--vocab-size", vocab_size), ("--spm-vocab-size", spm_vocab_size)):
         if value is not None and value < 1:
             raise fail(f"{name} must be a positive number, got {value}")
-    check_destination(dest, force)
+    check_destination(destination)
     n_lines = sum(1 for _ in read_lines())
     counts = split_counts(n_lines, valid_fraction, test_fraction)
     log(f"read {n_lines} non-empty lines")
 
-    with work_directory(dest) as work, staged_directory(dest, force) as stage:
+    with work_directory(destination.path) as work, staged_directory(destination) as stage:
         splits = write_split_files(read_lines(), counts, work)
         if spm_vocab_size is None:
             nwords = None if vocab_size is None else vocab_size + FAIRSEQ_SPECIAL_SYMBOLS
@@ -219,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--input", type=Path, required=True, help="a text file or a directory of .txt files"
+        "--input",
+        type=Path,
+        required=True,
+        help="a text file, or a directory: every .txt file below it (hidden ones skipped)",
     )
     parser.add_argument("--dest", type=Path, required=True, help="output directory")
     add_split_options(parser)
@@ -242,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="unigram",
         help="SentencePiece model type (with --spm-vocab-size)",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
     return parser
 
 
@@ -250,18 +283,25 @@ def main(argv: list[str] | None = None) -> None:
     """Read the input, split it contiguously and binarize it into --dest."""
     args = build_parser().parse_args(argv)
     valid_fraction, test_fraction = resolve_fractions(args)
-    files = list_input_files(args.input)
-    log(f"reading {len(files)} file(s) from {args.input}")
-    prepare_lines(
-        lambda: iter_text_lines(files, args.lowercase),
+    destination = Destination(
         args.dest,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-        vocab_size=args.vocab_size,
-        spm_vocab_size=args.spm_vocab_size,
-        spm_model_type=args.spm_model_type,
-        force=args.force,
+        args.force,
+        Path(__file__).name,
+        inputs=(args.input,),
+        scanned_dirs=(args.input,) if args.input.is_dir() else (),
+        options=recorded_options(args),
     )
+    with reported_os_errors(args.dest):
+        files = list_input_files(args.input)
+        prepare_lines(
+            lambda: iter_text_lines(files, args.lowercase),
+            destination,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            vocab_size=args.vocab_size,
+            spm_vocab_size=args.spm_vocab_size,
+            spm_model_type=args.spm_model_type,
+        )
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1389,6 +1390,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_dir(path: Path, option: str = "--out", create: bool = True) -> None:
+    """End with one ``error:`` line unless files can be written into the directory ``path``.
+
+    With ``create`` the directory is made (parents too) and an unnamed probe file is written and
+    dropped in it, which also catches a read-only file system; without, only a file in the way is
+    caught (a dry run writes nothing).
+    """
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise SystemExit(f"error: {option} {path} {where}; choose another {option}")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise SystemExit(
+            f"error: cannot write into {option} {path}: {error.strerror or error}; choose "
+            f"another {option}"
+        ) from None
+
+
 def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSettings:
     """Check the options and build the shared run settings."""
     budgets = (args.budget_updates, args.budget_tokens, args.budget_processed_tokens)
@@ -1463,6 +1488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if preset is not None:
         say(f"preset {args.preset}: {preset.description}")
+    check_out_dir(settings.out, create=not args.dry_run)
     if args.dry_run:
         for spec in specs:
             say(" ".join(train_command(spec, settings, settings.out / "runs" / spec.name)))

@@ -600,3 +600,397 @@ def test_truncation_length_longer_than_a_column_logs_and_scales_the_applied_k(ti
     assert len(warnings) == 1
     assert f"K = 5000 is longer than a training column ({column} tokens" in warnings[0]
     assert f"K = {column} applies" in warnings[0]
+# ------------------------------------------------------------------------------------------------
+# Reliability, round two: no lost inputs, no silently wrong results, no tracebacks
+# (data-bin destinations, --out, text encodings, full disks, eval-lm --context-window,
+# fairseq-train's --save-dir)
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+import demo  # noqa: E402
+import prepare_bible  # noqa: E402
+import prepare_common  # noqa: E402
+import prepare_copy_task  # noqa: E402
+import prepare_lm_corpus  # noqa: E402
+import prepare_text  # noqa: E402
+import sweep  # noqa: E402
+
+TEXT_LINES = [f"the cat number {i} sat on the mat ." for i in range(60)]
+
+
+def prepare_error(main, *args: str) -> str:
+    """The one-line ``error: ...`` a preparation script (or sweep/demo) ends with, in-process."""
+    with pytest.raises(SystemExit) as excinfo:
+        main([str(arg) for arg in args])
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def tree_bytes(root: Path) -> Dict[str, bytes]:
+    """Every file below ``root`` (hidden ones included) with its content."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def hidden_leftovers(parent: Path) -> List[str]:
+    """Staging or scratch directories of a preparation left next to its destination."""
+    staging = (".tmp-", ".work-", ".old-")
+    return [p.name for p in parent.iterdir() if any(tag in p.name for tag in staging)]
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: files of the child (and its children) cannot grow beyond ``limit`` bytes.
+
+    The kernel then fails every write past the limit (EFBIG, "File too large"), as a full disk
+    fails them with ENOSPC; SIGXFSZ is ignored so that the write fails instead of killing.
+    """
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.fixture
+def texts(tmp_path) -> Path:
+    """A directory of the user's texts, ``texts/a.txt`` and ``texts/more/b.txt``."""
+    root = tmp_path / "texts"
+    (root / "more").mkdir(parents=True)
+    (root / "a.txt").write_text("\n".join(TEXT_LINES[:40]) + "\n")
+    (root / "more" / "b.txt").write_text("\n".join(TEXT_LINES[40:]) + "\n")
+    return root
+
+
+def test_force_never_replaces_an_input_or_the_working_or_home_directory(
+    texts, tmp_path, monkeypatch
+):
+    before = tree_bytes(tmp_path)
+    corpus = texts / "a.txt"
+    cases = [
+        # (arguments, fragment of the line)
+        (["--input", texts, "--dest", texts, "--force"], "it is the input"),
+        (["--input", corpus, "--dest", texts, "--force"], "it contains the input"),
+        (["--input", corpus, "--dest", corpus, "--force"], "it is the input"),
+        (["--input", texts, "--dest", texts / "bin", "--force"], "inside the input directory"),
+        (["--input", corpus, "--dest", ".", "--force"], "it is the working directory"),
+        (["--input", corpus, "--dest", "..", "--force"], "contains the working directory"),
+        (["--input", corpus, "--dest", "/", "--force"], "contains the working directory"),
+        (["--input", corpus, "--dest", tmp_path / "users" / "me", "--force"], "is your home"),
+        (["--input", corpus, "--dest", tmp_path / "users", "--force"], "contains your home"),
+    ]
+    monkeypatch.setenv("HOME", str(tmp_path / "users" / "me"))
+    (tmp_path / "users" / "me").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "work").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "work")
+    for args, fragment in cases:
+        message = prepare_error(prepare_text.main, *args)
+        assert fragment in message and "pass --force" not in message, message
+    # the other scripts share the rule
+    source = tmp_path / "ptb"
+    for main, args, fragment in [
+        (prepare_lm_corpus.main, ["--corpus", "ptb", "--source-dir", source, "--dest", source],
+         "it is the input"),
+        (prepare_lm_corpus.main, ["--corpus", "ptb", "--download-dir", tmp_path / "d" / "dl",
+                                  "--dest", tmp_path / "d"], "it contains the input"),
+        (prepare_copy_task.main, ["--dest", "."], "working directory"),
+        (prepare_bible.main, ["--dest", ".."], "working directory"),
+    ]:  # fmt: skip
+        assert fragment in prepare_error(main, *args, "--force")
+    assert tree_bytes(tmp_path) == before and not hidden_leftovers(tmp_path)
+
+
+def test_force_replaces_only_a_data_bin_these_scripts_recognise(texts, tmp_path, tiny_corpus):
+    dest = tmp_path / "bin"
+    prepare_text.main(["--input", str(texts), "--dest", str(dest)])
+    marker = json.loads((dest / prepare_common.DATA_BIN_MARKER).read_text())
+    assert marker["written_by"] == "prepare_text.py"
+    assert marker["inputs"] == [str(texts.resolve())]
+    assert set(marker["files"]) == {p.as_posix() for p in
+        [Path("dict.txt"), Path("preprocess.log")] + [Path(f"{s}.{e}") for s in
+        ("train", "valid", "test") for e in ("bin", "idx")]}  # fmt: skip
+    # recognised: --force is offered, and works
+    message = prepare_error(prepare_text.main, "--input", texts, "--dest", dest)
+    assert "written by prepare_text.py); pass --force" in message
+    # anything added to it makes it the user's: --force is neither offered nor obeyed
+    (dest / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):
+        message = prepare_error(prepare_text.main, "--input", texts, "--dest", dest, *force)
+        assert "did not write (notes.txt)" in message and "pass --force" not in message
+    assert (dest / "notes.txt").read_text() == "mine"
+    (dest / "notes.txt").unlink()
+    (texts / "a.txt").write_text("\n".join(TEXT_LINES[:20]) + "\n")
+    prepare_text.main(["--input", str(texts), "--dest", str(dest), "--force"])
+    assert len((dest / "train.idx").read_bytes()) > 0 and not hidden_leftovers(tmp_path)
+
+    # a plain fairseq-preprocess output (dict.txt, *.bin, *.idx, preprocess.log) is recognised
+    plain = copy_data(tiny_corpus, tmp_path / "plain")
+    check = prepare_common.check_destination
+    check(prepare_common.Destination(plain, True, "test"))
+    with pytest.raises(SystemExit, match=r"written by fairseq-preprocess\); pass --force"):
+        check(prepare_common.Destination(plain, False, "test"))
+    (plain / "train.txt").write_text("the text it came from\n")
+    with pytest.raises(SystemExit, match=r"did not write \(train.txt\)"):
+        check(prepare_common.Destination(plain, True, "test"))
+    # a damaged marker does not make a directory replaceable
+    (dest / prepare_common.DATA_BIN_MARKER).write_text("{not json")
+    with pytest.raises(SystemExit, match="did not write"):
+        check(prepare_common.Destination(dest, True, "test"))
+
+
+def test_disk_full_while_writing_a_data_bin(texts, tmp_path, tiny_corpus, monkeypatch):
+    # In-process: the split file being written is /dev/full, so the real write gets ENOSPC
+    # from the kernel; the existing data-bin that --force would replace stays as it was.
+    dest = copy_data(tiny_corpus, tmp_path / "bin")
+    before = tree_bytes(dest)
+    real_write_split_files = prepare_text.write_split_files
+
+    def write_onto_a_full_disk(lines, counts, out_dir, suffix="txt"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"train.{suffix}").symlink_to("/dev/full")
+        return real_write_split_files(lines, counts, out_dir, suffix)
+
+    monkeypatch.setattr(prepare_text, "write_split_files", write_onto_a_full_disk)
+    message = prepare_error(prepare_text.main, "--input", texts, "--dest", dest, "--force")
+    assert f"preparing {dest} failed: No space left on device" in message
+    assert "free some space" in message
+    assert tree_bytes(dest) == before and not hidden_leftovers(tmp_path)
+    monkeypatch.undo()
+
+    # A real process whose files cannot grow past 1 kB (the kernel fails the write itself)
+    fresh = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_text.py"), "--input", str(texts),
+         "--dest", str(fresh)],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size(1000),
+    )  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith(f"error: preparing {fresh} failed: File too large"), last
+    assert not fresh.exists() and not hidden_leftovers(tmp_path)
+
+
+def test_dest_and_out_that_are_files_or_cannot_be_written(texts, tmp_path, tiny_corpus):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    corpus = texts / "a.txt"
+    assert "is a file, not a directory" in prepare_error(
+        prepare_text.main, "--input", corpus, "--dest", a_file
+    )
+    message = prepare_error(prepare_copy_task.main, "--dest", a_file / "sub")
+    assert "cannot create --dest" in message and "a_file is a file" in message
+    sweep_args = ["--data", tiny_corpus, "--fixed", "8", "--budget-updates", "2"]
+    for out in (a_file, a_file / "sub"):
+        message = prepare_error(sweep.main, *sweep_args, "--out", out)
+        assert f"--out {out.resolve()}" in message and "is a file" in message
+        assert "is a file" in prepare_error(sweep.main, *sweep_args, "--out", out, "--dry-run")
+        assert "is a file" in prepare_error(demo.main, "--out", out)
+    assert a_file.read_text() == "not a directory"
+
+
+def test_dest_and_out_in_a_folder_nobody_may_write(texts, tmp_path, tiny_corpus):
+    """Root-proof: sysfs takes no new folders, not even from root."""
+    probe = Path("/sys/atbptt-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        pass
+    else:
+        probe.rmdir()
+        pytest.skip("/sys takes new folders here")
+    message = prepare_error(
+        prepare_text.main, "--input", texts / "a.txt", "--dest", "/sys/atbptt-data"
+    )
+    assert message.startswith("error: preparing /sys/atbptt-data failed: ")
+    assert "nothing was written" in message and "writable" in message
+    message = prepare_error(
+        sweep.main, "--data", tiny_corpus, "--fixed", "8", "--budget-updates", "2",
+        "--out", "/sys/atbptt-sweep",
+    )  # fmt: skip
+    assert message.startswith("error: cannot write into --out /sys/atbptt-sweep: ")
+    assert "cannot write into --out /sys/atbptt-demo" in prepare_error(
+        demo.main, "--out", "/sys/atbptt-demo"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (chmod 555)")
+def test_dest_and_out_in_a_read_only_folder(texts, tmp_path, tiny_corpus):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        message = prepare_error(
+            prepare_text.main, "--input", texts / "a.txt", "--dest", locked / "bin"
+        )
+        assert "Permission denied" in message and "writable" in message
+        message = prepare_error(
+            sweep.main, "--data", tiny_corpus, "--fixed", "8", "--budget-updates", "2",
+            "--out", locked / "sweep",
+        )  # fmt: skip
+        assert "cannot write into --out" in message and "Permission denied" in message
+        assert not list(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("a b\x00c\n".encode() * 5, "line 1 holds a NUL character"),
+        ("\n".join(TEXT_LINES).encode("utf-16-le"), "holds a NUL character"),  # no BOM
+        ("caf\u00e9 au lait\n".encode("latin-1") * 5, "is not UTF-8 text"),
+    ],
+    ids=["nul-bytes", "utf16-without-bom", "latin1"],
+)
+def test_text_that_is_not_utf8_is_refused(tmp_path, content, fragment):
+    source = tmp_path / "in.txt"
+    source.write_bytes(content)
+    message = prepare_error(prepare_text.main, "--input", source, "--dest", tmp_path / "bin")
+    assert f"error: {source} is not" in message and fragment in message, message
+    assert "convert it to UTF-8" in message
+    assert not (tmp_path / "bin").exists() and not hidden_leftovers(tmp_path)
+    # the same check guards a corpus from disk
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"ptb.{split}.txt").write_bytes(content if split == "valid" else b"a b\n")
+    message = prepare_error(
+        prepare_lm_corpus.main, "--corpus", "ptb", "--source-dir", tmp_path, "--dest",
+        tmp_path / "ptb",
+    )  # fmt: skip
+    assert f"{tmp_path / 'ptb.valid.txt'} is not" in message
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_text_with_a_byte_order_mark_is_decoded(tmp_path, encoding):
+    source = tmp_path / "in.txt"
+    source.write_bytes("Caf\u00e9 au lait\nzwei Zeilen\n".encode(encoding))  # mark + text
+    assert list(prepare_common.read_text_lines(source)) == ["Caf\u00e9 au lait\n", "zwei Zeilen\n"]
+
+
+def test_directory_input_is_read_recursively_in_sorted_order(tmp_path, capsys):
+    root = tmp_path / "texts"
+    for name in ["b.txt", "a/z.txt", "a/deeper/y.txt", "c/x.txt", "notes.md", ".hidden.txt",
+                 ".git/x.txt", "a/.ipynb_checkpoints/z-checkpoint.txt"]:  # fmt: skip
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"{name}\n")
+    (root / "linked").symlink_to(root / "c")
+    files = prepare_text.list_input_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == [
+        "a/deeper/y.txt", "a/z.txt", "b.txt", "c/x.txt",
+    ]  # fmt: skip
+    # skipped: notes.md, .hidden.txt, .git/, a/.ipynb_checkpoints/ and the link to c/
+    log = capsys.readouterr().err
+    assert "reading 4 .txt files below" in log and "(skipped 5 " in log
+    lines = list(prepare_text.iter_text_lines(files, lowercase=False))
+    assert lines == ["a/deeper/y.txt", "a/z.txt", "b.txt", "c/x.txt"]
+
+
+def test_checkpoint_write_on_a_full_disk_leaves_the_old_checkpoint(tmp_path):
+    """A real ENOSPC: the temporary file being written is /dev/full."""
+    from fairseq import checkpoint_utils
+
+    target = tmp_path / "checkpoint_last.pt"
+    target.write_bytes(b"the previous checkpoint")
+    Path(f"{target}.tmp").symlink_to("/dev/full")
+    with pytest.raises(checkpoint_guard.CheckpointWriteError) as error:
+        checkpoint_utils.torch_persistent_save({"weights": torch.zeros(10000)}, str(target))
+    assert f"cannot write checkpoint {target}: No space left on device" in str(error.value)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pt"]
+    # the copy to checkpoint_last.pt / checkpoint_best.pt likewise
+    source = tmp_path / "checkpoint_1_5.pt"
+    source.write_bytes(b"new" * 10000)
+    Path(f"{target}.tmp").symlink_to("/dev/full")
+    with pytest.raises(checkpoint_guard.CheckpointWriteError, match="No space left on device"):
+        checkpoint_guard.AtomicCopyPathManager.copy(str(source), str(target), overwrite=True)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(os.listdir(tmp_path)) == [source.name, target.name]
+
+
+@pytest.fixture(scope="module")
+def cli_round_two(tiny_corpus, tmp_path_factory) -> Dict[str, subprocess.CompletedProcess]:
+    """The fairseq command lines of this section, run two at a time in two rounds (the second
+    needs the checkpoint that the first round trains)."""
+    root = tmp_path_factory.mktemp("round_two")
+    good = root / "good"
+    (root / "a_file").write_text("not a directory")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def run(item):
+        name, (command, preexec) = item
+        result = subprocess.run(
+            [str(BIN / command[0]), *command[1:]], cwd=root, env=env, capture_output=True,
+            text=True, timeout=600, preexec_fn=preexec,
+        )  # fmt: skip
+        return name, result
+
+    first = {
+        "good": (["fairseq-train", str(tiny_corpus), *TRAIN, "--save-dir", str(good)], None),
+        "bad_option_new_save_dir": (["fairseq-train", str(tiny_corpus), *TRAIN, "--target-bias",
+                                     "2", "--save-dir", str(root / "new" / "checkpoints")], None),
+        "save_dir_is_a_file": (["fairseq-train", str(tiny_corpus), *TRAIN, "--save-dir",
+                                str(root / "a_file")], None),
+    }  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, first.items()))
+    assert results["good"].returncode == 0, results["good"].stderr[-3000:]
+    full = copy_data(good, root / "full")
+    second = {
+        # resume, train 3 more updates, then save where files stop growing at 16 kB
+        "disk_full": (["fairseq-train", str(tiny_corpus), *TRAIN, "--max-update", "6",
+                       "--save-dir", str(full)], limit_file_size(16000)),
+        "context_window": (["fairseq-eval-lm", str(tiny_corpus), *EVAL, "--path",
+                            str(good / "checkpoint_last.pt"), "--context-window", "5"], None),
+    }  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results.update(pool.map(run, second.items()))
+    results["root"] = root  # type: ignore[assignment]
+    return results
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    output = result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and lines, output[-3000:]
+    assert lines[-1].startswith("atbptt_fairseq: error: "), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def test_disk_full_while_saving_a_checkpoint(cli_round_two):
+    full, good = cli_round_two["root"] / "full", cli_round_two["root"] / "good"
+    line = assert_one_line_failure(cli_round_two["disk_full"], "then resume")
+    # the first file of the save (best, if validation improved, else last) names the cause
+    written = re.escape(str(full))
+    assert re.search(rf"cannot write checkpoint {written}/checkpoint_(best|last)\.pt: File too "
+                     "large", line), line  # fmt: skip
+    # nothing half-written: the checkpoints of the first run are there, unchanged, and alone
+    assert tree_bytes(full) == tree_bytes(good)
+
+
+def test_failed_start_leaves_no_save_dir_behind(cli_round_two):
+    assert_one_line_failure(cli_round_two["bad_option_new_save_dir"], "--target-bias")
+    assert not (cli_round_two["root"] / "new").exists()  # created by the run, removed again
+
+
+def test_save_dir_that_is_a_file(cli_round_two):
+    assert_one_line_failure(
+        cli_round_two["save_dir_is_a_file"], "cannot write checkpoints into --save-dir", "a_file"
+    )
+    assert (cli_round_two["root"] / "a_file").read_text() == "not a directory"
+
+
+def test_eval_lm_context_window_is_refused(cli_round_two):
+    assert_one_line_failure(
+        cli_round_two["context_window"],
+        "--context-window (5) is not supported by the adaptive_tbptt_lm task",
+        "already scored with all the tokens before it",
+    )

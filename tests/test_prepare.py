@@ -184,7 +184,8 @@ def test_download_checksum_ok_mismatch_offline(tmp_path: Path) -> None:
 
 def test_staged_directory_cleans_up_on_error(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    with pytest.raises(RuntimeError), prepare_common.staged_directory(dest, False) as stage:
+    destination = prepare_common.Destination(dest, False, "test")
+    with pytest.raises(RuntimeError), prepare_common.staged_directory(destination) as stage:
         (stage / "train.bin").write_text("partial")
         raise RuntimeError("interrupted")
     assert not dest.exists()
@@ -214,9 +215,11 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
         (prepare_lm_corpus.main, ["--corpus", "ptb", "--source-dir", str(tmp_path)]),
         (prepare_bible.main, []),
     ):
-        with pytest.raises(SystemExit) as excinfo:
-            main([*args, "--dest", str(dest)])
-        assert "--force" in error_of(excinfo)
+        for force in ([], ["--force"]):  # --force does not replace what the scripts did not write
+            with pytest.raises(SystemExit) as excinfo:
+                main([*args, "--dest", str(dest), *force])
+            message = error_of(excinfo)
+            assert "did not write (keep.txt)" in message and "pass --force" not in message
     assert (dest / "keep.txt").read_text() == "precious"
 
 

@@ -28,7 +28,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor
 
-from atbptt_fairseq import checkpoint_guard
+from atbptt_fairseq import checkpoint_guard, eval_lm_guard
 from atbptt_fairseq.errors import UserInputError
 from atbptt.token_stream import (
     StreamCursor,
@@ -684,8 +684,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
             )
         return items
 
-    def eval_lm_dataloader(self, dataset, num_shards: int = 1, shard_id: int = 0, **unused):
+    def eval_lm_dataloader(
+        self, dataset, num_shards: int = 1, shard_id: int = 0, context_window: int = 0, **unused
+    ):
         """``fairseq-eval-lm``: the same stateful pass as validation (``--eval-batch-size`` columns)."""
+        eval_lm_guard.check_context_window(context_window)
         return self.get_batch_iterator(
             dataset, num_shards=num_shards, shard_id=shard_id
         ).next_epoch_itr(shuffle=False)

@@ -1,0 +1,56 @@
+"""fairseq-eval-lm ``--context-window``: refused in one line for the plugin's task (on import).
+
+fairseq-eval-lm's ``--context-window N`` scores each block of ``--tokens-per-sample`` tokens with
+the N tokens before it as extra context, for models that forget everything between blocks. Its
+``main`` subtracts N from the task's ``tokens_per_sample`` before it even sets the task up, which
+``adaptive_tbptt_lm`` does not have: the run died in a traceback about a missing config key. The
+option has nothing to add to this task: its evaluation carries the recurrent state over the whole
+split, so every token is already scored with all the tokens before it as context. The check runs
+before fairseq-eval-lm's ``main`` (which the command looks up after parsing its command line,
+and so after ``--user-dir`` imported the plugin), and again in the task's ``eval_lm_dataloader``.
+"""
+
+import functools
+from argparse import Namespace
+
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.tasks import TASK_REGISTRY
+from fairseq_cli import eval_lm as eval_lm_cli
+
+from atbptt_fairseq.errors import UserInputError
+
+
+def check_context_window(context_window: int) -> None:
+    """Raise :class:`UserInputError` for a positive ``--context-window``."""
+    if context_window and context_window > 0:
+        raise UserInputError(
+            f"fairseq-eval-lm --context-window ({context_window}) is not supported by the "
+            "adaptive_tbptt_lm task, and not needed: its evaluation carries the recurrent state "
+            "over the whole split, so every token is already scored with all the tokens before "
+            "it as context; leave the option out"
+        )
+
+
+def _uses_plugin_task(cfg) -> bool:
+    from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmTask
+
+    task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
+    return isinstance(task_class, type) and issubclass(task_class, AdaptiveTbpttLmTask)
+
+
+_original_main = eval_lm_cli.main
+
+
+@functools.wraps(_original_main)
+def main(cfg, **kwargs):
+    """fairseq-eval-lm's ``main``, after :func:`check_context_window` for the plugin's task."""
+    if isinstance(cfg, Namespace):
+        cfg = convert_namespace_to_omegaconf(cfg)
+    if _uses_plugin_task(cfg):
+        check_context_window(cfg.eval_lm.context_window)
+    return _original_main(cfg, **kwargs)
+
+
+def install() -> None:
+    """Patch ``fairseq_cli.eval_lm.main`` (idempotent)."""
+    eval_lm_cli.main = main
