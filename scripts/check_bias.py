@@ -154,8 +154,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
     return model, task, updates
 
 
-def resolve_settings(args: argparse.Namespace, task_cfg: Any) -> dict[str, Any]:
-    """Grid, L, burn-in and the estimator settings, from the options and the checkpoint."""
+def resolve_windows(args: argparse.Namespace) -> tuple[list[int], int, int]:
+    """The K grid, L and the burn-in, checked before anything is loaded."""
     grid = args.k_grid
     window = args.window
     if grid is None:
@@ -172,11 +172,15 @@ def resolve_settings(args: argparse.Namespace, task_cfg: Any) -> dict[str, Any]:
             f"{(window + 1) // 2} (the truncated overlap loss needs 2K - 1 steps); lengthen "
             "--window or shorten the grid"
         )
-    burnin = args.burnin or max(window // 10, 1)
     if args.windows < 1 or args.groups < 1 or args.windows % args.groups:
         raise fail(f"--windows ({args.windows}) must be a positive multiple of --groups")
-    estimate_window = args.estimate_window or int(task_cfg.estimate_window)
-    estimate_window = min(estimate_window, window)
+    return grid, window, args.burnin or max(window // 10, 1)
+
+
+def resolve_estimator(args: argparse.Namespace, task_cfg: Any, window: int) -> dict[str, Any]:
+    """W, tau, cumulative norm and the tail fit's first lag of delta_hat: the options, else the
+    checkpoint's estimate settings."""
+    estimate_window = min(args.estimate_window or int(task_cfg.estimate_window), window)
     if args.tail_anchor == -2:
         same_window = estimate_window == int(task_cfg.estimate_window)
         anchor = int(task_cfg.estimate_tail_anchor) if same_window else -1
@@ -188,9 +192,6 @@ def resolve_settings(args: argparse.Namespace, task_cfg: Any) -> dict[str, Any]:
     if tail_fit_from > estimate_window - 2:
         raise fail(f"--tail-fit-from {tail_fit_from} leaves fewer than 2 lags of W")
     return {
-        "grid": grid,
-        "window": window,
-        "burnin": burnin,
         "estimate_window": estimate_window,
         "tail_anchor": None if anchor < 0 else anchor,
         "cumulative": args.cumulative or str(task_cfg.estimate_cumulative),
@@ -277,11 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as error:
         raise fail(f"device {args.device!r} is not usable ({str(error).splitlines()[0]})")
+    grid, window, burnin = resolve_windows(args)
     model, task, updates = load(args)
-    settings = resolve_settings(args, task.cfg)
+    settings = resolve_estimator(args, task.cfg, window)
     stream = task.datasets[args.split]
     inputs, targets = aligned_stream(stream.tokens, stream.targets)
-    grid, window, burnin = settings["grid"], settings["window"], settings["burnin"]
     log(
         f"{args.checkpoint} (update {updates}): S {args.windows} in {args.groups} groups, "
         f"L {window}, burn-in {burnin}, K {grid}"

@@ -4,10 +4,16 @@ Closed forms on a diagonal linear RNN, the bucketed one-backward path against on
 on a tiny LSTM, and the script end to end on a checkpoint trained by fairseq-train.
 """
 
+import csv
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, TINY_TRAIN, run_cli
 from torch import nn
 
 from atbptt import (
@@ -199,6 +205,43 @@ def test_bucketed_path_equals_one_backward_per_length_on_tiny_lstm():
     assert not any(p.grad is not None for p in model.parameters())  # .grad untouched
 
 
+def test_noise_statistics_from_per_window_gradients():
+    """With one window per group, the debiased ratio and the noise floor follow from the S
+    per-window gradients: cross terms only, and the standard error of the mean."""
+    model = TinyLstm()
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randint(0, 7, (300,), generator=generator)
+    targets = torch.where(inputs < 5, 3, torch.roll(inputs, -2))  # a clear mean gradient
+    K, window, burnin, sequences = 2, 6, 2, 5
+    truth = measure_true_bias(
+        model, inputs, targets, [K], window, burnin, sequences,
+        generator=torch.Generator().manual_seed(9), num_groups=sequences,
+    )  # fmt: skip
+    positions, _ = sample_windows(
+        torch.arange(300), torch.arange(300), sequences, burnin + window,
+        torch.Generator().manual_seed(9),
+    )  # fmt: skip
+    windows, window_targets = inputs[positions], targets[positions]
+    full, bias = [], []
+    for i in range(sequences):
+        row = slice(i, i + 1)
+        g = naive_gradient(model, windows[row], window_targets[row], burnin, None, 1)
+        full.append(g)
+        bias.append(g - naive_gradient(model, windows[row], window_targets[row], burnin, K, 1))
+    full, bias = torch.stack(full), torch.stack(bias)  # S x P
+
+    def cross_terms(x):
+        return (x.sum(0).square().sum() - x.square().sum()) / (sequences * (sequences - 1))
+
+    assert float(cross_terms(bias)) > 0 and float(cross_terms(full)) > 0
+    debiased = math.sqrt(float(cross_terms(bias)) / float(cross_terms(full)))
+    floor = math.sqrt(
+        float((bias - bias.mean(0)).square().sum()) / (sequences * (sequences - 1))
+    ) / float(full.mean(0).norm())
+    assert float(truth.final_step.debiased[0]) == pytest.approx(debiased, rel=1e-4)
+    assert float(truth.final_step.noise_floor[0]) == pytest.approx(floor, rel=1e-4)
+
+
 def test_bad_arguments():
     model = TinyLstm()
     inputs = torch.zeros(200, dtype=torch.long)
@@ -209,3 +252,64 @@ def test_bad_arguments():
         measure_true_bias(model, inputs, inputs, [2], 10, 2, 3, generator, num_groups=2)
     with pytest.raises(ValueError, match="burnin"):
         measure_true_bias(model, inputs, inputs, [2], 10, 0, 2, generator, num_groups=1)
+
+
+def run_check_bias(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_bias.py"), *args],
+        check=False, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_corpus, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("check_bias")
+    run_cli(
+        "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
+        "--batch-size", "4", "--cpu", "--max-update", "30", "--save-dir", str(save_dir),
+        "--no-epoch-checkpoints", "--no-progress-bar",
+    )  # fmt: skip
+    return tiny_corpus, save_dir / "checkpoint_last.pt"
+
+
+@pytest.mark.e2e
+def test_check_bias_script_end_to_end(tiny_checkpoint, tmp_path):
+    data, checkpoint = tiny_checkpoint
+    out = tmp_path / "out"
+    result = run_check_bias(
+        str(checkpoint), "--data", str(data), "--out", str(out), "--k-grid", "1,2,4",
+        "--window", "12", "--burnin", "3", "--windows", "4", "--groups", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "L = 12" in result.stdout and "W = 12" in result.stdout  # W clipped to L
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 3 + 2 + 3  # two header rows each, 3 K, 3 deltas
+    with (out / "bias_check.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["K"]) for row in rows] == [1, 2, 4]
+    for row in rows:
+        for key in ("true_bias_final", "true_bias_window", "delta_hat_final", "delta_hat_previous"):
+            assert math.isfinite(float(row[key])) and float(row[key]) >= 0, (key, row)
+    truth = [float(row["true_bias_final"]) for row in rows]
+    assert truth == sorted(truth, reverse=True)  # keeping more steps loses less
+    assert (out / "bias_check.png").stat().st_size > 1000
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no temporaries
+
+
+@pytest.mark.e2e
+def test_check_bias_script_bad_input(tiny_checkpoint, tmp_path):
+    data, checkpoint = tiny_checkpoint
+    out = tmp_path / "out"
+    cases = [
+        ((str(tmp_path / "missing.pt"), "--data", str(data)), "does not exist"),
+        ((str(checkpoint), "--data", str(tmp_path)), "holds no dict.txt"),
+        ((str(checkpoint), "--data", str(data), "--k-grid", "1,8", "--window", "12"), "2K - 1"),
+        ((str(checkpoint), "--data", str(data), "--windows", "5"), "multiple of --groups"),
+    ]
+    for args, message in cases:
+        result = run_check_bias(*args, "--out", str(out))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-2000:]
+        assert message in lines[-1]
+    assert not out.exists()
