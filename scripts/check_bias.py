@@ -365,16 +365,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         "| delta | K by delta_hat final | previous | tail fit | smallest grid K with true bias "
-        "< delta (final-step loss) | (training-window loss) |"
+        "< delta: final-step loss | (debiased) | training-window loss |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for delta in DELTAS:
-        truth_final = smallest_length_below(grid, final.relative_bias, delta)
-        truth_window = smallest_length_below(grid, overlap.relative_bias, delta)
+        truths = [
+            smallest_length_below(grid, values, delta)
+            for values in (final.relative_bias, final.debiased, overlap.relative_bias)
+        ]
         print(
             f"| {delta} | {choose(estimates['final'], delta)} | "
             f"{choose(estimates['previous'], delta)} | {choose(estimates['tail'], delta)} | "
-            f"{truth_final or f'>{grid[-1]}'} | {truth_window or f'>{grid[-1]}'} |"
+            + " | ".join(str(truth or f">{grid[-1]}") for truth in truths)
+            + " |"
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
