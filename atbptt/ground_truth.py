@@ -73,6 +73,9 @@ class TrueBias:
     bootstrap_low: Tensor  # 2.5% quantile
     bootstrap_high: Tensor  # 97.5% quantile
     gradient_norm: Tensor  # ||mean g|| (per K for the training-window loss)
+    # sqrt(unbiased ||E g||^2) / ||mean g||: the share of the mean gradient's norm that is not
+    # noise (1: resolved; near 0: the S windows do not resolve the gradient, nor the ratio)
+    gradient_signal: Tensor
 
 
 @dataclass
@@ -83,7 +86,7 @@ class GroundTruth:
     num_sequences: int  # S
     num_groups: int  # G
     final_step: TrueBias
-    training_window: TrueBias
+    training_window: TrueBias | None  # None when not measured
     profile: GradientProfile  # L + 1 lags, lag 0 = h_s (the state the final loss reads)
 
 
@@ -99,6 +102,7 @@ def measure_true_bias(
     num_groups: int = 8,
     batch_dim: int = 0,
     bootstrap_samples: int = 1000,
+    training_window: bool = True,
 ) -> GroundTruth:
     """Measure the true relative bias of both losses at each K of ``truncation_lengths``.
 
@@ -107,6 +111,8 @@ def measure_true_bias(
     truncated); ``burnin`` >= 1 (the profile measures one step more than L, lag L being the
     state before the window, for the "previous" lag convention). ``num_sequences`` S must be a
     multiple of ``num_groups`` G. ``batch_dim``: the batch dimension of the state tensors.
+    ``training_window`` False skips loss (b), which costs one backward per K and a readout of K
+    positions (the final-step loss alone allows many more windows).
     """
     lengths = sorted({int(length) for length in truncation_lengths})
     if not lengths or lengths[0] < 1:
@@ -151,7 +157,7 @@ def measure_true_bias(
             final_sums.add(final_gradient)
             for length in lengths:
                 final_bias[length].add(final_gradient - final_truncated[length])
-            for length in lengths:
+            for length in lengths if training_window else []:
                 full, truncated = run.training_window_gradients(window_targets, length)
                 window_sums[length].add(full)
                 window_bias[length].add(full - truncated)
@@ -174,19 +180,21 @@ def measure_true_bias(
         bootstrap_samples,
         generator,
     )
-    training_window = _true_bias(
-        lengths,
-        [window_bias[length] for length in lengths],
-        [window_sums[length] for length in lengths],
-        0,
-        generator,
-    )
+    window_truth = None
+    if training_window:
+        window_truth = _true_bias(
+            lengths,
+            [window_bias[length] for length in lengths],
+            [window_sums[length] for length in lengths],
+            0,
+            generator,
+        )
     profile = GradientProfile(
         norms=torch.stack([p.norms for p in profiles]).mean(0),
         mean_gradients=torch.stack([p.mean_gradients for p in profiles]).mean(0),
         num_sequences=num_sequences,
     )
-    return GroundTruth(window, num_sequences, num_groups, final_step, training_window, profile)
+    return GroundTruth(window, num_sequences, num_groups, final_step, window_truth, profile)
 
 
 def first_lags(profile: GradientProfile, window: int) -> GradientProfile:
@@ -403,12 +411,13 @@ def _true_bias(
     bootstrap_samples: int,
     generator: torch.Generator,
 ) -> TrueBias:
-    relative, debiased, floor, spread, low, high, norms = [], [], [], [], [], [], []
+    relative, debiased, floor, spread, low, high, norms, signal = [], [], [], [], [], [], [], []
     for bias, gradient in zip(biases, gradients):
         gradient_norm = gradient.mean_norm()
         norms.append(gradient_norm)
         relative.append(bias.mean_norm() / gradient_norm)
         denominator = gradient.unbiased_square_norm()
+        signal.append(math.sqrt(max(denominator, 0.0)) / gradient_norm)
         numerator = bias.unbiased_square_norm()
         debiased.append(
             math.sqrt(max(numerator, 0.0) / denominator) if denominator > 0 else math.nan
@@ -436,6 +445,7 @@ def _true_bias(
         bootstrap_low=tensor(low),
         bootstrap_high=tensor(high),
         gradient_norm=tensor(norms),
+        gradient_signal=tensor(signal),
     )
 
 
