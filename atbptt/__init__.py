@@ -12,7 +12,7 @@ from .bias import (
     fit_decay_rate,
     raw_truncation_length,
 )
-from .controller import LAG_ORIGINS, TruncationController, TruncationDecision
+from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -29,6 +29,12 @@ from .ground_truth import (
     measure_true_bias,
     smallest_length_below,
 )
+from .in_window import (
+    InWindowMeasurement,
+    bucket_edges,
+    estimate_bias_in_window,
+    measure_in_window,
+)
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
 from .token_stream import (
     Segment,
@@ -41,11 +47,13 @@ from .token_stream import (
 )
 
 __all__ = [
+    "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
     "BiasEstimate",
     "GradientProfile",
     "GroundTruth",
+    "InWindowMeasurement",
     "Segment",
     "State",
     "StepFn",
@@ -55,15 +63,18 @@ __all__ = [
     "TruncationController",
     "TruncationDecision",
     "aligned_stream",
+    "bucket_edges",
     "choose_truncation_length",
     "delta_hat_on_grid",
     "estimate_bias",
+    "estimate_bias_in_window",
     "first_lags",
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",
+    "measure_in_window",
     "measure_true_bias",
     "plan_segment",
     "raw_truncation_length",

@@ -150,7 +150,11 @@ def measure_true_bias(
         tokens = inputs[rows].to(device)  # m x (burnin + L)
         window_targets = targets[rows[:, burnin:]].to(device)  # m x L
         with torch.autocast(device_type=device.type, enabled=False):  # fp32 like the estimator
-            run = _BucketedRun(model, tokens, burnin, edges, batch_dim)
+            state = model.zero_state(group_size)
+            with torch.no_grad():
+                for position in range(burnin):
+                    state = model.advance(tokens[:, position], state)
+            run = BucketedRun(model, state, tokens[:, burnin:], edges, batch_dim)
             final_gradient, final_truncated = run.final_step_gradients(
                 window_targets[:, -1], lengths
             )
@@ -274,22 +278,30 @@ class _Readout(nn.Module):
         return self.model.readout(state)
 
 
-class _BucketedRun:
-    """One forward pass of a group of windows, each bucket of steps on its own parameter leaves.
+class BucketedRun:
+    """One forward pass of a batch of windows, each bucket of steps on its own parameter leaves.
 
-    Buckets are delimited by ``edges`` (lags from the end, ascending, the last = L): bucket b holds
-    the steps producing states at lags [edges[b-1], edges[b]). Gradients come back per bucket, so
-    the gradient truncated at a lag e (an edge) is the readout's part plus the buckets below e.
+    ``tokens`` (m x L) run from ``initial_state`` (detached here). Buckets are delimited by
+    ``edges`` (lags from the end, ascending, the last = L): bucket b holds the steps producing
+    states at lags [edges[b-1], edges[b]). Gradients come back per bucket, so the gradient
+    truncated at a lag e (an edge) is the readout's part plus the buckets below e.
     """
 
     def __init__(
-        self, model: nn.Module, tokens: Tensor, burnin: int, edges: list[int], batch_dim: int
+        self,
+        model: nn.Module,
+        initial_state: State,
+        tokens: Tensor,
+        edges: list[int],
+        batch_dim: int,
     ) -> None:
+        window = tokens.shape[1]
+        if not edges or edges[-1] != window or sorted(set(edges)) != edges or edges[0] < 1:
+            raise ValueError(f"bucket edges must rise from >= 1 to the window {window}: {edges}")
         self.batch_dim = batch_dim
         self.edges = edges
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         parameters = dict(model.named_parameters())
-        window = tokens.shape[1] - burnin
 
         def leaves() -> dict[str, Tensor]:  # aliases of the parameters' storage, no copy
             return {f"model.{n}": parameters[n].detach().requires_grad_() for n in self.names}
@@ -297,29 +309,32 @@ class _BucketedRun:
         self.readout_leaves = leaves()
         self.bucket_leaves = [leaves() for _ in edges]
         self.readout = _Readout(model)
-        state = model.zero_state(tokens.shape[0])
-        with torch.no_grad():
-            for position in range(burnin):
-                state = model.advance(tokens[:, position], state)
-        state = tuple(tensor.detach() for tensor in state)
+        # a fresh leaf, so that every state of the window requires grad (for state gradients)
+        state = tuple(tensor.detach().requires_grad_() for tensor in initial_state)
         steps = _Steps(model)
         self.states: list[State] = []  # in time order, states[-1] = h_s
         with torch.enable_grad():
             for bucket in reversed(range(len(edges))):  # earliest steps (largest lags) first
                 low_lag = edges[bucket - 1] if bucket > 0 else 0
-                start = burnin + window - edges[bucket]
-                stop = burnin + window - low_lag
+                start = window - edges[bucket]
+                stop = window - low_lag
                 chunk = functional_call(
                     steps, self.bucket_leaves[bucket], (tokens[:, start:stop], state)
                 )
                 self.states.extend(chunk)
                 state = chunk[-1]
 
-    def _gradients(self, loss: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The readout's and every bucket's contribution to d loss / d parameters, flattened."""
+    def _gradients(
+        self, loss: Tensor, extra_inputs: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """The readout's and every bucket's contribution to d loss / d parameters, flattened
+        (and, with ``extra_inputs``, the loss's gradients with respect to them, same backward)."""
         groups = [self.readout_leaves, *self.bucket_leaves]
         leaves = [leaf for group in groups for leaf in group.values()]
-        gradients = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        extra = extra_inputs or []
+        gradients = torch.autograd.grad(loss, leaves + extra, retain_graph=True, allow_unused=True)
+        extra_gradients = list(gradients[len(leaves) :])
+        gradients = gradients[: len(leaves)]
         flat = []
         for leaf, gradient in zip(leaves, gradients):
             flat.append((torch.zeros_like(leaf) if gradient is None else gradient).reshape(-1))
@@ -328,6 +343,8 @@ class _BucketedRun:
             torch.cat(flat[i * per_group : (i + 1) * per_group]).double()
             for i in range(len(groups))
         ]
+        if extra_inputs is not None:
+            return vectors[0], vectors[1:], extra_gradients
         return vectors[0], vectors[1:]
 
     def _truncated(self, readout: Tensor, buckets: list[Tensor], lag: int) -> Tensor:
@@ -344,6 +361,29 @@ class _BucketedRun:
         readout, buckets = self._gradients(loss)
         full = readout + sum(buckets)
         return full, {length: self._truncated(readout, buckets, length) for length in lengths}
+
+    def final_step_contributions(
+        self, final_targets: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """For the mean final-step loss: the readout's and each bucket's parameter-gradient
+        contribution, and the per-sequence norms of d loss / d state at every lag (lag 0 = h_s),
+        all from one backward pass. The loss is a mean, so the state gradients are scaled back
+        by the batch size to be each sequence's own."""
+        logits = functional_call(self.readout, self.readout_leaves, (self.states[-1],))
+        loss = F.cross_entropy(logits.float(), final_targets, reduction="mean")
+        flat_states = [tensor for state in reversed(self.states) for tensor in state]
+        readout, buckets, state_gradients = self._gradients(loss, flat_states)
+        size = len(self.states[0])
+        batch = final_targets.numel()
+        per_lag = []
+        for lag, state in enumerate(reversed(self.states)):
+            pieces = []
+            for gradient, tensor in zip(state_gradients[lag * size : (lag + 1) * size], state):
+                gradient = torch.zeros_like(tensor) if gradient is None else gradient
+                gradient = gradient.float().movedim(self.batch_dim, 0)
+                pieces.append(gradient.reshape(gradient.shape[0], -1))
+            per_lag.append(torch.cat(pieces, dim=1) * batch)  # m x D
+        return readout, buckets, per_lag
 
     def training_window_gradients(
         self, window_targets: Tensor, length: int
