@@ -388,7 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"| {delta} | {choose(estimates['final'], delta)} | "
             f"{choose(estimates['previous'], delta)} | {choose(estimates['tail'], delta)} | "
-            + " | ".join(str(truth or f">{grid[-1]}") for truth in truths)
+            + " | ".join(
+                str(truth or (f">{grid[-1]}" if bool(values.isfinite().any()) else "-"))
+                for truth, values in zip(
+                    truths, (final.relative_bias, final.debiased, overlap.relative_bias)
+                )
+            )
             + " |"
         )
 
