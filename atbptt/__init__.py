@@ -13,7 +13,7 @@ from .bias import (
     fit_decay_rate,
     raw_truncation_length,
 )
-from .controller import LAG_ORIGINS, TruncationController, TruncationDecision
+from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .driver import TbpttConfig, TbpttDriver, TrainingSegment, build_controller, evaluate_stream
 from .gradient_profile import (
     GradientProfile,
@@ -22,6 +22,20 @@ from .gradient_profile import (
     measure_gradient_profile,
     measure_gradient_profile_naive,
     sample_windows,
+)
+from .ground_truth import (
+    GroundTruth,
+    TrueBias,
+    delta_hat_on_grid,
+    first_lags,
+    measure_true_bias,
+    smallest_length_below,
+)
+from .in_window import (
+    InWindowMeasurement,
+    bucket_edges,
+    estimate_bias_in_window,
+    measure_in_window,
 )
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
 from .protocol import RecurrentModel
@@ -36,10 +50,13 @@ from .token_stream import (
 )
 
 __all__ = [
+    "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
     "BiasEstimate",
     "GradientProfile",
+    "GroundTruth",
+    "InWindowMeasurement",
     "RecurrentModel",
     "Segment",
     "State",
@@ -49,21 +66,29 @@ __all__ = [
     "TbpttConfig",
     "TbpttDriver",
     "TrainingSegment",
+    "TrueBias",
     "TruncationController",
     "TruncationDecision",
     "aligned_stream",
+    "bucket_edges",
     "build_controller",
     "choose_truncation_length",
+    "delta_hat_on_grid",
     "estimate_bias",
+    "estimate_bias_in_window",
     "evaluate_stream",
+    "first_lags",
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",
+    "measure_in_window",
+    "measure_true_bias",
     "plan_segment",
     "raw_truncation_length",
     "sample_windows",
     "scaled_learning_rate",
     "segments_per_pass",
+    "smallest_length_below",
 ]

@@ -39,15 +39,17 @@ class BiasEstimate:
     relative_bias: Tensor  # W, delta_hat(K)
 
 
-def fit_decay_rate(norms: Tensor) -> float:
-    """exp(slope) of the least-squares line through (k, log phi_k) over the whole window.
+def fit_decay_rate(norms: Tensor, first_lag: int = 0) -> float:
+    """exp(slope) of the least-squares line through (k, log phi_k) for lags k >= ``first_lag``.
 
+    ``first_lag`` 0 fits the whole window (the paper's choice); a later start fits only the tail,
+    where a profile that bends (fast early decay, slow late decay) is closer to geometric.
     Points with a log norm below -50 or not finite are dropped; nan if fewer than two remain.
     """
     with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf is dropped below
         log_norms = np.log(norms.detach().double().cpu().numpy())
     lags = np.arange(len(log_norms), dtype=np.float64)
-    kept = np.isfinite(log_norms) & (log_norms >= MIN_LOG_NORM)
+    kept = np.isfinite(log_norms) & (log_norms >= MIN_LOG_NORM) & (lags >= first_lag)
     if kept.sum() < 2:
         return math.nan
     slope, _ = np.polyfit(lags[kept], log_norms[kept], deg=1)
@@ -60,13 +62,17 @@ def default_tail_anchor(window: int) -> int:
 
 
 def estimate_bias(
-    profile: GradientProfile, cumulative: str = "approx", tail_anchor: int | None = None
+    profile: GradientProfile,
+    cumulative: str = "approx",
+    tail_anchor: int | None = None,
+    fit_first_lag: int = 0,
 ) -> BiasEstimate:
     """Estimate absolute and relative bias of truncating at every K = 1..W.
 
     ``cumulative`` selects G_hat(K): "approx" sums the per-lag norms, "exact" takes the norm of the
-    summed mean gradients. A decay rate that is not in (0, 1) means the bias cannot be bounded:
-    the absolute and relative biases are then infinite.
+    summed mean gradients. ``fit_first_lag``: the decay rate is fitted on lags from there on
+    (0: the whole window, the paper's estimate). A decay rate that is not in (0, 1) means the bias
+    cannot be bounded: the absolute and relative biases are then infinite.
     """
     if cumulative not in CUMULATIVE_MODES:
         raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
@@ -74,7 +80,7 @@ def estimate_bias(
     window = norms.numel()
     tau = default_tail_anchor(window) if tail_anchor is None else tail_anchor
     tau = min(max(tau, 0), window - 1)
-    beta = fit_decay_rate(norms)
+    beta = fit_decay_rate(norms, fit_first_lag)
 
     if cumulative == "approx":
         cumulative_norm = norms.cumsum(0)  # W

@@ -20,12 +20,19 @@ from .bias import (
     unbounded_reason,
 )
 from .gradient_profile import GradientProfile
+from .in_window import InWindowMeasurement, estimate_bias_in_window
 
 logger = logging.getLogger(__name__)
 
 LAG_ORIGINS = ("final", "previous")
 """Where lag 0 of the profile lies: ``final``, the state the final loss reads (the paper's
 formula, phi_0 the readout gradient); ``previous``, the state before it (the authors' code)."""
+
+ESTIMATE_METHODS = ("norms", "in-window")
+"""How the bias is estimated: ``norms``, the paper's bound from state-gradient norms
+(:func:`atbptt.estimate_bias`); ``in-window``, the parameter-gradient bias measured inside the
+window plus the norm tail beyond it (:mod:`atbptt.in_window`), whose ``measure`` returns an
+:class:`~atbptt.in_window.InWindowMeasurement`."""
 
 
 @dataclass
@@ -73,6 +80,7 @@ class TruncationController:
         cumulative: str = "approx",
         lag_origin: str = "final",
         tail_anchor: int | None = None,
+        estimate_method: str = "norms",
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
             raise ValueError(
@@ -106,6 +114,15 @@ class TruncationController:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES} (got {cumulative!r})")
         if lag_origin not in LAG_ORIGINS:
             raise ValueError(f"lag_origin must be one of {LAG_ORIGINS} (got {lag_origin!r})")
+        if estimate_method not in ESTIMATE_METHODS:
+            raise ValueError(
+                f"estimate_method must be one of {ESTIMATE_METHODS} (got {estimate_method!r})"
+            )
+        if estimate_method == "in-window" and lag_origin != "final":
+            raise ValueError(
+                "the in-window estimate measures the parameter gradient's bias at K steps "
+                "directly: it has no lag origin to choose; use lag_origin 'final', not 'previous'"
+            )
         if tail_anchor is not None and not 0 <= tail_anchor < window:
             raise ValueError(
                 f"tail_anchor must lie in [0, window) = [0, {window}) (got {tail_anchor})"
@@ -122,6 +139,7 @@ class TruncationController:
         self.cumulative = cumulative
         self.lag_origin = lag_origin
         self.tail_anchor = tail_anchor
+        self.estimate_method = estimate_method
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -167,7 +185,9 @@ class TruncationController:
         return self._tokens_since_estimate >= self.tokens_between_estimates
 
     def estimate(
-        self, measure: Callable[[], GradientProfile], num_updates: int
+        self,
+        measure: Callable[[], GradientProfile | InWindowMeasurement],
+        num_updates: int,
     ) -> TruncationDecision:
         """Run R measurements, estimate the bias of each and update K (adaptive mode only).
 
@@ -183,7 +203,13 @@ class TruncationController:
         previous_length = self._truncation_length
         estimates = []
         for _ in range(self.num_estimates):
-            profile = measure()
+            measurement = measure()
+            in_window = isinstance(measurement, InWindowMeasurement)
+            if in_window != (self.estimate_method == "in-window"):
+                raise TypeError(
+                    f"estimate_method {self.estimate_method!r} got a {type(measurement).__name__}"
+                )
+            profile = measurement.profile if in_window else measurement
             if profile.norms.numel() != self.measured_steps:
                 raise ValueError(
                     f"measured {profile.norms.numel()} lags; measure windows of "
@@ -200,7 +226,12 @@ class TruncationController:
                     previous_length,
                 )
                 return self._decide(previous_length, math.nan, math.nan, start, reason)
-            estimates.append(estimate_bias(profile, self.cumulative, self.tail_anchor))
+            if in_window:
+                estimates.append(
+                    estimate_bias_in_window(measurement, self.cumulative, self.tail_anchor)
+                )
+            else:
+                estimates.append(estimate_bias(profile, self.cumulative, self.tail_anchor))
 
         fallbacks = [unbounded_reason(e) for e in estimates if self._raw_choice(e) is None]
         if self.adaptive:

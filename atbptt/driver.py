@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .controller import TruncationController, TruncationDecision
 from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
+from .in_window import InWindowMeasurement, measure_in_window
 from .learning_rate import LR_SCALINGS, learning_rate_factor
 from .protocol import RecurrentModel
 from .token_stream import (
@@ -65,6 +66,7 @@ class TbpttConfig:
     estimate_budget_counts: str = "processed"  # training tokens: processed (inputs) or scored
     estimate_lag_origin: str = "final"  # lag 0: final (the paper's formula) or previous
     estimate_tail_anchor: int = -1  # tau; -1: W - W // 10 - 1
+    estimate_method: str = "norms"  # norms (the paper's bound) or in-window (docs/bias_check.md)
     estimate_cumulative: str = "approx"  # approx or exact
     monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
     lr_scaling: str = "none"  # none, sqrt or linear in K
@@ -95,6 +97,7 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         cumulative=config.estimate_cumulative,
         lag_origin=config.estimate_lag_origin,
         tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
+        estimate_method=config.estimate_method,
     )
 
 
@@ -333,7 +336,7 @@ class TbpttDriver:
             (self.config.seed * 1_000_003 + self.num_updates) * 1009
         )
 
-        def measure() -> GradientProfile:
+        def measure() -> GradientProfile | InWindowMeasurement:
             windows, final_targets = sample_windows(
                 inputs, targets, controller.num_sequences, length, generator
             )
@@ -342,6 +345,11 @@ class TbpttDriver:
             if burnin > 0:
                 with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                     _, state = estimator.run_window(windows[:, :burnin], state, burnin, burnin)
+            if controller.estimate_method == "in-window":
+                return measure_in_window(
+                    estimator, state, windows[:, burnin:], final_targets,
+                    batch_dim=estimator.state_batch_dim,
+                )  # fmt: skip
             return measure_gradient_profile(
                 lambda tokens, state: (None, estimator.advance(tokens, state)),
                 state,

@@ -162,12 +162,16 @@ def test_learning_rate_scales_with_k_inside_the_step_and_never_compounds():
     assert len(set(lengths)) > 1, f"K never changed ({lengths}); the check would be weaker"
 
 
-def test_estimate_matches_the_fairseq_task_and_leaves_training_alone(tiny_corpus):
+@pytest.mark.parametrize(
+    "method_options",
+    [
+        dict(estimate_cumulative="exact", estimate_lag_origin="previous", estimate_tail_anchor=8),
+        dict(estimate_method="in-window"),
+    ],
+)
+def test_estimate_matches_the_fairseq_task_and_leaves_training_alone(tiny_corpus, method_options):
     """Same windows, same profile, same decision as the task; grads, state and RNG untouched."""
-    options = dict(
-        TINY_ADAPTIVE, estimate_cumulative="exact", estimate_lag_origin="previous",
-        estimate_tail_anchor=8, seed=3,
-    )  # fmt: skip
+    options = dict(TINY_ADAPTIVE, seed=3, **method_options)
     task_config = AdaptiveTbpttLmConfig(data=str(tiny_corpus), train_subset="train", **options)
     task = AdaptiveTbpttLmTask.setup_task(task_config)
     task.load_dataset("train")

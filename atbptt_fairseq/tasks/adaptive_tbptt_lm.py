@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,13 +39,16 @@ from atbptt.token_stream import (
     segments_per_pass,
 )
 from atbptt import (
+    ESTIMATE_METHODS,
     LAG_ORIGINS,
     LR_SCALINGS,
     GradientProfile,
+    InWindowMeasurement,
     TbpttConfig,
     TruncationController,
     learning_rate_factor,
     measure_gradient_profile,
+    measure_in_window,
     sample_windows,
     scaled_learning_rate,
 )
@@ -59,6 +62,7 @@ DECISION_RECORD = "k_decision"
 TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
 LR_SCALING_CHOICES = ChoiceEnum(list(LR_SCALINGS))
 LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
+ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
 BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
 CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
 
@@ -207,6 +211,14 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "(the authors used W - 20 on the copy task)"
         },
     )
+    estimate_method: ESTIMATE_METHOD_CHOICES = field(
+        default=METHOD_DEFAULTS.estimate_method,
+        metadata={
+            "help": "norms: the paper's bias bound from state-gradient norms; in-window: the "
+            "parameter gradient's bias measured inside the window (one backward, lags in "
+            "buckets) plus the norms' geometric tail beyond it (docs/bias_check.md)"
+        },
+    )
     estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
         default=METHOD_DEFAULTS.estimate_cumulative,
         metadata={
@@ -335,6 +347,11 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         raise UserInputError(
             f"--truncation-clip-norm must be at least 0 (got {cfg.truncation_clip_norm})"
         )
+    if cfg.estimate_method == "in-window" and cfg.estimate_lag_origin != "final":
+        raise UserInputError(
+            "--estimate-method in-window measures the bias at K steps directly and has no lag "
+            "origin to choose: leave out --estimate-lag-origin previous"
+        )
     if cfg.estimate_interval == 0 and not 0.0 < cfg.estimate_budget <= 1.0:
         raise UserInputError(
             f"--estimate-budget (the share of training compute spent on estimates) must lie in "
@@ -423,6 +440,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 cumulative=cfg.estimate_cumulative,
                 lag_origin=cfg.estimate_lag_origin,
                 tail_anchor=None if cfg.estimate_tail_anchor < 0 else cfg.estimate_tail_anchor,
+                estimate_method=cfg.estimate_method,
             )
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
@@ -916,7 +934,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         was_training = estimator.training
         estimator.eval()
 
-        def measure() -> GradientProfile:
+        def measure() -> Union[GradientProfile, InWindowMeasurement]:
             windows, final_targets = sample_windows(
                 inputs, targets, self.controller.num_sequences, length, generator
             )
@@ -927,6 +945,22 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                     _, extra = estimator(windows[:, :burnin], state=state, output_start=burnin)
                 state = extra["state"]
+            if self.controller.estimate_method == "in-window":
+                measurement = measure_in_window(
+                    estimator, state, windows[:, burnin:], final_targets, batch_dim=1
+                )
+                if world_size > 1:  # the mean over all ranks' windows, before any norm
+                    group = distributed_utils.get_data_parallel_group()
+                    profile = measurement.profile
+                    for tensor in (
+                        profile.norms,
+                        profile.mean_gradients,
+                        measurement.readout_gradient,
+                        measurement.bucket_gradients,
+                    ):
+                        distributed_utils.all_reduce(tensor, group=group)
+                        tensor.div_(world_size)
+                return measurement
             profile = measure_gradient_profile(
                 lambda tokens, state: (None, estimator.advance(tokens, state)),
                 state,

@@ -1,0 +1,506 @@
+"""Ground truth for the bias estimate: the true relative bias of truncated parameter gradients.
+
+The estimator (DESIGN.md §3) bounds the bias of truncated BPTT from the norms of state gradients.
+This module measures the quantity it stands for, on a stateful model and random windows of a token
+stream. S windows of burn-in + L tokens are drawn (:func:`atbptt.sample_windows`); the burn-in runs
+without gradient from a zero state, then the L steps of the window run with gradient. The forward
+pass is computed once: truncating changes only which steps' parameter contributions a gradient
+collects, never a forward value. Two losses:
+
+(a) Final-step loss: the cross-entropy of the last step's prediction (read out from the last state
+    h_s), the loss whose state gradients the estimator measures. g is its parameter gradient
+    through all L steps; g_K the gradient through only the last K recurrent steps (the state
+    h_{s-K} detached; the readout is always included). True relative bias:
+    ||mean_S (g - g_K)|| / ||mean_S g||.
+(b) Training-window loss, overlap style (the paper's training, DESIGN.md §3): the mean
+    cross-entropy of the last K positions of the window. Truncated: back to a state detached
+    2K - 1 steps before the end, so that every scored position has at least K steps; full: the
+    same loss through all L steps. True relative bias: ||mean_S (f_K - f_K^trunc)|| /
+    ||mean_S f_K|| (both the loss and the denominator depend on K here).
+
+How: the L steps are split into buckets at the lags the grid needs (K and 2K - 1 for each K); each
+bucket runs on its own alias of the parameters (``torch.func.functional_call`` with fresh leaves
+sharing the parameters' storage), so one backward pass returns each bucket's contribution to the
+parameter gradient. For loss (a) one backward gives g and g_K for every K of the grid (suffix sums
+of the bucket contributions); loss (b) differs with K, so it takes one backward per K. No parameter
+``.grad`` is touched.
+
+Uncertainty: the S windows run in G groups of equal size (one batch each). A norm of a mean over
+S windows is biased upward by noise, so besides the plain ratio this reports a debiased ratio
+(squared norms of the means estimated without the noise term, from the G group means), the noise
+floor (the standard error of the numerator's mean, relative to the denominator: true biases near it
+are not resolved) and, for loss (a), a bootstrap over the groups.
+
+The model needs ``zero_state(batch_size)``, ``advance(tokens, state)`` (one step, no readout) and
+``readout(state)`` (logits), and must be an ``nn.Module`` whose parameters these use. Dropout and
+other train/eval switches are the caller's business (the estimator runs in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .bias import BiasEstimate, estimate_bias
+from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
+
+
+class StatefulModel(Protocol):
+    """What the ground truth needs of a model (besides being an ``nn.Module``)."""
+
+    def zero_state(self, batch_size: int) -> State: ...
+
+    def advance(self, tokens: Tensor, state: State) -> State: ...
+
+    def readout(self, state: State) -> Tensor: ...
+
+
+@dataclass
+class TrueBias:
+    """True relative bias of the truncated gradient at each K of a grid (index as the grid)."""
+
+    truncation_lengths: list[int]
+    relative_bias: Tensor  # ||mean (g - g_K)|| / ||mean g||
+    debiased: Tensor  # the same with both squared norms debiased for noise; nan if not estimable
+    noise_floor: Tensor  # standard error of mean (g - g_K), over ||mean g||
+    bootstrap_std: Tensor  # std of the ratio over bootstrap resamples of the groups; nan if none
+    bootstrap_low: Tensor  # 2.5% quantile
+    bootstrap_high: Tensor  # 97.5% quantile
+    gradient_norm: Tensor  # ||mean g|| (per K for the training-window loss)
+    # sqrt(unbiased ||E g||^2) / ||mean g||: the share of the mean gradient's norm that is not
+    # noise (1: resolved; near 0: the S windows do not resolve the gradient, nor the ratio)
+    gradient_signal: Tensor
+
+
+@dataclass
+class GroundTruth:
+    """True biases of both losses and the gradient profile, from the same S windows."""
+
+    window: int  # L
+    num_sequences: int  # S
+    num_groups: int  # G
+    final_step: TrueBias
+    training_window: TrueBias | None  # None when not measured
+    profile: GradientProfile  # L + 1 lags, lag 0 = h_s (the state the final loss reads)
+
+
+def measure_true_bias(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    truncation_lengths: list[int],
+    window: int,
+    burnin: int,
+    num_sequences: int,
+    generator: torch.Generator,
+    num_groups: int = 8,
+    batch_dim: int = 0,
+    bootstrap_samples: int = 1000,
+    training_window: bool = True,
+) -> GroundTruth:
+    """Measure the true relative bias of both losses at each K of ``truncation_lengths``.
+
+    ``inputs``/``targets``: aligned 1-D token streams (``targets[t]`` follows ``inputs[t]``).
+    ``window``: L, at least 2 K_max - 1 (the overlap loss of K_max backpropagates that far when
+    truncated); ``burnin`` >= 1 (the profile measures one step more than L, lag L being the
+    state before the window, for the "previous" lag convention). ``num_sequences`` S must be a
+    multiple of ``num_groups`` G. ``batch_dim``: the batch dimension of the state tensors.
+    ``training_window`` False skips loss (b), which costs one backward per K and a readout of K
+    positions (the final-step loss alone allows many more windows).
+    """
+    lengths = sorted({int(length) for length in truncation_lengths})
+    if not lengths or lengths[0] < 1:
+        raise ValueError("truncation lengths must be positive integers")
+    if window < 2 * lengths[-1] - 1:
+        raise ValueError(
+            f"window {window} is shorter than 2 K_max - 1 = {2 * lengths[-1] - 1}: the truncated "
+            "overlap loss of K_max reaches that far; lengthen the window or lower K_max"
+        )
+    if burnin < 1:
+        raise ValueError(f"burnin must be >= 1 (got {burnin}): the profile needs one step more")
+    if num_groups < 1 or num_sequences % num_groups:
+        raise ValueError(
+            f"num_sequences ({num_sequences}) must be a positive multiple of num_groups "
+            f"({num_groups})"
+        )
+    positions, _ = sample_windows(
+        torch.arange(inputs.numel()),
+        torch.arange(targets.numel()),
+        num_sequences,
+        burnin + window,
+        generator,
+    )  # S x (burnin + L), drawn like the estimator's windows
+    device = next(model.parameters()).device
+    # bucket edges in lags from the end: the truncated gradients need K and 2K - 1 steps
+    edges = sorted({*lengths, *(2 * length - 1 for length in lengths), window})
+    group_size = num_sequences // num_groups
+    final_sums = _GroupVectors(keep_groups=True)
+    final_bias = {length: _GroupVectors(keep_groups=True) for length in lengths}
+    window_sums = {length: _GroupVectors(keep_groups=False) for length in lengths}
+    window_bias = {length: _GroupVectors(keep_groups=False) for length in lengths}
+    profiles = []
+    for group in range(num_groups):
+        rows = positions[group * group_size : (group + 1) * group_size]
+        tokens = inputs[rows].to(device)  # m x (burnin + L)
+        window_targets = targets[rows[:, burnin:]].to(device)  # m x L
+        with torch.autocast(device_type=device.type, enabled=False):  # fp32 like the estimator
+            state = model.zero_state(group_size)
+            with torch.no_grad():
+                for position in range(burnin):
+                    state = model.advance(tokens[:, position], state)
+            run = BucketedRun(model, state, tokens[:, burnin:], edges, batch_dim)
+            final_gradient, final_truncated = run.final_step_gradients(
+                window_targets[:, -1], lengths
+            )
+            final_sums.add(final_gradient)
+            for length in lengths:
+                final_bias[length].add(final_gradient - final_truncated[length])
+            for length in lengths if training_window else []:
+                full, truncated = run.training_window_gradients(window_targets, length)
+                window_sums[length].add(full)
+                window_bias[length].add(full - truncated)
+            del run
+            profiles.append(
+                measure_gradient_profile(
+                    lambda tokens, state: (None, model.advance(tokens, state)),
+                    model.zero_state(group_size),
+                    tokens,
+                    window_targets[:, -1],
+                    burnin=burnin - 1,
+                    batch_dim=batch_dim,
+                    readout=model.readout,
+                )
+            )
+    final_step = _true_bias(
+        lengths,
+        [final_bias[length] for length in lengths],
+        [final_sums] * len(lengths),
+        bootstrap_samples,
+        generator,
+    )
+    window_truth = None
+    if training_window:
+        window_truth = _true_bias(
+            lengths,
+            [window_bias[length] for length in lengths],
+            [window_sums[length] for length in lengths],
+            0,
+            generator,
+        )
+    profile = GradientProfile(
+        norms=torch.stack([p.norms for p in profiles]).mean(0),
+        mean_gradients=torch.stack([p.mean_gradients for p in profiles]).mean(0),
+        num_sequences=num_sequences,
+    )
+    return GroundTruth(window, num_sequences, num_groups, final_step, window_truth, profile)
+
+
+def first_lags(profile: GradientProfile, window: int) -> GradientProfile:
+    """The profile of the first ``window`` lags: what a measurement of W steps would give.
+
+    The gradient with respect to a state does not depend on how far back the window started, so
+    the first W lags of a longer measurement are exactly a W-step measurement's profile.
+    """
+    if not 1 <= window <= profile.norms.numel():
+        raise ValueError(f"window {window} must lie in [1, {profile.norms.numel()}]")
+    return GradientProfile(
+        profile.norms[:window], profile.mean_gradients[:window], profile.num_sequences
+    )
+
+
+def delta_hat_on_grid(
+    profile: GradientProfile,
+    truncation_lengths: list[int],
+    cumulative: str = "approx",
+    tail_anchor: int | None = None,
+    fit_first_lag: int = 0,
+) -> tuple[Tensor, BiasEstimate]:
+    """The estimator's delta_hat(K) at each K of a grid, and its whole estimate.
+
+    For K beyond the profile's W the estimate's geometric tail is continued: delta_hat(W) times
+    beta_hat^(K - W), the formula's own branch for K >= tau.
+    """
+    estimate = estimate_bias(profile, cumulative, tail_anchor, fit_first_lag)
+    window = estimate.relative_bias.numel()
+    values = []
+    for length in truncation_lengths:
+        if length <= window:
+            values.append(float(estimate.relative_bias[length - 1]))
+        elif math.isfinite(estimate.decay_rate) and 0.0 < estimate.decay_rate < 1.0:
+            tail = estimate.decay_rate ** (length - window)
+            values.append(float(estimate.relative_bias[window - 1]) * tail)
+        else:
+            values.append(math.inf)
+    return torch.tensor(values, dtype=torch.float64), estimate
+
+
+def smallest_length_below(
+    truncation_lengths: list[int], relative_bias: Tensor, target_bias: float
+) -> int | None:
+    """The smallest K of the grid whose relative bias is below ``target_bias``; None if none."""
+    for length, value in zip(truncation_lengths, relative_bias.tolist()):
+        if value < target_bias:
+            return length
+    return None
+
+
+# ----------------------------------------------------------------------------------- internals
+
+
+class _Steps(nn.Module):
+    """Runs ``model.advance`` over a chunk of tokens; a module so functional_call can swap the
+    parameters of a whole bucket of steps at once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, state: State) -> list[State]:  # tokens m x n
+        states = []
+        for position in range(tokens.shape[1]):
+            state = self.model.advance(tokens[:, position], state)
+            states.append(state)
+        return states
+
+
+class _Readout(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, state: State) -> Tensor:
+        return self.model.readout(state)
+
+
+class BucketedRun:
+    """One forward pass of a batch of windows, each bucket of steps on its own parameter leaves.
+
+    ``tokens`` (m x L) run from ``initial_state`` (detached here). Buckets are delimited by
+    ``edges`` (lags from the end, ascending, the last = L): bucket b holds the steps producing
+    states at lags [edges[b-1], edges[b]). Gradients come back per bucket, so the gradient
+    truncated at a lag e (an edge) is the readout's part plus the buckets below e.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        initial_state: State,
+        tokens: Tensor,
+        edges: list[int],
+        batch_dim: int,
+    ) -> None:
+        window = tokens.shape[1]
+        if not edges or edges[-1] != window or sorted(set(edges)) != edges or edges[0] < 1:
+            raise ValueError(f"bucket edges must rise from >= 1 to the window {window}: {edges}")
+        self.batch_dim = batch_dim
+        self.edges = edges
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        parameters = dict(model.named_parameters())
+
+        def leaves() -> dict[str, Tensor]:  # aliases of the parameters' storage, no copy
+            return {f"model.{n}": parameters[n].detach().requires_grad_() for n in self.names}
+
+        self.readout_leaves = leaves()
+        self.bucket_leaves = [leaves() for _ in edges]
+        self.readout = _Readout(model)
+        # a fresh leaf, so that every state of the window requires grad (for state gradients)
+        state = tuple(tensor.detach().requires_grad_() for tensor in initial_state)
+        steps = _Steps(model)
+        self.states: list[State] = []  # in time order, states[-1] = h_s
+        with torch.enable_grad():
+            for bucket in reversed(range(len(edges))):  # earliest steps (largest lags) first
+                low_lag = edges[bucket - 1] if bucket > 0 else 0
+                start = window - edges[bucket]
+                stop = window - low_lag
+                chunk = functional_call(
+                    steps, self.bucket_leaves[bucket], (tokens[:, start:stop], state)
+                )
+                self.states.extend(chunk)
+                state = chunk[-1]
+
+    def _gradients(
+        self, loss: Tensor, extra_inputs: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """The readout's and every bucket's contribution to d loss / d parameters, flattened
+        (and, with ``extra_inputs``, the loss's gradients with respect to them, same backward)."""
+        groups = [self.readout_leaves, *self.bucket_leaves]
+        leaves = [leaf for group in groups for leaf in group.values()]
+        extra = extra_inputs or []
+        gradients = torch.autograd.grad(loss, leaves + extra, retain_graph=True, allow_unused=True)
+        extra_gradients = list(gradients[len(leaves) :])
+        gradients = gradients[: len(leaves)]
+        flat = []
+        for leaf, gradient in zip(leaves, gradients):
+            flat.append((torch.zeros_like(leaf) if gradient is None else gradient).reshape(-1))
+        per_group = len(self.names)
+        vectors = [
+            torch.cat(flat[i * per_group : (i + 1) * per_group]).double()
+            for i in range(len(groups))
+        ]
+        if extra_inputs is not None:
+            return vectors[0], vectors[1:], extra_gradients
+        return vectors[0], vectors[1:]
+
+    def _truncated(self, readout: Tensor, buckets: list[Tensor], lag: int) -> Tensor:
+        """Gradient through the readout and the steps at lags below ``lag`` (an edge)."""
+        kept = [vector for edge, vector in zip(self.edges, buckets) if edge <= lag]
+        return readout + sum(kept) if kept else readout.clone()
+
+    def final_step_gradients(
+        self, final_targets: Tensor, lengths: list[int]
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Mean over the group of g (full) and of g_K for each K, flattened."""
+        logits = functional_call(self.readout, self.readout_leaves, (self.states[-1],))
+        loss = F.cross_entropy(logits.float(), final_targets, reduction="mean")
+        readout, buckets = self._gradients(loss)
+        full = readout + sum(buckets)
+        return full, {length: self._truncated(readout, buckets, length) for length in lengths}
+
+    def final_step_contributions(
+        self, final_targets: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """For the mean final-step loss: the readout's and each bucket's parameter-gradient
+        contribution, and the per-sequence norms of d loss / d state at every lag (lag 0 = h_s),
+        all from one backward pass. The loss is a mean, so the state gradients are scaled back
+        by the batch size to be each sequence's own."""
+        logits = functional_call(self.readout, self.readout_leaves, (self.states[-1],))
+        loss = F.cross_entropy(logits.float(), final_targets, reduction="mean")
+        flat_states = [tensor for state in reversed(self.states) for tensor in state]
+        readout, buckets, state_gradients = self._gradients(loss, flat_states)
+        size = len(self.states[0])
+        batch = final_targets.numel()
+        per_lag = []
+        for lag, state in enumerate(reversed(self.states)):
+            pieces = []
+            for gradient, tensor in zip(state_gradients[lag * size : (lag + 1) * size], state):
+                gradient = torch.zeros_like(tensor) if gradient is None else gradient
+                gradient = gradient.float().movedim(self.batch_dim, 0)
+                pieces.append(gradient.reshape(gradient.shape[0], -1))
+            per_lag.append(torch.cat(pieces, dim=1) * batch)  # m x D
+        return readout, buckets, per_lag
+
+    def training_window_gradients(
+        self, window_targets: Tensor, length: int
+    ) -> tuple[Tensor, Tensor]:
+        """Mean over the group of the overlap loss's gradient at K: full, and truncated at 2K-1."""
+        scored = self.states[-length:]  # K states, time order
+        stacked = tuple(
+            torch.cat([state[i] for state in scored], dim=self.batch_dim)
+            for i in range(len(scored[0]))
+        )  # batch K*m, position-major
+        logits = functional_call(self.readout, self.readout_leaves, (stacked,))
+        scored_targets = window_targets[:, -length:].t().reshape(-1)  # position-major as above
+        loss = F.cross_entropy(logits.float(), scored_targets, reduction="mean")
+        readout, buckets = self._gradients(loss)
+        return readout + sum(buckets), self._truncated(readout, buckets, 2 * length - 1)
+
+
+class _GroupVectors:
+    """The G group means of one gradient quantity: their sum, squared norms and (optionally)
+    the vectors themselves for a bootstrap."""
+
+    def __init__(self, keep_groups: bool) -> None:
+        self.keep_groups = keep_groups
+        self.total: Tensor | None = None
+        self.square_norms: list[float] = []
+        self.vectors: list[Tensor] = []
+
+    def add(self, vector: Tensor) -> None:
+        self.total = vector.clone() if self.total is None else self.total + vector
+        self.square_norms.append(float(vector.square().sum()))
+        if self.keep_groups:
+            self.vectors.append(vector.float())
+
+    @property
+    def count(self) -> int:
+        return len(self.square_norms)
+
+    def mean_norm(self) -> float:
+        return float(self.total.norm()) / self.count
+
+    def unbiased_square_norm(self) -> float:
+        """Unbiased estimate of ||E mean||^2: the cross terms of the group means only."""
+        count = self.count
+        if count < 2:
+            return math.nan
+        return (float(self.total.square().sum()) - sum(self.square_norms)) / (count * (count - 1))
+
+    def standard_error(self) -> float:
+        """sqrt(trace of the covariance of the mean over groups)."""
+        count = self.count
+        if count < 2:
+            return math.nan
+        spread = sum(self.square_norms) - float(self.total.square().sum()) / count
+        return math.sqrt(max(spread, 0.0) / (count * (count - 1)))
+
+    def gram(self) -> Tensor:
+        stacked = torch.stack(self.vectors).double()  # G x P
+        return stacked @ stacked.t()
+
+
+def _true_bias(
+    lengths: list[int],
+    biases: list[_GroupVectors],
+    gradients: list[_GroupVectors],
+    bootstrap_samples: int,
+    generator: torch.Generator,
+) -> TrueBias:
+    relative, debiased, floor, spread, low, high, norms, signal = [], [], [], [], [], [], [], []
+    for bias, gradient in zip(biases, gradients):
+        gradient_norm = gradient.mean_norm()
+        norms.append(gradient_norm)
+        relative.append(bias.mean_norm() / gradient_norm)
+        denominator = gradient.unbiased_square_norm()
+        signal.append(math.sqrt(max(denominator, 0.0)) / gradient_norm)
+        numerator = bias.unbiased_square_norm()
+        debiased.append(
+            math.sqrt(max(numerator, 0.0) / denominator) if denominator > 0 else math.nan
+        )
+        floor.append(bias.standard_error() / gradient_norm)
+        if bootstrap_samples > 0 and bias.count > 1 and bias.keep_groups:
+            ratios = _bootstrap_ratios(bias.gram(), gradient.gram(), bootstrap_samples, generator)
+            spread.append(float(ratios.std()))
+            low.append(float(ratios.quantile(0.025)))
+            high.append(float(ratios.quantile(0.975)))
+        else:
+            spread.append(math.nan)
+            low.append(math.nan)
+            high.append(math.nan)
+
+    def tensor(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    return TrueBias(
+        truncation_lengths=lengths,
+        relative_bias=tensor(relative),
+        debiased=tensor(debiased),
+        noise_floor=tensor(floor),
+        bootstrap_std=tensor(spread),
+        bootstrap_low=tensor(low),
+        bootstrap_high=tensor(high),
+        gradient_norm=tensor(norms),
+        gradient_signal=tensor(signal),
+    )
+
+
+def _bootstrap_ratios(
+    bias_gram: Tensor, gradient_gram: Tensor, samples: int, generator: torch.Generator
+) -> Tensor:
+    """||resampled mean bias|| / ||resampled mean gradient|| for resamples of the G groups.
+
+    With the Gram matrices of the group means, a resample with counts w gives squared norms
+    w^T Gram w / G^2, so no vector is touched.
+    """
+    count = bias_gram.shape[0]
+    picks = torch.randint(0, count, (samples, count), generator=generator)
+    weights = torch.zeros(samples, count, dtype=torch.float64)
+    weights.scatter_add_(1, picks, torch.ones(samples, count, dtype=torch.float64))
+    numerator = ((weights @ bias_gram) * weights).sum(1).clamp(min=0).sqrt()
+    denominator = ((weights @ gradient_gram) * weights).sum(1).clamp(min=0).sqrt()
+    return numerator / denominator
