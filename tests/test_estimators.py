@@ -12,6 +12,7 @@ import io
 
 import pytest
 import torch
+from conftest import load_example
 
 from atbptt import TruncationController
 from atbptt.estimators import (
@@ -30,6 +31,13 @@ from atbptt.estimators import (
 )
 from atbptt.estimators.base import flatten, trainable
 
+copy_task = load_example("copy_task")
+
+
+def copy_lstm(vocabulary: int, hidden: int) -> torch.nn.Module:
+    """The copy-task example's nn.LSTM model, one layer: UORO steps it generically."""
+    return copy_task.CopyLstm(symbols=vocabulary, hidden=hidden, layers=1)
+
 VOCABULARY, HIDDEN, DELAY = 4, 4, 3
 GROUPS, SEQUENCES, LENGTH, SEGMENT = 16, 32, 10, 3
 BOUND = 4.0  # a standard-normal error beyond 4 standard errors: probability 6e-5
@@ -44,7 +52,7 @@ def delayed_copy(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torc
     return inputs, targets
 
 
-def make_model(kind: type, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def make_model(kind, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     torch.manual_seed(seed)
     return kind(VOCABULARY, HIDDEN).to(dtype)
 
@@ -72,6 +80,7 @@ UNBIASED = [
     ("uoro", TanhRnn, lambda seed: Uoro(seed=seed)),
     ("uoro", ElementwiseLstm, lambda seed: Uoro(seed=seed)),
     ("kf-rtrl", TanhRnn, lambda seed: KfRtrl(seed=seed)),
+    ("uoro", copy_lstm, lambda seed: Uoro(seed=seed)),
 ]
 
 
