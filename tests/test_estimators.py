@@ -216,3 +216,67 @@ def test_losses_are_the_segment_means():
         logits.reshape(-1, VOCABULARY), targets.reshape(-1), reduction="none"
     ).view(2, 6)
     assert losses == pytest.approx([float(expected[:, :3].mean()), float(expected[:, 3:].mean())])
+
+
+@pytest.mark.parametrize(
+    "make_estimator,kind",
+    [
+        (lambda: Uoro(seed=2), TanhRnn),
+        (lambda: KfRtrl(seed=2), TanhRnn),
+        (lambda: ExactRtrl(), ElementwiseLstm),
+        (lambda: Artbp(seed=2), ElementwiseLstm),
+    ],
+    ids=["uoro", "kf-rtrl", "exact-rtrl", "artbp"],
+)
+def test_driver_trains_with_an_estimator_and_resumes_exactly(make_estimator, kind):
+    """The plain-PyTorch driver serves segments to an estimator (segment.accumulate), carries
+    its sensitivities across segments, restarts them with each pass, and saves them: a run
+    interrupted after 5 updates and resumed from torch.save'd state ends with the same weights."""
+    from atbptt import TbpttConfig, TbpttDriver
+
+    inputs, targets = delayed_copy(1, 120, seed=9)
+    config = TbpttConfig(truncation_length=4, updates_per_epoch=0)
+
+    def train(model, driver, optimizer, updates):
+        losses = []
+        while driver.num_updates < updates:
+            for segment in driver.segments(model, max_updates=updates):
+                optimizer.zero_grad()
+                losses.append(segment.accumulate(model))
+                optimizer.step()
+        return losses
+
+    def fresh():
+        model = make_model(kind)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        driver = TbpttDriver(inputs[0], 3, config, targets=targets[0], estimator=make_estimator())
+        return model, driver, optimizer
+
+    model, driver, optimizer = fresh()
+    losses = train(model, driver, optimizer, 14)  # 10 segments a pass: crosses a pass start
+    assert all(0 < loss < 10 for loss in losses)
+    with pytest.raises(RuntimeError, match="accumulate"):
+        driver.next_segment(model).loss(model)
+
+    first, first_driver, first_optimizer = fresh()
+    train(first, first_driver, first_optimizer, 5)
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": first.state_dict(),
+            "optimizer": first_optimizer.state_dict(),
+            "driver": first_driver.state_dict(),
+        },
+        buffer,
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, resumed_driver, resumed_optimizer = fresh()
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    resumed_driver.load_state_dict(saved["driver"])
+    train(resumed, resumed_driver, resumed_optimizer, 14)
+    reference, reference_driver, reference_optimizer = fresh()
+    train(reference, reference_driver, reference_optimizer, 14)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
