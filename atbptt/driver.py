@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .controller import TruncationController, TruncationDecision
+from .estimators.base import Carry, GradientEstimator
 from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
 from .in_window import InWindowMeasurement, measure_in_window
 from .learning_rate import LR_SCALINGS, learning_rate_factor
@@ -145,6 +146,10 @@ class TrainingSegment:
 
     def loss(self, model: RecurrentModel) -> Tensor:
         """Mean cross-entropy over the scored positions; hands the next state to the driver."""
+        if self._driver.estimator is not None:
+            raise RuntimeError(
+                "the driver has a gradient estimator: call segment.accumulate(model)"
+            )
         logits, carried = model.run_window(
             self.inputs, self.state, self.output_start, self.carry_offset
         )  # B x S x V
@@ -156,6 +161,26 @@ class TrainingSegment:
     def carry(self, state: State) -> None:
         """Hand over the state after ``carry_offset`` steps (for loops that run the model)."""
         self._driver._carry(self, state)
+
+    def accumulate(self, model: RecurrentModel) -> float:
+        """With the driver's gradient estimator: add its gradient estimate for this segment to
+        ``.grad`` (divided by B x K, K the nominal length, so a random segment length does not
+        rescale the step) and carry its state; returns the segment's mean cross-entropy."""
+        driver = self._driver
+        if driver.estimator is None or driver._estimator_carry is None:
+            raise RuntimeError("the driver has no gradient estimator: use segment.loss(model)")
+        if self is not driver._pending:
+            raise RuntimeError("this segment's state was already carried (run each segment once)")
+        loss, carry = driver.estimator.accumulate(
+            model,
+            self.inputs,
+            self.targets,
+            driver._estimator_carry,
+            normaliser=self.inputs.size(0) * self.truncation_length,
+        )
+        driver._estimator_carry = carry
+        driver._carry(self, carry.state)
+        return loss
 
 
 class TbpttDriver:
@@ -173,9 +198,14 @@ class TbpttDriver:
         batch_size: int,
         config: TbpttConfig,
         targets: Tensor | None = None,
+        estimator: GradientEstimator | None = None,
     ) -> None:
         _check_config(config)
         self.config = config
+        # with an estimator, segments are disjoint stretches of the length it asks for (around
+        # K), trained by segment.accumulate(model); it carries its own state and sensitivities
+        self.estimator = estimator
+        self._estimator_carry: Carry | None = None
         self.controller = build_controller(config)
         self._columns = lay_out_columns(tokens, batch_size, targets)  # (inputs, targets) C x n
         self._stream = aligned_stream(tokens, targets)  # estimate windows are cut from it
@@ -273,13 +303,23 @@ class TbpttDriver:
         if self.estimating and self.controller.is_due(self.num_updates):
             decision = self.estimate(model)
         truncation_length = self.controller.truncation_length
-        plan = plan_segment(
-            self.cursor, truncation_length, self.config.tbptt_style, self.column_length
-        )
+        if self.estimator is None:
+            plan = plan_segment(
+                self.cursor, truncation_length, self.config.tbptt_style, self.column_length
+            )
+        else:
+            length = self.estimator.segment_length(truncation_length)
+            plan = plan_segment(self.cursor, length, "disjoint", self.column_length)
         if plan.new_pass:
             self._carried = None
         device, dtype = _placement(model)
-        if self._carried is None:
+        if self.estimator is not None:
+            if plan.new_pass or self._estimator_carry is None:
+                self._estimator_carry = self.estimator.start(model, self.batch_size)
+            else:  # a carry restored from a checkpoint lives on the CPU
+                self._estimator_carry = self._estimator_carry.to(device, dtype)
+            state = self._estimator_carry.state
+        elif self._carried is None:
             state = model.zero_state(self.batch_size)
         else:  # a state restored from a checkpoint lives on the CPU
             state = tuple(tensor.to(device=device, dtype=dtype) for tensor in self._carried)
@@ -427,6 +467,10 @@ class TbpttDriver:
             "carried_state": carried,
             "controller": self.controller.state_dict(),
             "columns": list(self._columns[0].shape),
+            "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "estimator_carry": (
+                None if self._estimator_carry is None else self._estimator_carry.state_dict()
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -446,6 +490,10 @@ class TbpttDriver:
         self._carried = None if carried is None else tuple(carried)
         self._pending = None
         self.controller.load_state_dict(state["controller"])
+        if self.estimator is not None and state.get("estimator") is not None:
+            self.estimator.load_state_dict(state["estimator"])
+        saved_carry = state.get("estimator_carry")
+        self._estimator_carry = None if saved_carry is None else Carry.from_state_dict(saved_carry)
 
 
 def evaluate_stream(
