@@ -28,7 +28,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor
 
-from atbptt_fairseq import checkpoint_guard, eval_lm_guard
+from atbptt_fairseq.fairseq_fixes import checkpoint_guard, eval_lm_guard
 from atbptt_fairseq.errors import UserInputError
 from atbptt.token_stream import (
     StreamCursor,
@@ -1006,7 +1006,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         """Collect every rank's carried state before rank 0 writes a checkpoint.
 
         Called on every rank by the plugin's wrapper of ``checkpoint_utils.save_checkpoint`` (see
-        :mod:`atbptt_fairseq.checkpoint_guard`); fairseq asks only rank 0 for
+        :mod:`atbptt_fairseq.fairseq_fixes.checkpoint_guard`); fairseq asks only rank 0 for
         :meth:`get_checkpoint_dict`. The checkpoint then holds the state of all columns in the
         global layout (columns x layers x hidden), which each rank slices again on resume.
         """

@@ -1,4 +1,4 @@
-"""Safe, clear checkpoint loading and complete checkpoint files for fairseq (installed on import).
+"""Safe, clear checkpoint loading and complete checkpoint files for fairseq.
 
 Loading. fairseq-fixed's ``checkpoint_utils.load_checkpoint_to_cpu`` (used by fairseq-train to
 resume and by fairseq-eval-lm, fairseq-validate, ...) calls ``torch.load`` without
@@ -382,13 +382,3 @@ class AtomicCopyPathManager(PathManager):
                 raise _write_error(dst_path, error) from error
             raise
         return True
-
-
-def install() -> None:
-    """Patch ``fairseq.checkpoint_utils`` (idempotent)."""
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-    checkpoint_utils.load_checkpoint = load_checkpoint
-    checkpoint_utils.save_checkpoint = save_checkpoint
-    checkpoint_utils.torch_persistent_save = torch_persistent_save
-    checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
-    checkpoint_utils.PathManager = AtomicCopyPathManager
