@@ -78,3 +78,15 @@ def test_an_old_checkpoint_evaluates_as_before(tmp_path):
     assert match, output[-3000:]
     assert match.group(1) == expected()["eval_lm_valid_loss_base2"]
     assert not list(Path(FIXTURE).glob("*.tmp"))
+
+
+def test_an_old_checkpoint_is_refused_on_other_targets():
+    """Older checkpoints recorded their --target-dir only in their config: the loader's upgrade
+    hands it to the task, which refuses to score the model on targets it never learned."""
+    output = run_cli(
+        "fairseq-eval-lm", str(FIXTURE / "data"), "--user-dir", USER_DIR,
+        "--task", "adaptive_tbptt_lm", "--path", str(FIXTURE / "checkpoint_last.pt"),
+        "--gen-subset", "valid", "--cpu", "--target-dir", "targets", check=False,
+    )  # fmt: skip
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("atbptt_fairseq: error: the checkpoint was trained to predict the next")

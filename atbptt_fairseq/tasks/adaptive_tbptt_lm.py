@@ -24,11 +24,12 @@ from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import utils as distributed_utils
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor
 
-from atbptt_fairseq.fairseq_fixes import checkpoint_guard, eval_lm_guard
+from atbptt_fairseq.fairseq_fixes import eval_lm_guard
 from atbptt_fairseq.errors import UserInputError
 from atbptt.token_stream import (
     StreamCursor,
@@ -694,8 +695,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
         ).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        if from_checkpoint:
-            self._check_checkpoint_targets(checkpoint_guard.last_loaded_task_config)
         model = super().build_model(cfg, from_checkpoint)
         for required in ("zero_state", "advance", "readout"):
             if not hasattr(model, required):
@@ -705,12 +704,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 )
         return model
 
-    def _check_checkpoint_targets(self, trained: Optional[Any]) -> None:
-        """Refuse to score a checkpoint on other targets than it learned: a copy-task model
-        evaluated without ``--target-dir`` would be scored on predicting its next input."""
-        if trained is None or trained.get("_name") != "adaptive_tbptt_lm":
-            return
-        trained_dir, target_dir = trained.get("target_dir"), self.cfg.target_dir
+    def check_checkpoint_targets(self, trained_dir: Optional[str]) -> None:
+        """Refuse to score a checkpoint on other targets than it learned (``trained_dir``: its
+        ``--target-dir``): a copy-task model evaluated without ``--target-dir`` would be scored
+        on predicting its next input."""
+        target_dir = self.cfg.target_dir
         if trained_dir == target_dir:
             return
         if target_dir is None:
@@ -813,14 +811,14 @@ class AdaptiveTbpttLmTask(FairseqTask):
         parameter = next(core.parameters())
         batch = self._training_batch(sample, parameter.device, parameter.dtype)
         try:
-            loss, sample_size, logging_output = super().train_step(
+            loss, sample_size, logging_output, carried_state = self._train_segment(
                 batch, model, criterion, optimizer, update_num, ignore_grad
             )
         except BaseException:
             self.cursor = copy.deepcopy(self._before_last_call[0])
             self._carried_state = self._before_last_call[1]
             raise
-        self._carried_state = batch.get("carried_state")
+        self._carried_state = carried_state
         self._update_truncation_length = batch["truncation_length"]
         if call != self._counted_call:  # once per update slot, however often it is retried
             processed = batch["net_input"]["src_tokens"].numel()
@@ -836,6 +834,29 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self._pending_estimate_tokens = 0
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
+
+    @staticmethod
+    def _train_segment(batch, model, criterion, optimizer, update_num: int, ignore_grad: bool):
+        """``FairseqTask.train_step`` on one segment, through the criterion's forward that also
+        returns the state to carry into the next segment (fairseq's criterion interface returns
+        only the loss, sample size and logging output)."""
+        forward = getattr(_unwrap(criterion), "forward_carrying_state", None)
+        if forward is None:
+            raise UserInputError(
+                "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands it the "
+                f"recurrent state to carry into the next update; {type(criterion).__name__} "
+                "does not"
+            )
+        model.train()
+        model.set_num_updates(update_num)
+        with torch.autograd.profiler.record_function("forward"):
+            with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                loss, sample_size, logging_output, carried_state = forward(model, batch)
+        if ignore_grad:
+            loss *= 0
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+        return loss, sample_size, logging_output, carried_state
 
     def training_budget_reached(self) -> Optional[str]:
         """Which training budget is spent, in words for the log; None if none (same on every
@@ -1049,15 +1070,32 @@ class AdaptiveTbpttLmTask(FairseqTask):
         }
 
     def state_dict(self) -> Dict[str, Any]:
-        """fairseq's task state, plus the dictionary's identity: fairseq-eval-lm (and every
-        loader of a trained model) hands this back to :meth:`load_state_dict` before building the
-        model, where :meth:`get_checkpoint_dict` reaches only a resumed fairseq-train."""
-        return {**super().state_dict(), "dictionary_identity": dictionary_identity(self.dictionary)}
+        """fairseq's task state, plus the dictionary's identity and the ``--target-dir`` trained
+        on: fairseq-eval-lm (and every loader of a trained model) hands this back to
+        :meth:`load_state_dict` before building the model, where :meth:`get_checkpoint_dict`
+        reaches only a resumed fairseq-train."""
+        return {
+            **super().state_dict(),
+            "dictionary_identity": dictionary_identity(self.dictionary),
+            "target_dir": self.cfg.target_dir,
+        }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Check that a trained model fits this task's data and targets, then fairseq's load."""
         state_dict = dict(state_dict)
         self.check_checkpoint_dictionary(state_dict.pop("dictionary_identity", None))
+        if "target_dir" in state_dict:  # absent: a checkpoint of another task
+            self.check_checkpoint_targets(state_dict.pop("target_dir"))
         super().load_state_dict(state_dict)
+
+    @staticmethod
+    def upgrade_checkpoint_state(checkpoint: Dict[str, Any]) -> None:
+        """Bring the task state of an older checkpoint of this task up to date (called by the
+        plugin's checkpoint loader): before the task state held ``target_dir``, only the
+        checkpoint's config recorded it."""
+        task_state = checkpoint.get("task_state")
+        if isinstance(task_state, dict) and "target_dir" not in task_state:
+            task_state["target_dir"] = checkpoint["cfg"]["task"].get("target_dir")
 
     def check_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Refuse to resume from a checkpoint of other data (called by the plugin's wrapper of
