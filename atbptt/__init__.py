@@ -14,7 +14,16 @@ from .bias import (
     raw_truncation_length,
 )
 from .controller import LAG_ORIGINS, TruncationController, TruncationDecision
-from .driver import TbpttConfig, TbpttDriver, TrainingSegment, build_controller, evaluate_stream
+from .driver import (
+    TbpttConfig,
+    TbpttDriver,
+    TrainingSegment,
+    budget_tokens,
+    build_controller,
+    estimate_truncation,
+    evaluate_stream,
+    lr_factor,
+)
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -52,13 +61,16 @@ __all__ = [
     "TruncationController",
     "TruncationDecision",
     "aligned_stream",
+    "budget_tokens",
     "build_controller",
     "choose_truncation_length",
     "estimate_bias",
+    "estimate_truncation",
     "evaluate_stream",
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",
+    "lr_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",
     "plan_segment",

@@ -22,7 +22,6 @@
    ``atexit`` handler). gloo's teardown is local to the process; nccl is left to fairseq.
 """
 
-import atexit
 import io
 import logging
 import os
