@@ -12,7 +12,7 @@ On a fresh machine, one command:
    (perplexities, the K trajectory, the last delta_hat) and writes the figures and summary.md of
    scripts/plot.py.
 
-Three departures from the paper's copy settings (configs/copy_*.yaml), each needed for the
+Three departures from the paper's copy settings (atbptt_fairseq/configs/copy_*.yaml), each needed for the
 method to show anything within minutes (measured on this task, seed 1):
   * Adam, lr 0.01, instead of SGD with lr sqrt(K): with SGD the runs stay on the ~1.83
     plateau for thousands of updates (the README's SGD sweep: fixed K = 10, seed 1, left it

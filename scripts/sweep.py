@@ -14,7 +14,7 @@ epoch ends (the plugin's epoch is one pass at K0, so a fixed-K run's epoch lengt
 epoch-end validation drives ``reduce_lr_on_plateau``). The best of these is evaluated.
 
 Training options: ``--preset copy|ptb|wiki2`` takes the paper's settings from
-``configs/<corpus>_fixed.yaml`` and ``_adaptive.yaml``, their grids included (the
+``atbptt_fairseq/configs/<corpus>_fixed.yaml`` and ``_adaptive.yaml``, their grids included (the
 ``hydra.sweeper.params`` of ``-m``; copy: lr = 1.0 * sqrt(K) through ``--lr-scaling-reference 1``);
 ``bible-small`` is a 1 x 128 tied LSTM (batch 32) that trains in
 minutes on 2 CPU cores. Options after ``--`` go to every fairseq-train and override the preset;
@@ -93,7 +93,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "atbptt_fairseq"
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = REPO / "atbptt_fairseq" / "configs"
 
 TRAJECTORY_COLUMNS = (
     "num_updates",
@@ -197,7 +197,7 @@ CONFIG_NAME_FLAGS = {
 
 
 def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
-    """Turn a hydra config of ``configs/`` into fairseq-train command-line options."""
+    """Turn a hydra config of ``atbptt_fairseq/configs/`` into fairseq-train command-line options."""
     config = yaml.safe_load(path.read_text())
     args: list[str] = []
     for group, values in config.items():
@@ -225,7 +225,7 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
 
 
 def config_grid(path: Path, key: str) -> str:
-    """The grid a hydra config of ``configs/`` sweeps with ``-m`` (``hydra.sweeper.params``)."""
+    """The grid a hydra config of ``atbptt_fairseq/configs/`` sweeps with ``-m`` (``hydra.sweeper.params``)."""
     config = yaml.safe_load(path.read_text())
     return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
 
@@ -237,7 +237,7 @@ def _config_preset(corpus: str) -> Preset:
         adaptive_args=config_args(adaptive),
         fixed_grid=config_grid(fixed, "task.truncation_length"),
         delta_grid=config_grid(adaptive, "task.target_bias"),
-        description=f"configs/{corpus}_fixed.yaml and configs/{corpus}_adaptive.yaml",
+        description=f"atbptt_fairseq/configs/{corpus}_fixed.yaml and _adaptive.yaml",
     )
 
 
@@ -1290,7 +1290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default=None,
-        help="training settings: copy, ptb, wiki2 (the paper's, from configs/*.yaml) or "
+        help="training settings: copy, ptb, wiki2 (the paper's, from atbptt_fairseq/configs/*.yaml) or "
         "bible-small (1 x 128 tied LSTM that trains in minutes on 2 CPU cores)",
     )
     parser.add_argument(
