@@ -612,7 +612,6 @@ import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402
 import prepare_bible  # noqa: E402
