@@ -11,7 +11,7 @@ command unchanged:
     python -m atbptt_fairseq.cli user-dir                   # prints the directory for --user-dir
 
 (``python -m atbptt_fairseq.cli train|eval-lm|hydra-train ...`` is the same without the scripts.)
-A ``--user-dir`` (``common.user_dir=`` for hydra) or ``--config-dir`` given on the command line wins.
+A ``--user-dir`` (``common.user_dir=`` for hydra) or ``--config-dir`` on the command line wins.
 """
 
 import os

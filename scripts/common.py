@@ -18,8 +18,8 @@ LOG_TAGS = ("train_inner", "valid", "train")
 
 def json_record(line: str, tags: Sequence[str] = LOG_TAGS) -> tuple[str, dict[str, Any]] | None:
     """``(tag, record)`` of a fairseq ``--log-format json`` line with one of ``tags``, in the
-    simple format (``... | INFO | train_inner | {...}``) or hydra's (``[train_inner][INFO] - {...}``);
-    None for any other line."""
+    simple format (``... | INFO | train_inner | {...}``) or hydra's
+    (``[train_inner][INFO] - {...}``); None for any other line."""
     for tag in tags:
         for marker in (f"| {tag} | ", f"[{tag}][INFO] - "):
             if marker in line:

@@ -136,7 +136,7 @@ CONFIG_NAME_FLAGS = {
 
 
 def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
-    """Turn a hydra config of ``atbptt_fairseq/configs/`` into fairseq-train command-line options."""
+    """Turn a hydra config of ``atbptt_fairseq/configs/`` into fairseq-train options."""
     config = yaml.safe_load(path.read_text())
     args: list[str] = []
     for group, values in config.items():
@@ -164,7 +164,8 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
 
 
 def config_grid(path: Path, key: str) -> str:
-    """The grid a hydra config of ``atbptt_fairseq/configs/`` sweeps with ``-m`` (``hydra.sweeper.params``)."""
+    """The grid a hydra config of ``atbptt_fairseq/configs/`` sweeps with ``-m``
+    (``hydra.sweeper.params``)."""
     config = yaml.safe_load(path.read_text())
     return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
 
@@ -1207,7 +1208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default=None,
-        help="training settings: copy, ptb, wiki2 (the paper's, from atbptt_fairseq/configs/*.yaml) or "
+        help="training settings: copy, ptb, wiki2 (the paper's, from "
+        "atbptt_fairseq/configs/*.yaml) or "
         "bible-small (1 x 128 tied LSTM that trains in minutes on 2 CPU cores)",
     )
     parser.add_argument(
