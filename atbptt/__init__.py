@@ -14,7 +14,16 @@ from .bias import (
     raw_truncation_length,
 )
 from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
-from .driver import TbpttConfig, TbpttDriver, TrainingSegment, build_controller, evaluate_stream
+from .driver import (
+    TbpttConfig,
+    TbpttDriver,
+    TrainingSegment,
+    budget_tokens,
+    build_controller,
+    estimate_truncation,
+    evaluate_stream,
+    lr_factor,
+)
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -71,16 +80,19 @@ __all__ = [
     "TruncationDecision",
     "aligned_stream",
     "bucket_edges",
+    "budget_tokens",
     "build_controller",
     "choose_truncation_length",
     "delta_hat_on_grid",
     "estimate_bias",
     "estimate_bias_in_window",
+    "estimate_truncation",
     "evaluate_stream",
     "first_lags",
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",
+    "lr_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",
     "measure_in_window",

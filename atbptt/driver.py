@@ -18,7 +18,7 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ BUDGET_COUNTS = ("processed", "scored")
 class TbpttConfig:
     """Options of the method, named and defaulting as the fairseq task's (a test keeps them equal).
 
-    See ``AdaptiveTbpttLmConfig`` in ``atbptt_fairseq/tasks/adaptive_tbptt_lm.py`` for the help
+    See ``AdaptiveTbpttLmConfig`` in ``atbptt_fairseq/tasks/config.py`` for the help
     text of each option.
     """
 
@@ -100,6 +100,93 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
         estimate_method=config.estimate_method,
     )
+
+
+def budget_tokens(config: TbpttConfig, processed: int, scored: int) -> int:
+    """The tokens of a training segment that count towards the estimate budget:
+    ``estimate_budget_counts`` says whether the inputs run (processed) or the targets scored."""
+    return scored if config.estimate_budget_counts == "scored" else processed
+
+
+def lr_factor(
+    config: TbpttConfig, truncation_length: int, initial_length: int | None = None
+) -> float:
+    """The paper's scaling of the learning rate for a segment of ``truncation_length``, relative
+    to ``lr_scaling_reference``, or else K0 (``initial_length`` where K0 as applied differs from
+    ``config.truncation_length``, e.g. capped by a short column)."""
+    reference = config.lr_scaling_reference or initial_length or config.truncation_length
+    return learning_rate_factor(truncation_length, reference, config.lr_scaling)
+
+
+def estimate_truncation(
+    controller: TruncationController,
+    model: RecurrentModel,
+    stream: tuple[Tensor, Tensor],
+    seed: int,
+    update: int,
+    rank: int = 0,
+    average: Callable[[list[Tensor]], None] | None = None,
+) -> TruncationDecision:
+    """One decision of ``controller`` on random windows of ``stream`` (aligned inputs and targets,
+    :func:`atbptt.aligned_stream`).
+
+    In fp32 and eval mode, without touching any parameter's ``.grad``, the carried state or the
+    global RNG. The windows depend only on ``seed``, ``update`` and ``rank``, so a resumed run
+    estimates exactly as an uninterrupted one. With several workers, ``average`` replaces the
+    measured tensors in place by their mean over all workers (an all-reduce, before any norm is
+    taken), so every worker decides the same K.
+    """
+    inputs, targets = stream
+    burnin = controller.burnin
+    length = burnin + controller.measured_steps
+    estimator = model
+    if isinstance(model, nn.Module) and any(p.dtype != torch.float32 for p in model.parameters()):
+        estimator = copy.deepcopy(model).float()
+    device, _ = _placement(estimator)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + update) * 1009 + rank)
+
+    def measure() -> GradientProfile | InWindowMeasurement:
+        windows, final_targets = sample_windows(
+            inputs, targets, controller.num_sequences, length, generator
+        )
+        windows, final_targets = windows.to(device), final_targets.to(device)
+        state = estimator.zero_state(windows.size(0))
+        if burnin > 0:
+            # the fused kernel runs the burn-in, in fp32 like the window (even under autocast)
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                _, state = estimator.run_window(windows[:, :burnin], state, burnin, burnin)
+        if controller.estimate_method == "in-window":
+            measurement = measure_in_window(
+                estimator, state, windows[:, burnin:], final_targets,
+                batch_dim=estimator.state_batch_dim,
+            )  # fmt: skip
+            profile = measurement.profile
+            tensors = [profile.norms, profile.mean_gradients, measurement.readout_gradient]
+            tensors.append(measurement.bucket_gradients)
+            if average is not None:
+                average(tensors)
+            return measurement
+        profile = measure_gradient_profile(
+            lambda tokens, state: (None, estimator.advance(tokens, state)),
+            state,
+            windows[:, burnin:],
+            final_targets,
+            burnin=0,
+            batch_dim=estimator.state_batch_dim,
+            readout=estimator.readout,  # the output layer runs on the final state only
+        )
+        if average is not None:
+            average([profile.norms, profile.mean_gradients])
+        return profile
+
+    was_training = getattr(estimator, "training", None)
+    if was_training is not None:
+        estimator.eval()
+    try:
+        return controller.estimate(measure, update)
+    finally:
+        if was_training is not None:
+            estimator.train(was_training)
 
 
 def _check_config(config: TbpttConfig) -> None:
@@ -257,8 +344,7 @@ class TbpttDriver:
     def lr_factor(self) -> float:
         """The paper's scaling of the learning rate with the K of the update in progress,
         relative to ``lr_scaling_reference`` (or K0)."""
-        reference = self.config.lr_scaling_reference or self.config.truncation_length
-        return learning_rate_factor(self._segment_length, reference, self.config.lr_scaling)
+        return lr_factor(self.config, self._segment_length)
 
     @property
     def clip_threshold(self) -> float | None:
@@ -338,8 +424,7 @@ class TbpttDriver:
             _driver=self,
         )
         processed, scored = segment.inputs.numel(), segment.targets.numel()
-        counted = scored if self.config.estimate_budget_counts == "scored" else processed
-        self.controller.record_tokens(counted)
+        self.controller.record_tokens(budget_tokens(self.config, processed, scored))
         self.processed_tokens += processed
         self.scored_tokens += scored
         self._segment_length = truncation_length
@@ -356,58 +441,12 @@ class TbpttDriver:
     # ------------------------------------------------------------------------- estimation
 
     def estimate(self, model: RecurrentModel) -> TruncationDecision:
-        """Measure the gradient profile on random windows of the training stream and decide K.
-
-        In fp32 and eval mode, without touching any parameter's ``.grad``, the carried state or
-        the global RNG. The windows depend only on ``seed`` and the update number (the fairseq
-        task draws the same ones), so a resumed run estimates exactly as an uninterrupted one.
-        """
+        """Measure the gradient profile on random windows of the training stream and decide K
+        (:func:`estimate_truncation`; the fairseq task draws the same windows)."""
         controller = self.controller
-        inputs, targets = self._stream
-        burnin = controller.burnin
-        length = burnin + controller.measured_steps
-        estimator = model
-        if isinstance(model, nn.Module) and any(
-            p.dtype != torch.float32 for p in model.parameters()
-        ):
-            estimator = copy.deepcopy(model).float()
-        device, _ = _placement(estimator)
-        generator = torch.Generator().manual_seed(
-            (self.config.seed * 1_000_003 + self.num_updates) * 1009
+        decision = estimate_truncation(
+            controller, model, self._stream, self.config.seed, self.num_updates
         )
-
-        def measure() -> GradientProfile | InWindowMeasurement:
-            windows, final_targets = sample_windows(
-                inputs, targets, controller.num_sequences, length, generator
-            )
-            windows, final_targets = windows.to(device), final_targets.to(device)
-            state = estimator.zero_state(windows.size(0))
-            if burnin > 0:
-                with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                    _, state = estimator.run_window(windows[:, :burnin], state, burnin, burnin)
-            if controller.estimate_method == "in-window":
-                return measure_in_window(
-                    estimator, state, windows[:, burnin:], final_targets,
-                    batch_dim=estimator.state_batch_dim,
-                )  # fmt: skip
-            return measure_gradient_profile(
-                lambda tokens, state: (None, estimator.advance(tokens, state)),
-                state,
-                windows[:, burnin:],
-                final_targets,
-                burnin=0,
-                batch_dim=estimator.state_batch_dim,
-                readout=estimator.readout,  # the output layer runs on the final state only
-            )
-
-        was_training = getattr(estimator, "training", None)
-        if was_training is not None:
-            estimator.eval()
-        try:
-            decision = controller.estimate(measure, self.num_updates)
-        finally:
-            if was_training is not None:
-                estimator.train(was_training)
         if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
             self.processed_tokens += controller.estimate_tokens
         return decision

@@ -20,11 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO_ROOT / "atbptt_fairseq"
-
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from common import PLUGIN_DIR, child_env, json_record  # noqa: F401  (the benchmarks use them)
+from common import REPO as REPO_ROOT
 
 
 def log(message: str) -> None:
@@ -78,19 +75,6 @@ def apply_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """Environment of a ``fairseq-train`` child: the same thread count as this process.
-
-    torch reads ``OMP_NUM_THREADS`` at start-up for its intra-op pool (fairseq never calls
-    ``torch.set_num_threads``); MKL gets the same number.
-    """
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MKL_NUM_THREADS"] = str(threads)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
 
 
 def cpu_busy_fraction(seconds: float = 0.5) -> float:
@@ -279,19 +263,6 @@ class TrainRun:
     output: list[str] = field(default_factory=list)
 
 
-def _parse_json_record(line: str) -> tuple[str, dict[str, Any]] | None:
-    """``(tag, stats)`` of a fairseq JSON progress line, else None."""
-    if " | INFO | " not in line or "{" not in line:
-        return None
-    head, _, body = line.partition("{")
-    tag = head.rstrip(" |").rsplit("|", 1)[-1].strip()
-    try:
-        stats = json.loads("{" + body)
-    except json.JSONDecodeError:
-        return None
-    return tag, stats
-
-
 def _number(value: Any) -> float:
     try:
         return float(value)
@@ -321,7 +292,7 @@ def run_fairseq_train(args: Sequence[str], threads: int, label: str) -> TrainRun
     for raw in proc.stdout:
         now = time.perf_counter()
         output.append(raw.rstrip("\n"))
-        record = _parse_json_record(raw)
+        record = json_record(raw, ("train_inner",))
         if record is not None and record[0] == "train_inner":
             stats = {key: _number(value) for key, value in record[1].items()}
             lines.append(LogLine(stats=stats, arrival=now))

@@ -1,41 +1,6 @@
 """Cost of the bias estimator: one estimate against training, and a whole adaptive run's overhead.
 
-Part 1 (``--part cost``), in this process, on the plugin's ``TbpttLstmDecoder`` (tied, 1 layer):
-
-  * one estimate: the plugin's measure path (``AdaptiveTbpttLmTask._estimate``): S windows of
-    burn-in + W tokens at random offsets, the burn-in through the fused LSTM under no_grad, then
-    ``measure_gradient_profile`` with the model's ``advance`` (``torch.lstm_cell`` per step) and
-    ``readout`` of the final state (one backward for all W lags), then ``estimate_bias``; model in
-    eval mode, as the task runs it;
-  * the same with the obvious step function (a one-step call of the fused ``nn.LSTM`` and the
-    output layer at every step), checked to give the same profile;
-  * one training update over the same S x W tokens: fused forward, backward, SGD step;
-  * the same S x W tokens as consecutive B x K training updates (the preset's training batch);
-  * the naive estimate (``measure_gradient_profile_naive``: one backward per lag) and the
-    one-pass estimate at the same, shorter window (the naive cost grows as W^2).
-
-From these it predicts the overhead of the default schedule: on the plugin's token budget (one
-decision of R x S x (burn-in + W) tokens per that many / ``--estimate-budget`` training tokens),
-budget x (estimate seconds per token) / (training seconds per token); with ``--estimate-interval
-N``, R estimates every N updates of B x K. Contenders alternate within each repeat; medians over
-repeats are reported.
-
-Part 2 (``--part overhead``), through ``fairseq-train``: an adaptive run (``--target-bias``, the
-plugin's default schedule and ``--estimate-repeats``) against runs with K frozen at the K the first
-adaptive run ended with (the last ``trunc_k`` of its JSON log), alternated. Overhead = adaptive
-time / fixed time - 1 over the same number of updates after the warm-up log line, by fairseq's
-clock (tokens / wps per log line); the summed ``est_sec`` is reported too. Because the adaptive run
-trains at K0 until the first estimate, its update cost differs from the frozen run's when K moves,
-and a run holds a whole number of decisions; so three more views are printed: the per-token
-overhead, the estimate share est_sec / (time - est_sec), and the steady state of the schedule at
-the final K: the seconds of one decision over the seconds the frozen-K run takes between two
-decisions (the budget's tokens, or ``--estimate-interval`` updates).
-
-The share of the CPU used by other work before each repeat / run is recorded; where other work
-keeps the cores busy, use ``--threads 1`` (see ``bench_throughput.py``).
-
-    python scripts/bench_estimator.py                          # part 1 small, part 2 small
-    python scripts/bench_estimator.py --part cost --preset ptb --repeats 5
+Details: docs/scripts.md, section scripts/bench_estimator.py.
 """
 
 from __future__ import annotations
@@ -50,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
     PLUGIN_DIR,

@@ -1,27 +1,6 @@
 """Training throughput of the plugin against a plain PyTorch loop and fairseq's own ``lstm_lm``.
 
-Scored target tokens per second of wall time, start-up excluded, same model size and batch:
-
-  (a)  the plugin at fixed K through ``fairseq-train`` (``adaptive_tbptt_lm`` + ``tbptt_lstm_lm``,
-       ``--tbptt-style disjoint``: window K, K scored tokens per column, like (b));
-  (a') the same with ``--tbptt-style overlap`` (window 2K-1, K scored), an extra row;
-  (b)  a minimal TBPTT loop in this process: nn.Embedding, nn.LSTM, tied projection,
-       F.cross_entropy, SGD, hidden state carried and detached;
-  (c)  fairseq's ``language_modeling`` task with ``--arch lstm_lm`` through ``fairseq-train``.
-
-fairseq figures come from its JSON log: each ``train_inner`` line after the warm-up line(s)
-contributes wpb x (updates since the previous line) tokens over tokens / wps seconds (fairseq's
-``wps`` meter is reset at every log line, so the lines tile the run); the clock of this process
-(arrival times of the lines) is a cross-check. (b) is timed the same way, per group of
-``--log-interval`` updates. Contenders alternate within each repeat (order rotated per repeat);
-ratios are taken within a repeat and the median over repeats is reported. On a shared machine
-the median over all log intervals of a contender is printed too (robust to bursts of load), and
-the share of the CPU used by other work just before each run is recorded. Where other work keeps
-the cores busy, use ``--threads 1``: two OpenMP threads on two busy cores wait on each other and
-small operations slow down many-fold.
-
-    python scripts/bench_throughput.py                       # small then ptb, a few minutes each
-    python scripts/bench_throughput.py --preset ptb --repeats 5 --updates 100 --json ptb.json
+Details: docs/scripts.md, section scripts/bench_throughput.py.
 """
 
 from __future__ import annotations
@@ -34,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
     PLUGIN_DIR,

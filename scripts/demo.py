@@ -1,42 +1,6 @@
 """The ``make demo``: adaptive TBPTT against a fixed-K baseline on the variable-length copy task.
 
-On a fresh machine, one command:
-
-1. generates the paper's variable-length copy task (m ~ U{5..10}; 64 columns of 4000 train and
-   1000 valid/test steps) with scripts/prepare_copy_task.py (``--quick``: 1000/250 steps);
-2. trains, through the real fairseq-train and the sweep of scripts/sweep.py, a fixed-K baseline
-   (K = 10) and an adaptive run (delta 0.1) for the same number of updates, on one thread (the
-   fastest for this small model), with the paper's copy model and settings (2 x 50 LSTM, batch
-   64, weight decay 1e-5, clip 1.0, W 100, K in [2, 100]; fixed runs log delta_hat too);
-3. evaluates both with fairseq-eval-lm at their best validation checkpoint, prints a summary
-   (perplexities, the K trajectory, the last delta_hat) and writes the figures and summary.md of
-   scripts/plot.py.
-
-Three departures from the paper's copy settings (configs/copy_*.yaml), each needed for the
-method to show anything within minutes (measured on this task, seed 1):
-  * Adam, lr 0.01, instead of SGD with lr sqrt(K): with SGD the runs stay on the ~1.83
-    plateau for thousands of updates (the README's SGD sweep: fixed K = 10, seed 1, left it
-    after about 4,800 updates); ``--paper-sgd`` restores SGD.
-  * K is first estimated at update 500, then every 500 (configs: on a 2.4% token budget, the
-    authors' schedule), by the task's default estimate (5 approximate estimates averaged;
-    configs: the authors' single exact one; ``--paper-sgd`` uses the configs'). An estimate from an
-    untrained model sees state gradients that vanish within 2 steps and picks K = 2, where the
-    copy cannot be learned, so K never grows (valid ppl 1.84 after 4500 updates).
-  * The adaptive run starts at K0 = the baseline's K (configs: 15), so both runs are the same
-    until the first estimate and differ only by what the estimator decides.
-
-The default budget, 3000 updates per run, took 1.3 min (fixed K) and 4.7 min (adaptive: K grows
-to 100, the window to 199 steps) on this project's 2-core machine; with it (seed 1) the adaptive
-run ends at valid ppl 1.08 (test 1.076) against 1.26 (test 1.255) for K = 10. Other seeds may stay
-on the 1.83 plateau in both runs (README, "Results"). ``--quick`` (1000 train steps per
-column, 1500 updates, about 1.5 min in all) only checks the pipeline: at that size neither run
-learns to copy (ppl ~1.8) and the adaptive K falls to 2. Everything goes to
-``--out`` (default ``demo-out/``): ``data/``, ``sweep/`` (runs, results.csv) and ``plots/``
-(``sweep_quick/``, ``plots_quick/`` with ``--quick``; ``_sgd`` with ``--paper-sgd``). Run it
-again and it reuses the data and the finished runs.
-
-    python scripts/demo.py
-    python scripts/demo.py --quick --out /tmp/demo
+Details: docs/scripts.md, section scripts/demo.py.
 """
 
 from __future__ import annotations
@@ -49,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plot  # noqa: E402
 import sweep  # noqa: E402

@@ -1,30 +1,6 @@
 """Figures and a summary table of a sweep directory written by ``scripts/sweep.py``.
 
-Like the paper's figures, one line per configuration (fixed K or delta), the mean over seeds:
-
-    valid_ppl_vs_wall.png     validation perplexity against wall time (fixed-K runs without the
-                              time spent monitoring their bias, which the method does not need)
-    valid_ppl_vs_tokens.png   validation perplexity against scored training tokens
-    valid_loss_vs_tokens.png  validation loss (bits per token) against scored training tokens, log
-                              scale: shows convergence where perplexity flattens near 1 (copy task)
-    k_vs_updates.png          the truncation length K of the adaptive runs against updates
-    valid_ppl_vs_processed.png  validation perplexity against processed tokens (every token run
-                              through the model, estimates included: compute); k_vs_processed.png
-                              K against processed tokens (empty for sweeps before that count)
-    bias_vs_updates.png       the estimated relative bias delta_hat against updates, fixed and
-                              adaptive runs (log scale; dotted lines: the targets delta; gaps:
-                              delta_hat = inf, no positive lower bound on the gradient norm)
-    summary.md                mean +- std over seeds of valid/test perplexity (fairseq-eval-lm at
-                              the best checkpoint), final K, wall time; the best fixed K (by mean
-                              validation perplexity) marked; and the best validation perplexity
-                              within the first T scored tokens, a comparison at equal training
-                              data (T: --equal-tokens, default the fewest tokens of any run),
-                              and the compute each adaptive run needed to reach the best fixed
-                              K's best validation perplexity (time to target)
-
-    python scripts/plot.py sweeps/copy                 # files go to sweeps/copy/plots
-    python scripts/plot.py sweeps/copy --out figures
-    python scripts/plot.py sweeps/copy --equal-tokens 5e7
+Details: docs/scripts.md, section scripts/plot.py.
 """
 
 from __future__ import annotations
@@ -43,7 +19,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sweep import load_results, read_csv  # noqa: E402
 

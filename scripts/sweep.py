@@ -1,66 +1,6 @@
 """Sweep fixed truncation lengths K against target biases delta, over seeds, through fairseq.
 
-Every run is a real ``fairseq-train`` (``--user-dir atbptt_fairseq --task adaptive_tbptt_lm``,
-JSON logs) followed by ``fairseq-eval-lm`` on valid and test with the run's best checkpoint. All
-runs share one budget: a number of updates (``--budget-updates N`` becomes ``--max-update N``) or
-of scored training tokens (``--budget-tokens N`` becomes the task's ``--max-train-tokens N``; the
-same data for every run, whatever K an adaptive run chooses, at the cost of unequal updates), or
-of tokens run through the model (``--budget-processed-tokens N``, the task's
-``--max-processed-tokens N``: every training window and estimate counted, the same compute).
-
-Fixed-K runs get ``--monitor-bias``, so delta_hat is logged for them as for adaptive runs.
-Validation and a checkpoint happen every ``--valid-interval`` updates, at the end, and at fairseq
-epoch ends (the plugin's epoch is one pass at K0, so a fixed-K run's epoch length depends on K;
-epoch-end validation drives ``reduce_lr_on_plateau``). The best of these is evaluated.
-
-Training options: ``--preset copy|ptb|wiki2`` takes the paper's settings from
-``configs/<corpus>_fixed.yaml`` and ``_adaptive.yaml``, their grids included (the
-``hydra.sweeper.params`` of ``-m``; copy: lr = 1.0 * sqrt(K) through ``--lr-scaling-reference 1``);
-``bible-small`` is a 1 x 128 tied LSTM (batch 32) that trains in
-minutes on 2 CPU cores. Options after ``--`` go to every fairseq-train and override the preset;
-without a preset they are the whole setting (defaults: ``--arch tbptt_lstm_lm --criterion
-tbptt_cross_entropy --optimizer tbptt_sgd``). A corpus with a ``targets/`` stream (the copy task)
-gets ``--target-dir targets`` for training and evaluation. ``--threads 1`` suits small models.
-
-    python scripts/sweep.py --preset copy --data data-bin/copy_var --out sweeps/copy \\
-        --fixed 5,10,15,20,30 --deltas 0.9,0.5,0.1 --seeds 1,2,3 --budget-updates 4000
-    python scripts/sweep.py --data data-bin/mine --out sweeps/mine --fixed 20,50 --deltas 0.1 \\
-        --budget-updates 2000 -- --arch tbptt_lstm_lm_wiki2 --lr 20 --clip-norm 0.25 \\
-        --batch-size 16 --estimate-window 200 --max-truncation-length 200
-
-``--jobs N`` trains N runs at once (threads, each starting its own fairseq-train with ``--threads``
-intra-op threads; progress lines name their run). Each run is locked while a sweep works on it
-(``fcntl.flock`` on ``runs/<name>/lock``), so several sweep processes may share one ``--out``:
-each leaves the runs another one holds and moves on.
-
-A run directory records what it was trained with (``run.json``: the fairseq-train command with
-the resolved data path and every option, and the code version: a sha256 of the ``atbptt`` and
-``atbptt_fairseq`` sources plus the git commit). Rerunning the sweep with other data, options, budget
-or code on the same ``--out`` is refused before anything starts, in one line naming what differs;
-use another ``--out``, or ``--rerun-changed`` to train those runs again in fresh directories (the
-old ones move to ``<out>/replaced/<name>-<time>``).
-
-Layout of ``--out``:
-
-    runs/<name>/run.json         the command and code version the run is trained with
-    runs/<name>/train.log        fairseq-train output (appended when a run resumes)
-    runs/<name>/checkpoints/     checkpoint_best.pt, checkpoint_last.pt (resume point)
-    runs/<name>/eval_valid.log   fairseq-eval-lm output, likewise eval_test.log
-    runs/<name>/trajectory.csv   per train_inner log line: num_updates, wall, tokens, trunc_k, ...
-    runs/<name>/validation.csv   per validation: num_updates, wall, tokens, valid_loss, valid_ppl
-    runs/<name>/result.json      written last and atomically: the run is finished and skipped
-    results.csv                  one row per finished run (rewritten after every run)
-    replaced/<name>-<time>/      runs moved aside by --rerun-changed
-
-Columns: ``tokens`` are scored target tokens (batch columns x K per update), summed as fairseq's
-``wpb`` x updates over the train_inner log intervals (the few updates after the last log line at
-the last ``wpb``); with the ``overlap`` style an update also reads K-1 context tokens per column,
-not counted there. ``processed_tokens`` counts them and the estimates' tokens too (the task's
-``ppb`` x updates). ``wall_sec`` is fairseq's wall clock at the end of training (training, estimation,
-validation, checkpoints; for a resumed run the wall at its checkpoint plus the log timestamps
-since, as fairseq's meter restarts at 0); ``est_sec`` the estimation time within it (for fixed-K
-runs: the cost of monitoring). Perplexities are 2 ** (base-2 loss), from fairseq-eval-lm at the
-best validation checkpoint.
+Details: docs/scripts.md, section scripts/sweep.py.
 """
 
 from __future__ import annotations
@@ -90,10 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import yaml
+from common import PLUGIN_DIR, REPO, child_env, json_record  # noqa: F401  (sweep.child_env: demo)
 
-REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "atbptt_fairseq"
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = REPO / "atbptt_fairseq" / "configs"
 
 TRAJECTORY_COLUMNS = (
     "num_updates",
@@ -197,7 +136,7 @@ CONFIG_NAME_FLAGS = {
 
 
 def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
-    """Turn a hydra config of ``configs/`` into fairseq-train command-line options."""
+    """Turn a hydra config of ``atbptt_fairseq/configs/`` into fairseq-train options."""
     config = yaml.safe_load(path.read_text())
     args: list[str] = []
     for group, values in config.items():
@@ -225,7 +164,8 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
 
 
 def config_grid(path: Path, key: str) -> str:
-    """The grid a hydra config of ``configs/`` sweeps with ``-m`` (``hydra.sweeper.params``)."""
+    """The grid a hydra config of ``atbptt_fairseq/configs/`` sweeps with ``-m``
+    (``hydra.sweeper.params``)."""
     config = yaml.safe_load(path.read_text())
     return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
 
@@ -237,7 +177,7 @@ def _config_preset(corpus: str) -> Preset:
         adaptive_args=config_args(adaptive),
         fixed_grid=config_grid(fixed, "task.truncation_length"),
         delta_grid=config_grid(adaptive, "task.target_bias"),
-        description=f"configs/{corpus}_fixed.yaml and configs/{corpus}_adaptive.yaml",
+        description=f"atbptt_fairseq/configs/{corpus}_fixed.yaml and _adaptive.yaml",
     )
 
 
@@ -588,18 +528,6 @@ DONE_LINE = "fairseq_cli.train | done training in "
 EVAL_LINE = re.compile(r"Loss \(base 2\): ([0-9.eE+-]+), Perplexity: ([0-9.eE+-]+|inf)")
 
 
-def json_record(line: str) -> tuple[str, dict[str, Any]] | None:
-    """``(tag, record)`` of a fairseq JSON log line (simple or hydra format), else None."""
-    for tag in ("train_inner", "valid", "train"):
-        for marker in (f"| {tag} | ", f"[{tag}][INFO] - "):
-            if marker in line:
-                try:
-                    return tag, json.loads(line.split(marker, 1)[1])
-                except json.JSONDecodeError:
-                    return None
-    return None
-
-
 def _float(record: dict[str, Any], key: str) -> float:
     value = record.get(key)
     try:
@@ -927,16 +855,6 @@ def fmt_seconds(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
-
-
-def child_env(threads: int = 0) -> dict[str, str]:
-    """Environment of the fairseq subprocesses: this interpreter's bin first on PATH and, if
-    ``threads`` > 0, that many intra-op threads (OMP/MKL_NUM_THREADS)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    if threads > 0:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
 
 
 class RunFailed(RuntimeError):
@@ -1290,7 +1208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default=None,
-        help="training settings: copy, ptb, wiki2 (the paper's, from configs/*.yaml) or "
+        help="training settings: copy, ptb, wiki2 (the paper's, from "
+        "atbptt_fairseq/configs/*.yaml) or "
         "bible-small (1 x 128 tied LSTM that trains in minutes on 2 CPU cores)",
     )
     parser.add_argument(

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny generated corpora binarized by the real fairseq-preprocess, CLI runners."""
 
-import json
 import os
 import random
 import subprocess
@@ -11,6 +10,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+from common import json_records  # noqa: F401  (scripts/common.py: the scripts' parser)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,18 +59,6 @@ class StubOptimizer:
 
     def set_lr(self, lr: float) -> None:
         pass
-
-
-def json_records(output: str, tag: str) -> List[Dict[str, str]]:
-    """The JSON records that fairseq logged under ``tag`` (train_inner, train, valid)."""
-    records = []
-    for line in output.splitlines():
-        marker = f"| {tag} | "
-        if marker in line:
-            records.append(json.loads(line.split(marker, 1)[1]))
-        elif f"[{tag}][INFO] - " in line:
-            records.append(json.loads(line.split("[INFO] - ", 1)[1]))
-    return records
 
 
 def write_corpus(directory: Path, lines: Dict[str, List[str]]) -> Path:

@@ -21,7 +21,7 @@ from conftest import BIN, REPO, TINY_TRAIN, USER_DIR, StubOptimizer, random_sent
 from fairseq.data import Dictionary
 
 import atbptt_fairseq  # noqa: F401
-from atbptt_fairseq import checkpoint_guard
+from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError, find_user_error
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
@@ -547,7 +547,7 @@ def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path, caplog):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "checkpoint_last.pt.tmp").write_bytes(b"x")  # not in the save dir
-    with caplog.at_level(logging.INFO, logger="atbptt_fairseq.checkpoint_guard"):
+    with caplog.at_level(logging.INFO, logger="atbptt_fairseq.fairseq_fixes.checkpoint_guard"):
         checkpoint_utils.verify_checkpoint_directory(str(tmp_path))  # what fairseq-train runs
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["sub"])
     assert (tmp_path / "sub" / "checkpoint_last.pt.tmp").exists()
@@ -600,6 +600,8 @@ def test_truncation_length_longer_than_a_column_logs_and_scales_the_applied_k(ti
     assert len(warnings) == 1
     assert f"K = 5000 is longer than a training column ({column} tokens" in warnings[0]
     assert f"K = {column} applies" in warnings[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # Reliability, round two: no lost inputs, no silently wrong results, no tracebacks
 # (data-bin destinations, --out, text encodings, full disks, eval-lm --context-window,
@@ -612,7 +614,6 @@ import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402
 import prepare_bible  # noqa: E402

@@ -328,3 +328,36 @@ def test_copy_task_example_adapts_k_and_learns():
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, result.stdout
     ppl = [float(x) for x in re.findall(r"valid ppl ([\d.]+)", result.stdout)]
     assert ppl and 1.0 < ppl[-1] < 6.0, result.stdout
+
+
+def test_core_helpers_the_fairseq_task_shares():
+    """lr_factor, budget_tokens and estimate_truncation: what the task and the driver both use."""
+    from atbptt import aligned_stream, budget_tokens, build_controller, estimate_truncation
+    from atbptt import lr_factor
+
+    config = TbpttConfig(truncation_length=4, lr_scaling="sqrt")
+    assert lr_factor(config, 16) == pytest.approx(2.0)
+    assert lr_factor(config, 16, initial_length=1) == pytest.approx(4.0)  # K0 as applied
+    assert lr_factor(dataclasses.replace(config, lr_scaling_reference=16), 16) == 1.0
+    assert budget_tokens(config, processed=70, scored=40) == 70
+    assert budget_tokens(TbpttConfig(estimate_budget_counts="scored"), 70, 40) == 40
+
+    config = TbpttConfig(**TINY_ADAPTIVE)
+    stream = aligned_stream(
+        torch.randint(0, 30, (400,), generator=torch.Generator().manual_seed(1))
+    )
+    model, averaged = fairseq_model(), []
+
+    def average(profile):  # stands in for an all-reduce over workers
+        averaged.append(profile.norms.clone())
+        return profile
+
+    decisions = []
+    for rank in (0, 0, 1):
+        controller = build_controller(config)
+        decisions.append(estimate_truncation(controller, model, stream, 7, 3, rank, average))
+    assert len(averaged) == 3 * config.estimate_repeats  # every measured profile, once
+    assert torch.equal(averaged[0], averaged[2])  # the same windows for the same rank
+    assert not torch.equal(averaged[0], averaged[4])  # another rank draws other windows
+    assert decisions[0].truncation_length == decisions[1].truncation_length
+    assert not model.training

@@ -38,6 +38,7 @@ def copy_lstm(vocabulary: int, hidden: int) -> torch.nn.Module:
     """The copy-task example's nn.LSTM model, one layer: UORO steps it generically."""
     return copy_task.CopyLstm(symbols=vocabulary, hidden=hidden, layers=1)
 
+
 VOCABULARY, HIDDEN, DELAY = 4, 4, 3
 GROUPS, SEQUENCES, LENGTH, SEGMENT = 16, 32, 10, 3
 BOUND = 4.0  # a standard-normal error beyond 4 standard errors: probability 6e-5

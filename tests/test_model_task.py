@@ -92,6 +92,37 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         assert first_pass.size(1) == length and task.cursor.passes == 1
 
 
+def test_training_carries_the_state_through_return_values(tiny_corpus):
+    """The criterion returns the carried state; nothing is written into the sample. A criterion
+    without that return is refused in one line rather than silently training from zero states."""
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
+    from atbptt_fairseq.errors import UserInputError
+    from conftest import StubOptimizer
+
+    task = make_task(tiny_corpus, truncation_length=7)
+    slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
+    model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1))
+    criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
+    batch = task._training_batch(slots[0], torch.device("cpu"))
+    keys = set(batch)
+    loss, _, _, carried = criterion.forward_carrying_state(model, batch)
+    assert set(batch) == keys
+    _, expected = model.run_window(
+        batch["net_input"]["src_tokens"], model.zero_state(3), 6, batch["net_input"]["carry_offset"]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(carried, expected))
+    task = make_task(tiny_corpus, truncation_length=7)  # the same first segment, in train_step
+    slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
+    task.train_step(slots[0], model, criterion, StubOptimizer(model), 0)
+    assert all(torch.equal(a, b) for a, b in zip(task._carried_state, expected))
+    with pytest.raises(UserInputError, match="--criterion tbptt_cross_entropy"):
+        task.train_step(
+            slots[1], model, CrossEntropyCriterion(task, False), StubOptimizer(model), 1
+        )
+
+
 def test_each_rank_gets_its_own_columns_and_the_same_slot_count(tiny_corpus):
     task = make_task(tiny_corpus, truncation_length=5)
     counts, columns = [], []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_TRAIN, USER_DIR, StubOptimizer, json_records, run_cli
 
-import atbptt_fairseq.tasks.adaptive_tbptt_lm as task_module
+import atbptt.driver as estimator_module  # the task estimates through atbptt's
 from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
@@ -90,7 +90,7 @@ def test_a_failed_forward_rewinds_the_stream(tiny_corpus):
     before = state_of(task)
 
     class OutOfMemory(TbpttCrossEntropyCriterion):
-        def forward(self, model, sample, reduce=True):
+        def forward_carrying_state(self, model, sample, reduce=True):
             raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -102,7 +102,7 @@ def test_a_failed_forward_rewinds_the_stream(tiny_corpus):
 def spy_on_the_estimator(monkeypatch):
     """Record the dtypes the bias estimator computes in."""
     seen = []
-    measure = task_module.measure_gradient_profile
+    measure = estimator_module.measure_gradient_profile
 
     def spying_measure(step, state, inputs, final_targets, burnin, batch_dim=0, **kwargs):
         readout = kwargs.get("readout")
@@ -127,7 +127,7 @@ def spy_on_the_estimator(monkeypatch):
             kwargs["readout"] = spying_readout
         return measure(spying_step, state, inputs, final_targets, burnin, batch_dim, **kwargs)
 
-    monkeypatch.setattr(task_module, "measure_gradient_profile", spying_measure)
+    monkeypatch.setattr(estimator_module, "measure_gradient_profile", spying_measure)
     return seen
 
 
@@ -165,7 +165,7 @@ def test_a_restored_fp32_state_is_cast_to_a_bf16_model(tiny_corpus):
 
 
 HYDRA_BF16 = [
-    "--config-dir", str(REPO / "configs"), "--config-name", "tiny",
+    "--config-dir", str(REPO / "atbptt_fairseq" / "configs"), "--config-name", "tiny",
     "common.bf16=true", "common.log_interval=1", "optimization.max_update=6",
     "+task.target_bias=0.3", "+task.min_truncation_length=2", "+task.max_truncation_length=12",
     "+task.estimate_window=12", "+task.estimate_interval=3", "+task.estimate_sequences=2",

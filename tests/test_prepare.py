@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 import prepare_bible
 import prepare_common

@@ -2,12 +2,14 @@
 
 import math
 from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
+from torch import Tensor
 
 
 @dataclass
@@ -20,8 +22,8 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
     """Summed token cross-entropy over ``sample["target"]``, which holds only the scored positions
     (the model computes logits only from ``output_start`` on, so the overlap prefix is context).
 
-    Normalised like fairseq's ``cross_entropy`` (loss in base 2, perplexity derived). The state
-    the model carries on is handed back to the task as ``sample["carried_state"]``.
+    Normalised like fairseq's ``cross_entropy`` (loss in base 2, perplexity derived). Training
+    calls :meth:`forward_carrying_state`, which also returns the state the model carries on.
     """
 
     def __init__(self, task, sentence_avg: bool) -> None:
@@ -29,6 +31,15 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
         self.sentence_avg = sentence_avg
 
     def forward(self, model, sample, reduce: bool = True):
+        """fairseq's criterion interface (validation): loss, sample size, logging output."""
+        loss, sample_size, logging_output, _ = self.forward_carrying_state(model, sample, reduce)
+        return loss, sample_size, logging_output
+
+    def forward_carrying_state(
+        self, model, sample, reduce: bool = True
+    ) -> Tuple[Tensor, int, Dict[str, Any], Optional[Tuple[Tensor, ...]]]:
+        """:meth:`forward`, plus the detached state after ``carry_offset`` steps, which the next
+        segment starts from (None when the model returns none)."""
         logits, extra = model(**sample["net_input"])  # B x K x V
         target = sample["target"]  # B x K
         loss = F.cross_entropy(
@@ -37,7 +48,6 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
             ignore_index=self.padding_idx,
             reduction="sum" if reduce else "none",
         )
-        sample["carried_state"] = extra.get("carried_state")
         ntokens = sample["ntokens"]
         sample_size = target.size(0) if self.sentence_avg else ntokens
         logging_output = {
@@ -49,7 +59,7 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
         if "truncation_length" in sample:
             logging_output["trunc_k"] = sample["truncation_length"]
             logging_output["tbptt_parts"] = 1
-        return loss, sample_size, logging_output
+        return loss, sample_size, logging_output, extra.get("carried_state")
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

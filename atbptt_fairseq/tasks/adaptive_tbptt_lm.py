@@ -14,250 +14,45 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from fairseq import metrics, utils
 from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.data.indexed_dataset import MMapIndexedDataset
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import utils as distributed_utils
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II
 from torch import Tensor
 
-from atbptt_fairseq import checkpoint_guard, eval_lm_guard
-from atbptt_fairseq.errors import UserInputError
-from atbptt.token_stream import (
+from atbptt import (
     StreamCursor,
     StreamTooShortError,
     aligned_stream,
+    budget_tokens,
+    build_controller,
+    estimate_truncation,
     lay_out_columns,
+    lr_factor,
     plan_segment,
+    scaled_learning_rate,
     segments_per_pass,
 )
-from atbptt import (
-    ESTIMATE_METHODS,
-    LAG_ORIGINS,
-    LR_SCALINGS,
-    GradientProfile,
-    InWindowMeasurement,
-    TbpttConfig,
-    TruncationController,
-    learning_rate_factor,
-    measure_gradient_profile,
-    measure_in_window,
-    sample_windows,
-    scaled_learning_rate,
+from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq.fairseq_fixes import eval_lm_guard
+from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
+    METHOD_DEFAULTS,
+    AdaptiveTbpttLmConfig,
+    check_config,
+    check_precision,
+    method_config,
 )
 
 logger = logging.getLogger(__name__)
 
-# the method's options default as in the plain-PyTorch driver: one source of truth
-METHOD_DEFAULTS = TbpttConfig()
 # prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
 DECISION_RECORD = "k_decision"
-TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
-LR_SCALING_CHOICES = ChoiceEnum(list(LR_SCALINGS))
-LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
-ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
-BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
-CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
-
-
-@dataclass
-class AdaptiveTbpttLmConfig(FairseqDataclass):
-    data: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "path to fairseq-preprocess --only-source output; colon-separated shards are "
-            "used in turn, one per epoch, as fairseq's language_modeling task does"
-        },
-    )
-    target_dir: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "subdirectory of the data path holding a token-aligned target stream (same "
-            "dict.txt), for tasks such as the copy task; unset: the target is the next token"
-        },
-    )
-    truncation_length: int = field(
-        default=METHOD_DEFAULTS.truncation_length,
-        metadata={
-            "help": "truncation length K: fixed K, or the initial K0 when --target-bias is set"
-        },
-    )
-    tbptt_style: TBPTT_STYLE_CHOICES = field(
-        default=METHOD_DEFAULTS.tbptt_style,
-        metadata={
-            "help": "overlap: window 2K-1 from the carried state, loss on the last K positions, "
-            "stride K (the paper's); disjoint: window K, loss on all K, stride K"
-        },
-    )
-    updates_per_epoch: int = field(
-        default=METHOD_DEFAULTS.updates_per_epoch,
-        metadata={
-            "help": "update slots in one fairseq epoch; 0: one pass over the training columns at "
-            "K0. The stream position carries across epochs and wraps with a state reset"
-        },
-    )
-    max_train_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "stop training once this many target tokens have been scored (summed over "
-            "workers), checked after every update; 0: no limit. Runs with an adaptive K score a "
-            "varying number of tokens per update, so equal --max-update is not equal data"
-        },
-    )
-    max_processed_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "stop training once this many tokens have been run through the model (summed "
-            "over workers): the inputs of every training window (2K-1 per column in the overlap "
-            "style) and of every estimate of an adaptive K (burn-in included; a fixed K's "
-            "--monitor-bias estimates observe and are not counted); 0: no limit. Equal compute "
-            "for runs of any K, where --max-train-tokens is equal data"
-        },
-    )
-    validate_interval_processed_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "also validate and save a checkpoint every this many processed tokens (see "
-            "--max-processed-tokens); 0: off. Runs of different K then validate at the same "
-            "compute, where --validate-interval-updates would validate a K = 10 run 30 times "
-            "as often as a K = 300 run"
-        },
-    )
-    eval_chunk_length: int = field(
-        default=100, metadata={"help": "tokens per column per evaluation batch"}
-    )
-    eval_batch_size: int = field(
-        default=1,
-        metadata={
-            "help": "evaluation columns per worker; 1 scores the split in one stateful pass from "
-            "a zero state (exact), more columns are faster but each column starts from zero"
-        },
-    )
-    target_bias: Optional[float] = field(
-        default=METHOD_DEFAULTS.target_bias,
-        metadata={
-            "help": "tolerable relative gradient bias delta in (0, 1); K adapts to keep the "
-            "estimated bias below it. Unset: K stays fixed at --truncation-length"
-        },
-    )
-    min_truncation_length: int = field(
-        default=METHOD_DEFAULTS.min_truncation_length,
-        metadata={"help": "smallest K the adaptive rule may choose (K_min)"},
-    )
-    max_truncation_length: int = field(
-        default=METHOD_DEFAULTS.max_truncation_length,
-        metadata={"help": "largest K the adaptive rule may choose (K_max)"},
-    )
-    estimate_window: int = field(
-        default=METHOD_DEFAULTS.estimate_window,
-        metadata={"help": "lags W over which state-gradient norms are measured (>= K_max)"},
-    )
-    estimate_burnin: int = field(
-        default=METHOD_DEFAULTS.estimate_burnin,
-        metadata={"help": "steps run without gradient before the window; -1: W // 10"},
-    )
-    estimate_sequences: int = field(
-        default=METHOD_DEFAULTS.estimate_sequences,
-        metadata={"help": "sequences S drawn from the training stream per estimate"},
-    )
-    estimate_repeats: int = field(
-        default=METHOD_DEFAULTS.estimate_repeats,
-        metadata={"help": "estimates R averaged into one choice of K"},
-    )
-    estimate_interval: int = field(
-        default=METHOD_DEFAULTS.estimate_interval,
-        metadata={
-            "help": "re-estimate K every this many updates; 0: on the compute budget of "
-            "--estimate-budget instead. Counts of updates or tokens, never time, so runs are "
-            "reproducible"
-        },
-    )
-    estimate_budget: float = field(
-        default=METHOD_DEFAULTS.estimate_budget,
-        metadata={
-            "help": "with --estimate-interval 0, the share of training compute spent on "
-            "estimates, counted in tokens run through the model: one estimate runs R x S x "
-            "(burn-in + W) tokens, and the next comes once training has run that many divided "
-            "by this budget (the inputs of every training window) since the last one"
-        },
-    )
-    estimate_budget_counts: BUDGET_COUNT_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_budget_counts,
-        metadata={
-            "help": "what --estimate-budget counts as training: processed, the inputs of every "
-            "window (compute); scored, the target tokens (the authors' copy-task schedule of one "
-            "estimate per 320k scored tokens)"
-        },
-    )
-    estimate_lag_origin: LAG_ORIGIN_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_lag_origin,
-        metadata={
-            "help": "lag 0 of the gradient profile: final, the state the final loss reads (the "
-            "paper's formula); previous, the state before it (the authors' code, which leaves the "
-            "readout gradient out of the bias's denominator and picks a larger K)"
-        },
-    )
-    estimate_tail_anchor: int = field(
-        default=METHOD_DEFAULTS.estimate_tail_anchor,
-        metadata={
-            "help": "lag tau where the geometric tail of the bias starts; -1: W - W // 10 - 1 "
-            "(the authors used W - 20 on the copy task)"
-        },
-    )
-    estimate_method: ESTIMATE_METHOD_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_method,
-        metadata={
-            "help": "norms: the paper's bias bound from state-gradient norms; in-window: the "
-            "parameter gradient's bias measured inside the window (one backward, lags in "
-            "buckets) plus the norms' geometric tail beyond it (docs/bias_check.md)"
-        },
-    )
-    estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_cumulative,
-        metadata={
-            "help": "full-gradient norm lower bound: approx sums per-lag norms (the paper's "
-            "choice for language models), exact takes the norm of the summed gradients"
-        },
-    )
-    monitor_bias: bool = field(
-        default=METHOD_DEFAULTS.monitor_bias,
-        metadata={
-            "help": "with a fixed K, still estimate and log the relative bias at K on the "
-            "--estimate-interval schedule"
-        },
-    )
-    lr_scaling: LR_SCALING_CHOICES = field(
-        default=METHOD_DEFAULTS.lr_scaling,
-        metadata={"help": "scale the learning rate with K relative to K0: none, sqrt or linear"},
-    )
-    truncation_clip_norm: float = field(
-        default=METHOD_DEFAULTS.truncation_clip_norm,
-        metadata={
-            "help": "clip the norm of the per-token mean loss's gradient at this value divided "
-            "by the K in force, as the paper did (clip 1.0 means 1/K); 0: off. Use instead of "
-            "--clip-norm, which cannot follow K"
-        },
-    )
-    lr_scaling_reference: int = field(
-        default=METHOD_DEFAULTS.lr_scaling_reference,
-        metadata={
-            "help": "the K at which --lr applies unscaled under --lr-scaling; 0: K0. With 1, "
-            "--lr 1.0 --lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
-        },
-    )
-    seed: int = II("common.seed")
-    train_subset: str = II("dataset.train_subset")
-    cpu: bool = II("common.cpu")
-    fp16: bool = II("common.fp16")
-    amp: bool = II("common.amp")
-    tpu: bool = II("common.tpu")
 
 
 class SplitStream(FairseqDataset):
@@ -297,95 +92,6 @@ class SlotDataset(FairseqDataset):
         return samples[0]
 
 
-def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
-    """fp16 and amp need a CUDA device; fairseq-train's --bf16 means a TPU (fairseq's rule)."""
-
-    def flag(name: str) -> bool:  # unresolved ("${common.fp16}") outside a fairseq config: False
-        return getattr(cfg, name, False) is True
-
-    on_gpu = torch.cuda.is_available() and not flag("cpu")
-    if flag("fp16") and not on_gpu:
-        raise UserInputError(
-            "--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16), or in bfloat16 with "
-            "fairseq-hydra-train ... common.bf16=true"
-        )
-    if flag("tpu"):
-        try:
-            import torch_xla  # noqa: F401
-        except ImportError:
-            raise UserInputError(
-                "fairseq-train's --bf16 (and --tpu) runs on a TPU, and torch_xla is not installed; "
-                "for bfloat16 on a CPU or GPU use fairseq-hydra-train ... common.bf16=true"
-            ) from None
-    if flag("amp") and not on_gpu:
-        logger.warning("--amp without a CUDA GPU trains in fp32: fairseq's autocast is CUDA-only")
-
-
-def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
-    """Reject inconsistent options with a message in terms of the command-line flags."""
-    if cfg.truncation_length < 1:
-        raise UserInputError(
-            f"--truncation-length must be at least 1 (got {cfg.truncation_length})"
-        )
-    for name, value, least in (
-        ("--eval-batch-size", cfg.eval_batch_size, 1),
-        ("--eval-chunk-length", cfg.eval_chunk_length, 1),
-        ("--updates-per-epoch", cfg.updates_per_epoch, 0),
-        ("--max-train-tokens", cfg.max_train_tokens, 0),
-        ("--max-processed-tokens", cfg.max_processed_tokens, 0),
-        ("--validate-interval-processed-tokens", cfg.validate_interval_processed_tokens, 0),
-        ("--estimate-tail-anchor", cfg.estimate_tail_anchor, -1),
-        ("--estimate-sequences", cfg.estimate_sequences, 1),
-        ("--estimate-repeats", cfg.estimate_repeats, 1),
-        ("--estimate-interval", cfg.estimate_interval, 0),
-        ("--estimate-burnin", cfg.estimate_burnin, -1),
-        ("--lr-scaling-reference", cfg.lr_scaling_reference, 0),
-    ):
-        if value < least:
-            raise UserInputError(f"{name} must be at least {least} (got {value})")
-    if cfg.truncation_clip_norm < 0:
-        raise UserInputError(
-            f"--truncation-clip-norm must be at least 0 (got {cfg.truncation_clip_norm})"
-        )
-    if cfg.estimate_method == "in-window" and cfg.estimate_lag_origin != "final":
-        raise UserInputError(
-            "--estimate-method in-window measures the bias at K steps directly and has no lag "
-            "origin to choose: leave out --estimate-lag-origin previous"
-        )
-    if cfg.estimate_interval == 0 and not 0.0 < cfg.estimate_budget <= 1.0:
-        raise UserInputError(
-            f"--estimate-budget (the share of training compute spent on estimates) must lie in "
-            f"(0, 1] (got {cfg.estimate_budget}); or set --estimate-interval N to estimate every "
-            "N updates"
-        )
-    if cfg.target_bias is None:
-        return
-    if not 0.0 < cfg.target_bias < 1.0:
-        raise UserInputError(
-            f"--target-bias (the tolerated relative gradient bias delta) must lie strictly between "
-            f"0 and 1 (got {cfg.target_bias}); omit it to train with a fixed --truncation-length"
-        )
-    k_min, k0, k_max = cfg.min_truncation_length, cfg.truncation_length, cfg.max_truncation_length
-    if k_min < 1:
-        raise UserInputError(f"--min-truncation-length must be at least 1 (got {k_min})")
-    if k_min > k_max:
-        raise UserInputError(
-            f"--min-truncation-length ({k_min}) is larger than --max-truncation-length ({k_max}); "
-            "swap or fix them"
-        )
-    if not k_min <= k0 <= k_max:
-        raise UserInputError(
-            f"--truncation-length (the initial K0 = {k0}) lies outside [--min-truncation-length, "
-            f"--max-truncation-length] = [{k_min}, {k_max}]; choose K0 inside that range"
-        )
-    if cfg.estimate_window < k_max:
-        raise UserInputError(
-            f"--estimate-window ({cfg.estimate_window}) is shorter than --max-truncation-length "
-            f"({k_max}): the bias can only be estimated for K up to the window; raise "
-            "--estimate-window or lower --max-truncation-length"
-        )
-
-
 def dictionary_identity(dictionary: Dictionary) -> Dict[str, Any]:
     """What a checkpoint records of the dictionary it was trained with: the sha256 of its symbols
     in id order (the meaning of every token id; counts left out) and, for messages, its size.
@@ -420,31 +126,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
         super().__init__(cfg)
         self.dictionary = dictionary
         check_config(cfg)
-        adaptive = cfg.target_bias is not None
-        window = (
-            cfg.estimate_window if adaptive else max(cfg.estimate_window, cfg.truncation_length)
-        )
+        self.method = method_config(cfg)  # the core's options, as atbptt.TbpttDriver takes them
         try:
-            self.controller = TruncationController(
-                initial_length=cfg.truncation_length,
-                # a fixed K is not bound by the adaptive range
-                min_length=cfg.min_truncation_length if adaptive else cfg.truncation_length,
-                max_length=cfg.max_truncation_length if adaptive else cfg.truncation_length,
-                target_bias=cfg.target_bias,
-                window=window,
-                burnin=cfg.estimate_burnin if cfg.estimate_burnin >= 0 else window // 10,
-                num_sequences=cfg.estimate_sequences,
-                num_estimates=cfg.estimate_repeats,
-                interval=cfg.estimate_interval,
-                budget=cfg.estimate_budget,
-                cumulative=cfg.estimate_cumulative,
-                lag_origin=cfg.estimate_lag_origin,
-                tail_anchor=None if cfg.estimate_tail_anchor < 0 else cfg.estimate_tail_anchor,
-                estimate_method=cfg.estimate_method,
-            )
+            self.controller = build_controller(self.method)
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
-        if adaptive or cfg.monitor_bias:
+        if self._estimating:
             controller = self.controller
             schedule = (
                 f"every {controller.interval} updates"
@@ -712,23 +399,20 @@ class AdaptiveTbpttLmTask(FairseqTask):
         ).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        if from_checkpoint:
-            self._check_checkpoint_targets(checkpoint_guard.last_loaded_task_config)
         model = super().build_model(cfg, from_checkpoint)
-        for required in ("zero_state", "advance", "readout"):
-            if not hasattr(model, required):
+        for required in ("zero_state", "advance", "readout", "run_window", "state_batch_dim"):
+            if not hasattr(model, required):  # atbptt.RecurrentModel
                 raise UserInputError(
                     f"adaptive_tbptt_lm needs a stateful model such as --arch tbptt_lstm_lm_ptb; "
-                    f"{type(model).__name__} has no {required}()"
+                    f"{type(model).__name__} has no {required}"
                 )
         return model
 
-    def _check_checkpoint_targets(self, trained: Optional[Any]) -> None:
-        """Refuse to score a checkpoint on other targets than it learned: a copy-task model
-        evaluated without ``--target-dir`` would be scored on predicting its next input."""
-        if trained is None or trained.get("_name") != "adaptive_tbptt_lm":
-            return
-        trained_dir, target_dir = trained.get("target_dir"), self.cfg.target_dir
+    def check_checkpoint_targets(self, trained_dir: Optional[str]) -> None:
+        """Refuse to score a checkpoint on other targets than it learned (``trained_dir``: its
+        ``--target-dir``): a copy-task model evaluated without ``--target-dir`` would be scored
+        on predicting its next input."""
+        target_dir = self.cfg.target_dir
         if trained_dir == target_dir:
             return
         if target_dir is None:
@@ -831,20 +515,19 @@ class AdaptiveTbpttLmTask(FairseqTask):
         parameter = next(core.parameters())
         batch = self._training_batch(sample, parameter.device, parameter.dtype)
         try:
-            loss, sample_size, logging_output = super().train_step(
+            loss, sample_size, logging_output, carried_state = self._train_segment(
                 batch, model, criterion, optimizer, update_num, ignore_grad
             )
         except BaseException:
             self.cursor = copy.deepcopy(self._before_last_call[0])
             self._carried_state = self._before_last_call[1]
             raise
-        self._carried_state = batch.get("carried_state")
+        self._carried_state = carried_state
         self._update_truncation_length = batch["truncation_length"]
         if call != self._counted_call:  # once per update slot, however often it is retried
             processed = batch["net_input"]["src_tokens"].numel()
             scored = batch["ntokens"]
-            counted = scored if self.cfg.estimate_budget_counts == "scored" else processed
-            self.controller.record_tokens(counted)
+            self.controller.record_tokens(budget_tokens(self.method, processed, scored))
             world_size = _world()[0]  # every worker runs as many tokens
             self.scored_tokens += scored * world_size
             self.processed_tokens += processed * world_size
@@ -854,6 +537,29 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self._pending_estimate_tokens = 0
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
+
+    @staticmethod
+    def _train_segment(batch, model, criterion, optimizer, update_num: int, ignore_grad: bool):
+        """``FairseqTask.train_step`` on one segment, through the criterion's forward that also
+        returns the state to carry into the next segment (fairseq's criterion interface returns
+        only the loss, sample size and logging output)."""
+        forward = getattr(_unwrap(criterion), "forward_carrying_state", None)
+        if forward is None:
+            raise UserInputError(
+                "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands it the "
+                f"recurrent state to carry into the next update; {type(criterion).__name__} "
+                "does not"
+            )
+        model.train()
+        model.set_num_updates(update_num)
+        with torch.autograd.profiler.record_function("forward"):
+            with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                loss, sample_size, logging_output, carried_state = forward(model, batch)
+        if ignore_grad:
+            loss *= 0
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+        return loss, sample_size, logging_output, carried_state
 
     def training_budget_reached(self) -> Optional[str]:
         """Which training budget is spent, in words for the log; None if none (same on every
@@ -885,10 +591,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def _lr_factor(self) -> float:
         """The paper's learning-rate scaling with K, relative to K0 or --lr-scaling-reference."""
-        reference = self.cfg.lr_scaling_reference or self._applied_truncation_length(
-            self.cfg.truncation_length
-        )
-        return learning_rate_factor(self._update_truncation_length, reference, self.cfg.lr_scaling)
+        initial = self._applied_truncation_length(self.cfg.truncation_length)
+        return lr_factor(self.method, self._update_truncation_length, initial)
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
         """Clip at --truncation-clip-norm / K and step at the scheduler's lr times factor(K).
@@ -920,67 +624,24 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def _estimate(self, model: torch.nn.Module, update_num: int) -> None:
         stream = self._train_stream
         self._check_estimate_fits(stream)
-        inputs, targets = aligned_stream(stream.tokens, stream.targets)
         world_size, rank = _world()
-        burnin = self.controller.burnin
-        length = burnin + self.controller.measured_steps
-        estimator = model
-        if any(p.dtype != torch.float32 for p in model.parameters()):
-            estimator = copy.deepcopy(model).float()  # the estimate always runs in fp32
-        device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(
-            (self.cfg.seed * 1_000_003 + update_num) * 1009 + rank
-        )
-        was_training = estimator.training
-        estimator.eval()
 
-        def measure() -> Union[GradientProfile, InWindowMeasurement]:
-            windows, final_targets = sample_windows(
-                inputs, targets, self.controller.num_sequences, length, generator
-            )
-            windows, final_targets = windows.to(device), final_targets.to(device)
-            state = estimator.zero_state(windows.size(0))
-            if burnin > 0:
-                # the fused LSTM runs the burn-in, in fp32 like the window (even under autocast)
-                with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                    _, extra = estimator(windows[:, :burnin], state=state, output_start=burnin)
-                state = extra["state"]
-            if self.controller.estimate_method == "in-window":
-                measurement = measure_in_window(
-                    estimator, state, windows[:, burnin:], final_targets, batch_dim=1
-                )
-                if world_size > 1:  # the mean over all ranks' windows, before any norm
-                    group = distributed_utils.get_data_parallel_group()
-                    profile = measurement.profile
-                    for tensor in (
-                        profile.norms,
-                        profile.mean_gradients,
-                        measurement.readout_gradient,
-                        measurement.bucket_gradients,
-                    ):
-                        distributed_utils.all_reduce(tensor, group=group)
-                        tensor.div_(world_size)
-                return measurement
-            profile = measure_gradient_profile(
-                lambda tokens, state: (None, estimator.advance(tokens, state)),
-                state,
-                windows[:, burnin:],
-                final_targets,
-                burnin=0,
-                batch_dim=1,
-                readout=estimator.readout,  # the output layer runs on the final state only
-            )
-            if world_size > 1:
+        def average_over_workers(tensors: List[Tensor]) -> None:
+            if world_size > 1:  # every worker then decides the same K
                 group = distributed_utils.get_data_parallel_group()
-                for tensor in (profile.norms, profile.mean_gradients):
+                for tensor in tensors:
                     distributed_utils.all_reduce(tensor, group=group)
                     tensor.div_(world_size)
-            return profile
 
-        try:
-            decision = self.controller.estimate(measure, update_num)
-        finally:
-            estimator.train(was_training)
+        decision = estimate_truncation(
+            self.controller,
+            model,
+            aligned_stream(stream.tokens, stream.targets),
+            self.cfg.seed,
+            update_num,
+            rank=rank,
+            average=average_over_workers,
+        )
         self._pending_estimate_seconds += decision.seconds
         if self.controller.adaptive:  # a fixed K's monitoring is an observer, not its compute
             self.processed_tokens += self.controller.estimate_tokens * world_size
@@ -1040,7 +701,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         """Collect every rank's carried state before rank 0 writes a checkpoint.
 
         Called on every rank by the plugin's wrapper of ``checkpoint_utils.save_checkpoint`` (see
-        :mod:`atbptt_fairseq.checkpoint_guard`); fairseq asks only rank 0 for
+        :mod:`atbptt_fairseq.fairseq_fixes.checkpoint_guard`); fairseq asks only rank 0 for
         :meth:`get_checkpoint_dict`. The checkpoint then holds the state of all columns in the
         global layout (columns x layers x hidden), which each rank slices again on resume.
         """
@@ -1083,15 +744,32 @@ class AdaptiveTbpttLmTask(FairseqTask):
         }
 
     def state_dict(self) -> Dict[str, Any]:
-        """fairseq's task state, plus the dictionary's identity: fairseq-eval-lm (and every
-        loader of a trained model) hands this back to :meth:`load_state_dict` before building the
-        model, where :meth:`get_checkpoint_dict` reaches only a resumed fairseq-train."""
-        return {**super().state_dict(), "dictionary_identity": dictionary_identity(self.dictionary)}
+        """fairseq's task state, plus the dictionary's identity and the ``--target-dir`` trained
+        on: fairseq-eval-lm (and every loader of a trained model) hands this back to
+        :meth:`load_state_dict` before building the model, where :meth:`get_checkpoint_dict`
+        reaches only a resumed fairseq-train."""
+        return {
+            **super().state_dict(),
+            "dictionary_identity": dictionary_identity(self.dictionary),
+            "target_dir": self.cfg.target_dir,
+        }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Check that a trained model fits this task's data and targets, then fairseq's load."""
         state_dict = dict(state_dict)
         self.check_checkpoint_dictionary(state_dict.pop("dictionary_identity", None))
+        if "target_dir" in state_dict:  # absent: a checkpoint of another task
+            self.check_checkpoint_targets(state_dict.pop("target_dir"))
         super().load_state_dict(state_dict)
+
+    @staticmethod
+    def upgrade_checkpoint_state(checkpoint: Dict[str, Any]) -> None:
+        """Bring the task state of an older checkpoint of this task up to date (called by the
+        plugin's checkpoint loader): before the task state held ``target_dir``, only the
+        checkpoint's config recorded it."""
+        task_state = checkpoint.get("task_state")
+        if isinstance(task_state, dict) and "target_dir" not in task_state:
+            task_state["target_dir"] = checkpoint["cfg"]["task"].get("target_dir")
 
     def check_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Refuse to resume from a checkpoint of other data (called by the plugin's wrapper of

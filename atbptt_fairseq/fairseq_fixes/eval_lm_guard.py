@@ -1,4 +1,4 @@
-"""fairseq-eval-lm ``--context-window``: refused in one line for the plugin's task (on import).
+"""fairseq-eval-lm ``--context-window``: refused in one line for the plugin's task.
 
 fairseq-eval-lm's ``--context-window N`` scores each block of ``--tokens-per-sample`` tokens with
 the N tokens before it as extra context, for models that forget everything between blocks. Its
@@ -49,8 +49,3 @@ def main(cfg, **kwargs):
     if _uses_plugin_task(cfg):
         check_context_window(cfg.eval_lm.context_window)
     return _original_main(cfg, **kwargs)
-
-
-def install() -> None:
-    """Patch ``fairseq_cli.eval_lm.main`` (idempotent)."""
-    eval_lm_cli.main = main

@@ -1,4 +1,4 @@
-"""Safe, clear checkpoint loading and complete checkpoint files for fairseq (installed on import).
+"""Safe, clear checkpoint loading and complete checkpoint files for fairseq.
 
 Loading. fairseq-fixed's ``checkpoint_utils.load_checkpoint_to_cpu`` (used by fairseq-train to
 resume and by fairseq-eval-lm, fairseq-validate, ...) calls ``torch.load`` without
@@ -18,6 +18,10 @@ refusal or a truncated file ends in a long traceback. The wrapper installed here
   environment says;
 * turns a missing, truncated or corrupt file into one :class:`~atbptt_fairseq.errors.UserInputError`
   line that names the file and what to do.
+
+and then lets the checkpoint's task class upgrade the task state of an older checkpoint
+(``upgrade_checkpoint_state``), as fairseq upgrades its own older formats: fairseq hands a task
+only that state (``task.load_state_dict``) when it loads a trained model.
 
 Resuming. The wrapper of ``checkpoint_utils.load_checkpoint`` lets the task check the state it
 stored (``task.check_checkpoint_dict``: e.g. the dictionary the checkpoint was trained with)
@@ -64,6 +68,7 @@ from typing import Iterator, Optional
 import torch
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
+from fairseq.tasks import TASK_REGISTRY
 
 from atbptt_fairseq.errors import UserInputError
 
@@ -189,21 +194,14 @@ _MISSING = object()
 
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 
-# The task configuration stored in the checkpoint loaded last: fairseq builds the model of a loaded
-# checkpoint with the running task, which can then check that it scores what the model learned.
-last_loaded_task_config: Optional[Mapping] = None
-
 
 def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-    """fairseq's loader after :func:`check_checkpoint_file`, with weights-only unpickling forced."""
-    global last_loaded_task_config
+    """fairseq's loader after :func:`check_checkpoint_file`, with weights-only unpickling forced,
+    and the task state of an older checkpoint brought up to date (:func:`upgrade_task_state`)."""
     check_checkpoint_file(PathManager.get_local_path(path))
     with _weights_only_forced():
         try:
             state = _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
-            stored = state.get("cfg") if isinstance(state, Mapping) else None
-            last_loaded_task_config = stored.get("task") if stored is not None else None
-            return state
         except Exception as error:  # noqa: BLE001  (reading the file failed: say which and why)
             named = re.search(r"GLOBAL ([\w.]+)", str(error))
             if named is not None and _names_existing_object(named.group(1).rstrip(".")):
@@ -216,6 +214,24 @@ def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
                 f"cannot read checkpoint {path} ({reason}): it is not a PyTorch "
                 f"checkpoint, or it is truncated or corrupt; {_WHAT_TO_DO}"
             ) from error
+    upgrade_task_state(state)
+    return state
+
+
+def upgrade_task_state(state: Mapping) -> None:
+    """Let the task class a checkpoint was trained with upgrade its stored task state.
+
+    fairseq upgrades its own older checkpoint formats when loading (``_upgrade_state_dict``) but
+    has no such hook for a task's state; a task class that defines
+    ``upgrade_checkpoint_state(state)`` gets the loaded checkpoint here (the plugin's task adds
+    what checkpoints of older versions stored only in their config).
+    """
+    stored = state.get("cfg") if isinstance(state, Mapping) else None
+    task_config = stored.get("task") if stored is not None else None
+    name = task_config.get("_name") if task_config is not None else None
+    upgrade = getattr(TASK_REGISTRY.get(name), "upgrade_checkpoint_state", None)
+    if upgrade is not None:
+        upgrade(state)
 
 
 def _unsupported_global(error: BaseException) -> str:
@@ -382,13 +398,3 @@ class AtomicCopyPathManager(PathManager):
                 raise _write_error(dst_path, error) from error
             raise
         return True
-
-
-def install() -> None:
-    """Patch ``fairseq.checkpoint_utils`` (idempotent)."""
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-    checkpoint_utils.load_checkpoint = load_checkpoint
-    checkpoint_utils.save_checkpoint = save_checkpoint
-    checkpoint_utils.torch_persistent_save = torch_persistent_save
-    checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
-    checkpoint_utils.PathManager = AtomicCopyPathManager

@@ -1,4 +1,4 @@
-"""Three fixes for fairseq-fixed under torchrun (installed on import).
+"""Three fixes for fairseq-fixed under torchrun.
 
 1. torchrun on a machine without CUDA devices. fairseq's ``_infer_torch_distributed_launch_init``
    sets ``device_id = rank % torch.cuda.device_count()``, a ZeroDivisionError when there is no
@@ -22,7 +22,6 @@
    ``atexit`` handler). gloo's teardown is local to the process; nccl is left to fairseq.
 """
 
-import atexit
 import io
 import logging
 import os
@@ -65,16 +64,8 @@ def _broadcast_object_slow(obj, src_rank: int, group, dist_device: torch.device)
     return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
 
 
-def _destroy_gloo_process_group() -> None:
+def destroy_gloo_process_group() -> None:
     distributed = torch.distributed
     if distributed.is_available() and distributed.is_initialized():
         if distributed.get_backend() == "gloo":
             distributed.destroy_process_group()
-
-
-def install() -> None:
-    """Patch ``fairseq.distributed.utils`` and register the exit handler (idempotent)."""
-    distributed_utils._infer_torch_distributed_launch_init = _infer_torch_distributed_launch_init
-    distributed_utils._broadcast_object_slow = _broadcast_object_slow
-    atexit.unregister(_destroy_gloo_process_group)
-    atexit.register(_destroy_gloo_process_group)

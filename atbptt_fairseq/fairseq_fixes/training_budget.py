@@ -1,4 +1,4 @@
-"""Stop fairseq-train once one of the task's token budgets is spent (installed on import).
+"""Stop fairseq-train once one of the task's token budgets is spent.
 
 fairseq stops on updates (``--max-update``), epochs or time. With an adaptive K an update scores
 a varying number of tokens, so runs with the same number of updates see different amounts of
@@ -50,8 +50,3 @@ def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
     finally:
         with open_dict(cfg):
             cfg.checkpoint.save_interval_updates = saved
-
-
-def install() -> None:
-    """Patch ``fairseq_cli.train`` (idempotent)."""
-    train_cli.validate_and_save = validate_and_save
