@@ -524,6 +524,8 @@ TIMESTAMP = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 DECISION_LINE = re.compile(r"\| k_decision (\{.*\})\s*$")
 ESTIMATE_LINE = re.compile(r"update (\d+): K = (\d+) \(bias_hat ([^,\s]+), beta_hat ([^,\s]+)")
 LOADED_LINE = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
+# the task's exact count where a token budget stopped the run (the log lines only sample it)
+BUDGET_STOP_LINE = re.compile(r"Stopping training due to (scored|processed) tokens: ([\d,]+) >=")
 DONE_LINE = "fairseq_cli.train | done training in "
 EVAL_LINE = re.compile(r"Loss \(base 2\): ([0-9.eE+-]+), Perplexity: ([0-9.eE+-]+|inf)")
 
@@ -629,10 +631,15 @@ def parse_log(text: str) -> ParsedLog:
     train_inner interval) and estimation seconds are cumulated over the train_inner records.
     """
     state = _LogState()
+    exact_at_stop: dict[str, float] = {}
     for line in text.splitlines():
         stamp = _timestamp(line)
         if line.startswith("# sweep attempt"):
             state.resume = None
+            continue
+        stop = BUDGET_STOP_LINE.search(line)
+        if stop is not None:
+            exact_at_stop[stop.group(1)] = float(stop.group(2).replace(",", ""))
             continue
         loaded = LOADED_LINE.search(line)
         if loaded is not None:
@@ -716,8 +723,8 @@ def parse_log(text: str) -> ParsedLog:
         train=train_rows,
         valid=valid_rows,
         estimates=[state.estimates[u] for u in sorted(state.estimates)],
-        tokens=round(tokens_at(updates)),
-        processed_tokens=processed_at(updates),
+        tokens=round(exact_at_stop.get("scored", tokens_at(updates))),
+        processed_tokens=exact_at_stop.get("processed", processed_at(updates)),
         est_sec=est_at(updates),
         wall_sec=max(walls, default=math.nan),
         updates=updates,

@@ -212,14 +212,17 @@ def test_processed_tokens_cumulate_from_the_ppb_log_key():
         '{"epoch": 1, "num_updates": "2", "wpb": "10", "ppb": "30", "wall": "1", "loss": "2"}',
         '{"epoch": 1, "num_updates": "4", "wpb": "10", "ppb": "50", "wall": "2", "loss": "2"}',
     ]
-    parsed = sweep.parse_log(
-        "\n".join(
-            f"[2026-12-01 07:00:0{i}] | INFO | train_inner | {line}" for i, line in enumerate(lines)
-        )
+    text = "\n".join(
+        f"[2026-12-01 07:00:0{i}] | INFO | train_inner | {line}" for i, line in enumerate(lines)
     )
+    parsed = sweep.parse_log(text)
     assert [row["processed_tokens"] for row in parsed.train] == [60, 160]
     assert [row["tokens"] for row in parsed.train] == [20, 40]
     assert parsed.processed_tokens == 160
+    # where the budget stopped the run, the task's exact count (K may change after the last log)
+    stop = "[2026-12-01 07:00:09] | INFO | atbptt_fairseq | Stopping training due to processed "
+    stop += "tokens: 1,234 >= max_processed_tokens: 1,200"
+    assert sweep.parse_log(text + "\n" + stop).processed_tokens == 1234
 
 
 def test_decisions_are_read_from_structured_records():
