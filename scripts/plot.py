@@ -40,18 +40,21 @@ class RunData:
     result: dict[str, Any]
     train: list[dict[str, Any]]
     valid: list[dict[str, Any]]
+    variant: str = ""  # label of the sweep it comes from when several are compared (--also)
 
     @property
     def config(self) -> str:
-        return self.result["config"]
+        return (
+            f"{self.result['config']} ({self.variant})" if self.variant else self.result["config"]
+        )
 
     @property
     def fixed(self) -> bool:
         return self.result["mode"] == "fixed"
 
 
-def load_runs(sweep_dir: Path) -> list[RunData]:
-    """Every finished run of a sweep directory, in grid order."""
+def load_runs(sweep_dir: Path, variant: str = "") -> list[RunData]:
+    """Every finished run of a sweep directory, in grid order (``variant`` labels them)."""
     runs = []
     for result in load_results(sweep_dir):
         run_dir = sweep_dir / "runs" / result["run"]
@@ -61,7 +64,7 @@ def load_runs(sweep_dir: Path) -> list[RunData]:
         valid = (
             read_csv(run_dir / "validation.csv") if (run_dir / "validation.csv").is_file() else []
         )
-        runs.append(RunData(result, train, valid))
+        runs.append(RunData(result, train, valid, variant))
     return runs
 
 
@@ -74,9 +77,10 @@ def by_config(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
 
 
 def config_label(run: RunData) -> str:
-    if run.fixed:
-        return f"fixed K={run.result['k']:g}"
-    return f"adaptive delta={run.result['delta']:g}"
+    label = (
+        f"fixed K={run.result['k']:g}" if run.fixed else f"adaptive delta={run.result['delta']:g}"
+    )
+    return f"{label} ({run.variant})" if run.variant else label
 
 
 def mean_curve(
@@ -339,9 +343,20 @@ def write_summary(
     path.write_text(text)
 
 
-def make_all(sweep_dir: Path, out: Path, equal_tokens: float | None = None) -> list[Path]:
-    """Write every figure and summary.md of ``sweep_dir`` into ``out``; return their paths."""
+def make_all(
+    sweep_dir: Path,
+    out: Path,
+    equal_tokens: float | None = None,
+    also: Sequence[tuple[Path, str]] = (),
+) -> list[Path]:
+    """Write every figure and summary.md of ``sweep_dir`` (and the labelled sweeps ``also``,
+    e.g. the same grid with another estimate method) into ``out``; return their paths."""
     runs = load_runs(sweep_dir)
+    for directory, label in also:
+        extra = load_runs(directory, label)
+        if not extra:
+            raise SystemExit(f"error: {directory} has no finished runs (runs/*/result.json)")
+        runs += extra
     if not runs:
         raise SystemExit(f"error: {sweep_dir} has no finished runs (runs/*/result.json)")
     out.mkdir(parents=True, exist_ok=True)
@@ -365,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="directory for the files (default: SWEEP/plots)"
     )
     parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="DIR=LABEL",
+        help="another sweep directory to compare in the same figures, its configurations "
+        "labelled, e.g. sweeps/bible_inwindow=in-window (repeatable)",
+    )
+    parser.add_argument(
         "--equal-tokens",
         type=float,
         default=None,
@@ -379,7 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.equal_tokens is not None and args.equal_tokens <= 0:
         raise SystemExit(f"error: --equal-tokens must be positive, got {args.equal_tokens:g}")
-    for path in make_all(args.sweep, args.out or args.sweep / "plots", args.equal_tokens):
+    also = []
+    for item in args.also:
+        directory, separator, label = item.partition("=")
+        if not separator or not label:
+            raise SystemExit(f"error: --also takes DIR=LABEL, got {item!r}")
+        also.append((Path(directory), label))
+    out = args.out or args.sweep / "plots"
+    for path in make_all(args.sweep, out, args.equal_tokens, also):
         print(path)
     return 0
 

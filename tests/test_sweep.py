@@ -276,6 +276,19 @@ def synthetic_sweep(root: Path) -> None:
         sweep.write_json(run_dir / "result.json", result)
 
 
+def test_plot_compares_a_labelled_second_sweep(tmp_path):
+    synthetic_sweep(tmp_path / "sweep")
+    synthetic_sweep(tmp_path / "other")
+    out = tmp_path / "figures"
+    assert plot.main([str(tmp_path / "sweep"), "--also", f"{tmp_path / 'other'}=in-window",
+                      "--out", str(out)]) == 0  # fmt: skip
+    summary = (out / "summary.md").read_text()
+    assert "| adaptive delta=0.1 (in-window) | 2 |" in summary
+    assert "| adaptive delta=0.1 | 2 |" in summary
+    with pytest.raises(SystemExit, match="DIR=LABEL"):
+        plot.main([str(tmp_path / "sweep"), "--also", str(tmp_path / "other")])
+
+
 def test_plot_writes_figures_and_summary(tmp_path):
     synthetic_sweep(tmp_path / "sweep")
     assert plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")]) == 0
