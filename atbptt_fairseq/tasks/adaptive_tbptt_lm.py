@@ -39,12 +39,14 @@ from atbptt import (
     scaled_learning_rate,
     segments_per_pass,
 )
+from atbptt.estimators import Artbp, Carry, GradientEstimator, Uoro
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
 from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
     METHOD_DEFAULTS,
     AdaptiveTbpttLmConfig,
     check_config,
+    check_gradient_estimator,
     check_precision,
     method_config,
 )
@@ -144,6 +146,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 f"sequences x {controller.burnin} + {controller.window} steps = "
                 f"{controller.estimate_tokens:,} tokens each) {schedule}"
             )
+        # --gradient-estimator artbp/uoro: the estimator and what it carries across updates
+        self.estimator = build_gradient_estimator(cfg)
+        self._estimator_carry: Optional[Carry] = None
         self.cursor = StreamCursor()
         self._carried_state: Optional[Tuple[Tensor, Tensor]] = None
         self._train_columns: Optional[Tuple[Tensor, Tensor]] = None
@@ -167,6 +172,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: AdaptiveTbpttLmConfig, **kwargs) -> "AdaptiveTbpttLmTask":
         if not kwargs.get("from_checkpoint", False):  # a stored config may come from a GPU run
+            check_gradient_estimator(cfg)  # before check_precision: its --fp16 line says less
             check_precision(cfg)
         paths = utils.split_paths(cfg.data or "")
         if not paths or not paths[0]:
@@ -348,8 +354,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if self._estimating:
             self._check_estimate_fits(stream)
         self._train_columns = (inputs, targets)
+        style = self.cfg.tbptt_style if self.estimator is None else "disjoint"
         slots = self.cfg.updates_per_epoch or segments_per_pass(
-            self.cfg.truncation_length, self.cfg.tbptt_style, inputs.size(1)
+            self.cfg.truncation_length, style, inputs.size(1)
         )
         logger.info(
             f"training columns: {batch_size} x {inputs.size(1):,} tokens per worker, "
@@ -502,25 +509,34 @@ class AdaptiveTbpttLmTask(FairseqTask):
         call = (update_num, int(sample["slot"]))
         retry = call == self._last_call
         if retry:
-            self.cursor = copy.deepcopy(self._before_last_call[0])
-            self._carried_state = self._before_last_call[1]
+            self._rewind()
         else:
             # K changes only between updates: never before the 2nd micro-batch of --update-freq
             first_of_update = self._last_call is None or self._last_call[0] != update_num
             if first_of_update and self._estimating and self.controller.is_due(update_num):
                 self._estimate(core, update_num)
         self._last_call = call
-        self._before_last_call = (copy.deepcopy(self.cursor), self._carried_state)
+        self._before_last_call = (
+            copy.deepcopy(self.cursor),
+            self._carried_state,
+            self._estimator_carry,
+            None if self.estimator is None else copy.deepcopy(self.estimator.state_dict()),
+        )
 
         parameter = next(core.parameters())
-        batch = self._training_batch(sample, parameter.device, parameter.dtype)
         try:
-            loss, sample_size, logging_output, carried_state = self._train_segment(
-                batch, model, criterion, optimizer, update_num, ignore_grad
-            )
+            if self.estimator is None:
+                batch = self._training_batch(sample, parameter.device, parameter.dtype)
+                loss, sample_size, logging_output, carried_state = self._train_segment(
+                    batch, model, criterion, optimizer, update_num, ignore_grad
+                )
+            else:
+                batch = self._estimator_batch(sample, parameter.device, parameter.dtype)
+                loss, sample_size, logging_output, carried_state = self._accumulate_segment(
+                    batch, model, update_num, ignore_grad
+                )
         except BaseException:
-            self.cursor = copy.deepcopy(self._before_last_call[0])
-            self._carried_state = self._before_last_call[1]
+            self._rewind()
             raise
         self._carried_state = carried_state
         self._update_truncation_length = batch["truncation_length"]
@@ -537,6 +553,81 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self._pending_estimate_tokens = 0
         self._add_estimate_logs(logging_output)
         return loss, sample_size, logging_output
+
+    def _rewind(self) -> None:
+        """Back to the stream position, states and estimator RNG before this update's call."""
+        cursor, carried_state, estimator_carry, estimator_state = self._before_last_call
+        self.cursor = copy.deepcopy(cursor)
+        self._carried_state = carried_state
+        self._estimator_carry = estimator_carry
+        if self.estimator is not None:
+            self.estimator.load_state_dict(copy.deepcopy(estimator_state))
+
+    def _estimator_batch(
+        self, slot_sample: Dict[str, Any], device: torch.device, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, Any]:
+        """The next disjoint segment for --gradient-estimator artbp/uoro, of the length the
+        estimator asks for (ARTBP: random, mean K), and the carry it starts from."""
+        inputs, targets = self._train_columns
+        nominal = self._applied_truncation_length(self.cfg.truncation_length)
+        length = self.estimator.segment_length(nominal)
+        segment = plan_segment(self.cursor, length, "disjoint", inputs.size(1))
+        carry = self._estimator_carry
+        if segment.new_pass or carry is None:
+            carry = None  # started on the model in _accumulate_segment
+        else:  # a carry restored from a checkpoint lives on the CPU
+            carry = carry.to(device, dtype)
+        window = slice(segment.window_start, segment.window_end)
+        src_tokens = inputs[:, window].to(device)  # B x L
+        target = targets[:, window].to(device)  # B x L
+        return {
+            "id": slot_sample["id"],
+            "net_input": {"src_tokens": src_tokens},
+            "target": target,
+            "carry": carry,
+            "nsentences": src_tokens.size(0),
+            "ntokens": target.numel(),
+            "truncation_length": nominal,
+        }
+
+    def _accumulate_segment(self, batch, model, update_num: int, ignore_grad: bool):
+        """Train one segment with the gradient estimator, which writes ``.grad`` itself.
+
+        fairseq divides the gradient by the returned sample size (the segment's B x L target
+        tokens); the estimator's normaliser K / L makes the step's gradient the summed
+        cross-entropy's over B x K, as the driver's ``segment.accumulate`` does, so ARTBP's random
+        lengths do not rescale the step. The loss in the logging output is summed, as the
+        criterion's is, so fairseq's loss and ppl are per target token.
+        """
+        core = _unwrap(model)
+        model.train()
+        model.set_num_updates(update_num)
+        src_tokens, target = batch["net_input"]["src_tokens"], batch["target"]
+        carry = batch["carry"]
+        if carry is None:
+            carry = self.estimator.start(core, src_tokens.size(0))
+        parameters = [p for p in core.parameters() if p.requires_grad]
+        kept = [None if p.grad is None else p.grad.clone() for p in parameters]
+        normaliser = batch["truncation_length"] / src_tokens.size(1)
+        with torch.autograd.profiler.record_function("estimator"):
+            mean_loss, carry = self.estimator.accumulate(
+                core, src_tokens, target, carry, normaliser
+            )
+        if ignore_grad:  # a dummy batch: its gradient must not count
+            for parameter, grad in zip(parameters, kept):
+                parameter.grad = grad
+        self._estimator_carry = carry
+        ntokens = batch["ntokens"]
+        loss = torch.tensor(mean_loss * ntokens)
+        logging_output = {
+            "loss": loss,
+            "ntokens": ntokens,
+            "nsentences": batch["nsentences"],
+            "sample_size": ntokens,
+            "trunc_k": src_tokens.size(1),  # the segment's length (ARTBP: random)
+            "tbptt_parts": 1,
+        }
+        return loss, ntokens, logging_output, carry.state
 
     @staticmethod
     def _train_segment(batch, model, criterion, optimizer, update_num: int, ignore_grad: bool):
@@ -740,6 +831,20 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "processed_tokens": self.processed_tokens,
                 "processed_validations": self._processed_validations,
                 "dictionary": dictionary_identity(self.dictionary),
+                **self._estimator_checkpoint(),
+            }
+        }
+
+    def _estimator_checkpoint(self) -> Dict[str, Any]:
+        """--gradient-estimator artbp/uoro: its name, RNG and carry (none with tbptt)."""
+        if self.estimator is None:
+            return {}
+        carry = self._estimator_carry
+        return {
+            "gradient_estimator": {
+                "name": self.estimator.name,
+                "state": self.estimator.state_dict(),
+                "carry": None if carry is None else carry.state_dict(),
             }
         }
 
@@ -798,6 +903,24 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "fairseq-preprocess --srcdict <that dict.txt>"
             )
 
+    def _restore_estimator(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Restore the estimator's RNG and carry; a carry that does not continue the restored
+        stream (a new pass or shard: no carried state) or another method's is dropped."""
+        self._estimator_carry = None
+        if self.estimator is None:
+            return
+        if saved is None or saved.get("name") != self.estimator.name:
+            logger.warning(
+                f"the checkpoint holds no {self.estimator.name} state (it was trained with "
+                f"another --gradient-estimator): the estimator starts afresh at a new pass"
+            )
+            self.cursor = StreamCursor(passes=self.cursor.passes + 1)
+            self._carried_state = None
+            return
+        self.estimator.load_state_dict(saved["state"])
+        if saved.get("carry") is not None and self._carried_state is not None:
+            self._estimator_carry = Carry.from_state_dict(saved["carry"])
+
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Restore the stream position, carried state, controller, token count and lr scaling.
 
@@ -838,9 +961,21 @@ class AdaptiveTbpttLmTask(FairseqTask):
             if saved_shard is not None:
                 self._train_shard = saved_shard
         self._last_call = self._before_last_call = None
+        self._restore_estimator(state.get("gradient_estimator"))
         self.controller.load_state_dict(state["controller"])
         self.scored_tokens = int(state.get("scored_tokens", 0))
         # checkpoints before the processed-token budget: estimates not counted, windows are
         self.processed_tokens = int(state.get("processed_tokens", 0))
         self._processed_validations = int(state.get("processed_validations", 0))
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
+
+
+def build_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> Optional[GradientEstimator]:
+    """The estimator of --gradient-estimator, seeded with --seed; None for the task's TBPTT."""
+    method = getattr(cfg, "gradient_estimator", "tbptt")
+    seed = cfg.seed if isinstance(cfg.seed, int) else 0
+    if method == "artbp":
+        return Artbp(seed=seed)
+    if method == "uoro":
+        return Uoro(seed=seed)
+    return None

@@ -27,6 +27,8 @@ LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
 ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
 BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
 CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
+# tbptt: the task's own (adaptive) truncated BPTT; the others are atbptt.estimators' methods
+GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro"])
 
 
 @dataclass
@@ -214,12 +216,23 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "--lr 1.0 --lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
         },
     )
+    gradient_estimator: GRADIENT_ESTIMATOR_CHOICES = field(
+        default="tbptt",
+        metadata={
+            "help": "how the gradient is estimated: tbptt, truncated BPTT at --truncation-length "
+            "(adaptive with --target-bias); artbp, random truncation with compensation factors "
+            "(segments of geometric length, mean --truncation-length); uoro, rank-one RTRL over "
+            "disjoint segments of --truncation-length. artbp and uoro are unbiased "
+            "(docs/alternatives.md), single-worker and fp32 only"
+        },
+    )
     seed: int = II("common.seed")
     train_subset: str = II("dataset.train_subset")
     cpu: bool = II("common.cpu")
     fp16: bool = II("common.fp16")
     amp: bool = II("common.amp")
     tpu: bool = II("common.tpu")
+    distributed_world_size: int = II("distributed_training.distributed_world_size")
 
 
 def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
@@ -246,8 +259,35 @@ def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
         logger.warning("--amp without a CUDA GPU trains in fp32: fairseq's autocast is CUDA-only")
 
 
+def check_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> None:
+    """Refuse what --gradient-estimator artbp/uoro cannot do (tbptt: nothing to check)."""
+    method = getattr(cfg, "gradient_estimator", "tbptt")
+    if method == "tbptt":
+        return
+    option = f"--gradient-estimator {method}"
+    if cfg.target_bias is not None:
+        raise UserInputError(
+            f"{option} does not take --target-bias: adaptive K is its own estimator "
+            "(--gradient-estimator tbptt); drop one of them"
+        )
+    for flag in ("fp16", "amp"):
+        if getattr(cfg, flag, False) is True:
+            raise UserInputError(
+                f"{option} trains in fp32 only: it writes .grad itself, outside fairseq's loss "
+                f"scaling; drop --{flag}"
+            )
+    world_size = getattr(cfg, "distributed_world_size", 1)
+    if isinstance(world_size, int) and world_size > 1:
+        raise UserInputError(
+            f"{option} trains on one worker only: it writes .grad directly, outside the "
+            f"hooks through which DistributedDataParallel averages gradients, so {world_size} "
+            "workers would each step on their own gradient; train on one worker"
+        )
+
+
 def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     """Reject inconsistent options with a message in terms of the command-line flags."""
+    check_gradient_estimator(cfg)
     if cfg.truncation_length < 1:
         raise UserInputError(
             f"--truncation-length must be at least 1 (got {cfg.truncation_length})"
