@@ -607,13 +607,16 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if carry is None:
             carry = self.estimator.start(core, src_tokens.size(0))
         parameters = [p for p in core.parameters() if p.requires_grad]
-        kept = [None if p.grad is None else p.grad.clone() for p in parameters]
+        # a dummy batch's gradient must not count: keep the gradients only then (not every update)
+        kept = (
+            [None if p.grad is None else p.grad.clone() for p in parameters] if ignore_grad else []
+        )
         normaliser = batch["truncation_length"] / src_tokens.size(1)
         with torch.autograd.profiler.record_function("estimator"):
             mean_loss, carry = self.estimator.accumulate(
                 core, src_tokens, target, carry, normaliser
             )
-        if ignore_grad:  # a dummy batch: its gradient must not count
+        if ignore_grad:
             for parameter, grad in zip(parameters, kept):
                 parameter.grad = grad
         self._estimator_carry = carry
