@@ -10,9 +10,10 @@ tensors with the batch along dim 1 (``nn.LSTM``'s layers x B x H: the checkpoint
 sliced and gathered there). The core models' states are B x H. The wrapper therefore shows every
 state as 1 x B x H (one layer) and converts at its boundary, so fixed and adaptive TBPTT, the bias
 estimate, evaluation streams and checkpoints treat these models exactly as the LSTM. The gradient
-estimators get the core model itself (:meth:`OneHotRecurrentLanguageModel.gradient_estimation_model`):
-KF-RTRL and exact RTRL are defined on the core classes and read their weights directly, and ARTBP
-and UORO then compute what they compute in the plain-PyTorch driver.
+estimators get the core model itself (``gradient_estimation_model()``): KF-RTRL and exact RTRL are
+defined on the core classes and read their weights directly, and ARTBP and UORO then compute what
+they compute in the plain-PyTorch driver. (The task turns the estimators' B x H carried state into
+its layout once, in ``task_layout``; their own carry is checkpointed as it is.)
 """
 
 from dataclasses import dataclass, field
