@@ -1015,14 +1015,13 @@ def task_layout(state: State, batch_dim: int) -> Tuple[Tensor, ...]:
     return tuple(tensor.movedim(batch_dim, 0).unsqueeze(0) for tensor in state)
 
 
-def estimator_architectures(method: str) -> List[str]:
-    """The --arch names whose models --gradient-estimator ``method`` can train (all for the
-    methods that take any model; for KF-RTRL and exact RTRL those around their core model)."""
-    required = ESTIMATOR_MODELS.get(method)
+def architectures_around(core_class: type) -> List[str]:
+    """The --arch names of the fairseq models that wrap a ``core_class`` model (``core_class``
+    attribute, as the one-hot models of ``atbptt_fairseq.models`` have)."""
     return sorted(
         name
         for name, model in ARCH_MODEL_REGISTRY.items()
-        if required is None or issubclass(getattr(model, "core_class", type(None)), required)
+        if issubclass(getattr(model, "core_class", type(None)), core_class)
     )
 
 
@@ -1035,6 +1034,6 @@ def check_estimator_model(cfg: AdaptiveTbpttLmConfig, model: torch.nn.Module) ->
         return
     raise UserInputError(
         f"--gradient-estimator {method} trains only models around atbptt.estimators."
-        f"{required.__name__} (--arch {', '.join(estimator_architectures(method))}; "
+        f"{required.__name__} (--arch {', '.join(architectures_around(required))}; "
         f"docs/alternatives.md says why), not {type(model).__name__}"
     )
