@@ -203,37 +203,51 @@ class TbpttLstmLanguageModel(FairseqLanguageModel):
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's loading, after a check that the checkpoint fits this model and dictionary."""
-        own = self.state_dict()
-        vocabulary = "decoder.embed_tokens.weight"
-        if vocabulary in state_dict and state_dict[vocabulary].size(0) != own[vocabulary].size(0):
-            raise UserInputError(
-                f"the checkpoint was trained with a dictionary of {state_dict[vocabulary].size(0)} "
-                f"types but this data directory's dict.txt has {own[vocabulary].size(0)}: evaluate "
-                "or resume with the data directory (dict.txt) it was trained on, or binarize your "
-                "text with fairseq-preprocess --srcdict <that dict.txt>"
-            )
-        mismatched = [
-            f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
-            for name, tensor in state_dict.items()
-            if name in own and tuple(tensor.shape) != tuple(own[name].shape)
-        ]
-        if mismatched:
-            raise UserInputError(
-                f"the checkpoint's parameters do not fit this model ({'; '.join(mismatched[:3])}); "
-                "use the --arch and model options the checkpoint was trained with"
-            )
+        check_checkpoint_fits(self.state_dict(), state_dict, "decoder.embed_tokens.weight")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
+def check_checkpoint_fits(
+    own: Dict[str, Tensor], saved: Dict[str, Tensor], vocabulary: str
+) -> None:
+    """Refuse, in one line, checkpoint parameters that do not fit a model: another dictionary
+    (the ``vocabulary`` parameter's first dimension differs) or other sizes."""
+    if vocabulary in saved and saved[vocabulary].size(0) != own[vocabulary].size(0):
+        raise UserInputError(
+            f"the checkpoint was trained with a dictionary of {saved[vocabulary].size(0)} "
+            f"types but this data directory's dict.txt has {own[vocabulary].size(0)}: evaluate "
+            "or resume with the data directory (dict.txt) it was trained on, or binarize your "
+            "text with fairseq-preprocess --srcdict <that dict.txt>"
+        )
+    mismatched = [
+        f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
+        for name, tensor in saved.items()
+        if name in own and tuple(tensor.shape) != tuple(own[name].shape)
+    ]
+    if mismatched:
+        raise UserInputError(
+            f"the checkpoint's parameters do not fit this model ({'; '.join(mismatched[:3])}); "
+            "use the --arch and model options the checkpoint was trained with"
+        )
+
+
 def register_architecture(name: str, summary: str, **sizes) -> type:
-    """Register ``name`` as a model whose config defaults are ``sizes`` (help strings kept).
+    """Register ``name`` as a ``tbptt_lstm_lm`` whose config defaults are ``sizes``."""
+    return register_sized_model(TbpttLstmLanguageModel, TbpttLstmLmConfig, name, summary, **sizes)
+
+
+def register_sized_model(
+    base_model: type, base_config: type, name: str, summary: str, **sizes
+) -> type:
+    """Register ``name`` as a subclass of ``base_model`` whose config (a subclass of
+    ``base_config``) defaults to ``sizes``, help strings kept.
 
     A ``register_model_architecture`` function would only serve ``--arch``: fairseq's hydra path
     fills every field from the dataclass of the model an architecture belongs to before calling
     the architecture function, so ``model._name: <arch>`` in a config got the generic sizes. A
     model of its own with a dataclass of these defaults serves ``--arch`` and configs alike.
     """
-    base = {config_field.name: config_field for config_field in fields(TbpttLstmLmConfig)}
+    base = {config_field.name: config_field for config_field in fields(base_config)}
     class_name = "".join(part.capitalize() for part in name.split("_"))
     config = make_dataclass(
         f"{class_name}Config",
@@ -241,11 +255,11 @@ def register_architecture(name: str, summary: str, **sizes) -> type:
             (key, base[key].type, field(default=value, metadata=dict(base[key].metadata)))
             for key, value in sizes.items()
         ],
-        bases=(TbpttLstmLmConfig,),
+        bases=(base_config,),
     )
-    config.__doc__, config.__module__ = summary, __name__
+    config.__doc__, config.__module__ = summary, base_config.__module__
     model = type(
-        class_name, (TbpttLstmLanguageModel,), {"__doc__": summary, "__module__": __name__}
+        class_name, (base_model,), {"__doc__": summary, "__module__": base_model.__module__}
     )
     return register_model(name, dataclass=config)(model)
 

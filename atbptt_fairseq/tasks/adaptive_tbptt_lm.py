@@ -22,6 +22,7 @@ from fairseq import metrics, utils
 from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 from fairseq.distributed import utils as distributed_utils
+from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from torch import Tensor
@@ -39,7 +40,17 @@ from atbptt import (
     scaled_learning_rate,
     segments_per_pass,
 )
-from atbptt.estimators import Artbp, Carry, GradientEstimator, Uoro
+from atbptt.estimators import (
+    Artbp,
+    Carry,
+    ElementwiseLstm,
+    ExactRtrl,
+    GradientEstimator,
+    KfRtrl,
+    TanhRnn,
+    Uoro,
+)
+from atbptt.gradient_profile import State
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
 from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
@@ -146,7 +157,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 f"sequences x {controller.burnin} + {controller.window} steps = "
                 f"{controller.estimate_tokens:,} tokens each) {schedule}"
             )
-        # --gradient-estimator artbp/uoro: the estimator and what it carries across updates
+        # --gradient-estimator other than tbptt: the estimator and what it carries across updates
         self.estimator = build_gradient_estimator(cfg)
         self._estimator_carry: Optional[Carry] = None
         self.cursor = StreamCursor()
@@ -413,6 +424,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                     f"adaptive_tbptt_lm needs a stateful model such as --arch tbptt_lstm_lm_ptb; "
                     f"{type(model).__name__} has no {required}"
                 )
+        check_estimator_model(self.cfg, model)
         return model
 
     def check_checkpoint_targets(self, trained_dir: Optional[str]) -> None:
@@ -566,7 +578,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def _estimator_batch(
         self, slot_sample: Dict[str, Any], device: torch.device, dtype: Optional[torch.dtype] = None
     ) -> Dict[str, Any]:
-        """The next disjoint segment for --gradient-estimator artbp/uoro, of the length the
+        """The next disjoint segment for --gradient-estimator (not tbptt), of the length the
         estimator asks for (ARTBP: random, mean K), and the carry it starts from."""
         inputs, targets = self._train_columns
         nominal = self._applied_truncation_length(self.cfg.truncation_length)
@@ -599,14 +611,14 @@ class AdaptiveTbpttLmTask(FairseqTask):
         lengths do not rescale the step. The loss in the logging output is summed, as the
         criterion's is, so fairseq's loss and ppl are per target token.
         """
-        core = _unwrap(model)
+        estimated = gradient_estimation_model(_unwrap(model))  # e.g. a wrapper's core model
         model.train()
         model.set_num_updates(update_num)
         src_tokens, target = batch["net_input"]["src_tokens"], batch["target"]
         carry = batch["carry"]
         if carry is None:
-            carry = self.estimator.start(core, src_tokens.size(0))
-        parameters = [p for p in core.parameters() if p.requires_grad]
+            carry = self.estimator.start(estimated, src_tokens.size(0))
+        parameters = [p for p in _unwrap(model).parameters() if p.requires_grad]
         # a dummy batch's gradient must not count: keep the gradients only then (not every update)
         kept = (
             [None if p.grad is None else p.grad.clone() for p in parameters] if ignore_grad else []
@@ -614,7 +626,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         normaliser = batch["truncation_length"] / src_tokens.size(1)
         with torch.autograd.profiler.record_function("estimator"):
             mean_loss, carry = self.estimator.accumulate(
-                core, src_tokens, target, carry, normaliser
+                estimated, src_tokens, target, carry, normaliser
             )
         if ignore_grad:
             for parameter, grad in zip(parameters, kept):
@@ -630,7 +642,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             "trunc_k": src_tokens.size(1),  # the segment's length (ARTBP: random)
             "tbptt_parts": 1,
         }
-        return loss, ntokens, logging_output, carry.state
+        return loss, ntokens, logging_output, task_layout(carry.state, estimated.state_batch_dim)
 
     @staticmethod
     def _train_segment(batch, model, criterion, optimizer, update_num: int, ignore_grad: bool):
@@ -839,7 +851,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         }
 
     def _estimator_checkpoint(self) -> Dict[str, Any]:
-        """--gradient-estimator artbp/uoro: its name, RNG and carry (none with tbptt)."""
+        """--gradient-estimator (not tbptt): its name, RNG and carry, sensitivities included."""
         if self.estimator is None:
             return {}
         carry = self._estimator_carry
@@ -973,12 +985,55 @@ class AdaptiveTbpttLmTask(FairseqTask):
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
 
 
+ESTIMATORS = {"artbp": Artbp, "uoro": Uoro, "kf-rtrl": KfRtrl, "exact-rtrl": ExactRtrl}
+# the core model class the methods built for one recurrence need (docs/alternatives.md says why)
+ESTIMATOR_MODELS = {"kf-rtrl": TanhRnn, "exact-rtrl": ElementwiseLstm}
+
+
 def build_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> Optional[GradientEstimator]:
     """The estimator of --gradient-estimator, seeded with --seed; None for the task's TBPTT."""
     method = getattr(cfg, "gradient_estimator", "tbptt")
     seed = cfg.seed if isinstance(cfg.seed, int) else 0
-    if method == "artbp":
-        return Artbp(seed=seed)
-    if method == "uoro":
-        return Uoro(seed=seed)
-    return None
+    estimator = ESTIMATORS.get(method)
+    return None if estimator is None else estimator(seed=seed)
+
+
+def gradient_estimation_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module --gradient-estimator trains: the one the model hands over with
+    ``gradient_estimation_model()`` (the one-hot models' core ``TanhRnn`` / ``ElementwiseLstm``,
+    whose parameters are the model's), else the model itself."""
+    handed_over = getattr(model, "gradient_estimation_model", None)
+    return model if handed_over is None else handed_over()
+
+
+def task_layout(state: State, batch_dim: int) -> Tuple[Tensor, ...]:
+    """A state with its batch along dim 1, the layout in which the task carries and checkpoints
+    states (``nn.LSTM``'s layers x B x H): a batch-first state, such as a core model's B x H,
+    gets a leading dim of 1, the 1 x B x H its fairseq wrapper shows."""
+    if batch_dim == 1:
+        return tuple(state)
+    return tuple(tensor.movedim(batch_dim, 0).unsqueeze(0) for tensor in state)
+
+
+def architectures_around(core_class: type) -> List[str]:
+    """The --arch names of the fairseq models that wrap a ``core_class`` model (``core_class``
+    attribute, as the one-hot models of ``atbptt_fairseq.models`` have)."""
+    return sorted(
+        name
+        for name, model in ARCH_MODEL_REGISTRY.items()
+        if issubclass(getattr(model, "core_class", type(None)), core_class)
+    )
+
+
+def check_estimator_model(cfg: AdaptiveTbpttLmConfig, model: torch.nn.Module) -> None:
+    """Refuse a model that --gradient-estimator cannot train (KF-RTRL and exact RTRL are built
+    for one recurrence each), naming the architectures that work."""
+    method = getattr(cfg, "gradient_estimator", "tbptt")
+    required = ESTIMATOR_MODELS.get(method)
+    if required is None or isinstance(gradient_estimation_model(model), required):
+        return
+    raise UserInputError(
+        f"--gradient-estimator {method} trains only models around atbptt.estimators."
+        f"{required.__name__} (--arch {', '.join(architectures_around(required))}; "
+        f"docs/alternatives.md says why), not {type(model).__name__}"
+    )

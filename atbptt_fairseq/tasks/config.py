@@ -28,7 +28,7 @@ ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
 BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
 CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
 # tbptt: the task's own (adaptive) truncated BPTT; the others are atbptt.estimators' methods
-GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro"])
+GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro", "kf-rtrl", "exact-rtrl"])
 
 
 @dataclass
@@ -221,9 +221,11 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         metadata={
             "help": "how the gradient is estimated: tbptt, truncated BPTT at --truncation-length "
             "(adaptive with --target-bias); artbp, random truncation with compensation factors "
-            "(segments of geometric length, mean --truncation-length); uoro, rank-one RTRL over "
-            "disjoint segments of --truncation-length. artbp and uoro are unbiased "
-            "(docs/alternatives.md), single-worker and fp32 only"
+            "(segments of geometric length, mean --truncation-length); uoro, rank-one RTRL; "
+            "kf-rtrl, Kronecker-factored RTRL (tanh_rnn_lm models only); exact-rtrl, exact RTRL "
+            "(elementwise_lstm_lm models only). The RTRL methods update once per disjoint "
+            "segment of --truncation-length. All but tbptt are unbiased (exact-rtrl: exact; "
+            "docs/alternatives.md), single-worker and fp32 only"
         },
     )
     seed: int = II("common.seed")
@@ -260,7 +262,8 @@ def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
 
 
 def check_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> None:
-    """Refuse what --gradient-estimator artbp/uoro cannot do (tbptt: nothing to check)."""
+    """Refuse what --gradient-estimator artbp, uoro, kf-rtrl and exact-rtrl cannot do (tbptt:
+    nothing to check); the task's ``check_estimator_model`` checks the model once built."""
     method = getattr(cfg, "gradient_estimator", "tbptt")
     if method == "tbptt":
         return
