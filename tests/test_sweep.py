@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
+from atbptt import TbpttConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,6 +207,96 @@ def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
         )
     with pytest.raises(SystemExit):
         sweep.check_extra_args(["--max-processed-tokens", "3"])
+
+
+METHODS, ARCHS = ["tbptt", "artbp", "uoro"], ["tanh_rnn_copy", "tbptt_lstm_copy"]
+
+
+def test_estimator_specs_are_parsed_or_refused_in_one_line():
+    def parse(text: str) -> list:
+        return sweep.parse_estimators(text, METHODS, ARCHS, "tbptt_lstm_copy")
+
+    assert parse("none") == [] and parse("") == []
+    assert parse("uoro, artbp@tanh_rnn_copy,tbptt@tanh_rnn_copy") == [
+        sweep.EstimatorSpec("uoro"),
+        sweep.EstimatorSpec("artbp", "tanh_rnn_copy"),
+        sweep.EstimatorSpec("tbptt", "tanh_rnn_copy"),
+    ]
+    assert parse("uoro@tbptt_lstm_copy") == [sweep.EstimatorSpec("uoro")]  # the sweep's model
+    refusals = {
+        "uoro,,artbp": "holds an empty spec",
+        "uoro,": "holds an empty spec",
+        "kalman": "unknown gradient estimator 'kalman' in --estimators spec 'kalman'; choose "
+        "from tbptt, artbp, uoro",
+        "@tanh_rnn_copy": "unknown gradient estimator ''",
+        "uoro@": "has '@' but no architecture",
+        "uoro@lstm_big": "unknown architecture 'lstm_big'",
+        "tbptt": "fixed-K TBPTT on the sweep's model (tbptt_lstm_copy), which --fixed runs",
+        "tbptt@tbptt_lstm_copy": "which --fixed runs",
+        "uoro,uoro@tbptt_lstm_copy": "specs 'uoro' and 'uoro@tbptt_lstm_copy' train the same",
+        "artbp@tanh_rnn_copy,artbp@tanh_rnn_copy": "train the same runs",
+    }
+    for text, words in refusals.items():
+        with pytest.raises(SystemExit) as refused:
+            parse(text)
+        message = str(refused.value)
+        assert message.startswith("error: ") and "\n" not in message and words in message, text
+
+
+def test_estimator_runs_train_the_fixed_config_at_k0(tmp_path):
+    data = tmp_path / "data"
+    (data / "targets").mkdir(parents=True)
+    (data / "targets" / "dict.txt").write_text("")
+    settings = sweep.SweepSettings(
+        data=data, out=tmp_path, budget_updates=0, valid_interval=0, log_interval=20,
+        budget_processed_tokens=20000, valid_processed_tokens=1000,
+        preset=sweep.get_preset("copy"), extra_args=["--lr", "0.5"],
+    )  # fmt: skip
+    # K0: the truncation length the adaptive config starts at, read from it
+    config = yaml.safe_load((sweep.CONFIG_DIR / "copy_adaptive.yaml").read_text())
+    k0 = sweep.initial_truncation_length(settings)
+    assert k0 == config["task"]["truncation_length"]
+    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("kf-rtrl", "x_y")]
+    specs = sweep.plan_runs([10], [0.1], [1, 2], estimators, k0)
+    assert [s.name for s in specs] == [
+        "fixed_k10_s1", "fixed_k10_s2", "delta0.1_s1", "delta0.1_s2",
+        f"uoro_k{k0}_s1", f"uoro_k{k0}_s2", f"kf-rtrl_on_x_y_k{k0}_s1", f"kf-rtrl_on_x_y_k{k0}_s2",
+    ]  # fmt: skip
+    fixed = sweep.train_command(specs[0], settings, tmp_path / "run")
+    uoro = sweep.train_command(specs[4], settings, tmp_path / "run")
+    other = sweep.train_command(specs[6], settings, tmp_path / "run")
+    assert sweep.option_value(uoro, "--gradient-estimator") == "uoro"
+    assert sweep.option_value(other, "--gradient-estimator") == "kf-rtrl"
+    assert sweep.option_value(uoro, "--arch") == "tbptt_lstm_copy"
+    assert sweep.option_value(other, "--arch") == "x_y" and other.count("--arch") == 1
+    for cmd in (uoro, other):
+        assert sweep.option_value(cmd, "--truncation-length") == str(k0)
+        assert cmd.count("--truncation-length") == 1
+        assert "--monitor-bias" not in cmd and "--target-bias" not in cmd
+        # the fixed-K config, the pass-through options, the budget and validations of the others
+        for option in ("--lr", "--lr-scaling", "--max-processed-tokens", "--target-dir",
+                       "--validate-interval-processed-tokens", "--estimate-window"):  # fmt: skip
+            assert sweep.option_value(cmd, option) == sweep.option_value(fixed, option), option
+    assert "--gradient-estimator" not in fixed
+    # a spec on the sweep's model whose model changed is caught like any other change
+    moved = {"command": uoro, "code": None}
+    settings.extra_args = ["--arch", "tbptt_lstm_lm_tiny"]
+    changed = {"command": sweep.train_command(specs[4], settings, tmp_path / "run"), "code": {}}
+    assert "--arch tbptt_lstm_copy -> tbptt_lstm_lm_tiny" in sweep.record_differences(
+        moved, changed
+    )
+    with pytest.raises(SystemExit, match="--estimators"):
+        sweep.check_extra_args(["--gradient-estimator", "uoro"])
+    # without a preset: the K0 given after --, else the task's default
+    settings.preset, settings.extra_args = None, ["--truncation-length", "8"]
+    assert sweep.initial_truncation_length(settings) == 8
+    settings.extra_args = []
+    assert sweep.initial_truncation_length(settings) == TbpttConfig().truncation_length
+    (tmp_path / "data" / "dict.txt").write_text("a 1\n")
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--fixed", "5",
+            "--budget-updates", "10"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--estimator-length goes with --estimators"):
+        sweep.main([*argv, "--estimator-length", "5"])
 
 
 def test_processed_tokens_cumulate_from_the_ppb_log_key():
@@ -505,3 +597,4 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
         sweep.option_value(json.loads((replaced / "run.json").read_text())["command"], "--lr")
         == "1.0"
     )
+
