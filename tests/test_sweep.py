@@ -419,6 +419,43 @@ def test_plot_writes_figures_and_summary(tmp_path):
         plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
 
 
+def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
+    synthetic_sweep(tmp_path / "sweep")
+    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("tbptt", "tbptt_lstm_copy")]
+    for spec in sweep.plan_runs([], [], [1, 2], estimators, 8):
+        run_dir = tmp_path / "sweep" / "runs" / spec.name
+        run_dir.mkdir(parents=True)
+        valid = [
+            {"num_updates": u, "wall": u / 5, "tokens": 32 * u, "processed_tokens": 32 * u,
+             "est_sec": 0, "valid_loss": 2.0 - u / 1000 - spec.seed / 10,
+             "valid_ppl": 2 ** (2.0 - u / 1000 - spec.seed / 10)}
+            for u in range(100, 600, 100)
+        ]  # fmt: skip
+        train = [{"num_updates": u, "wall": u / 5, "tokens": 32 * u, "processed_tokens": 32 * u,
+                  "trunc_k": 8, "loss": 2.0} for u in range(10, 510, 10)]  # fmt: skip
+        sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
+        sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
+        result = fake_result(spec, 3.0 + spec.seed, 8)
+        result["arch"] = spec.arch or "tbptt_lstm_lm_tiny"
+        result["processed_tokens"] = 16000
+        sweep.write_json(run_dir / "result.json", result)
+    out = tmp_path / "figures"
+    assert plot.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    for name in ("valid_loss_vs_processed", "valid_loss_vs_wall", "bias_vs_updates"):
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    summary = (out / "summary.md").read_text()
+    table = summary.split("## Test perplexity by configuration")[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+    rows = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[2:]}
+    # test ppl = valid ppl + 0.1 (fake_result): 4.1 and 5.1 over seeds 1 and 2
+    assert rows["uoro K=8 on tbptt_lstm_lm_tiny"][:3] == ["tbptt_lstm_lm_tiny", "2", "4.6 ± 0.71"]
+    assert rows["tbptt K=8 on tbptt_lstm_copy"][:2] == ["tbptt_lstm_copy", "2"]
+    assert rows["fixed K=5"][0] == "-"  # a result of an older sweep: no arch recorded
+    assert list(rows)[-2:] == ["tbptt K=8 on tbptt_lstm_copy", "uoro K=8 on tbptt_lstm_lm_tiny"]
+    # they reach the best fixed K's target too: in the time-to-target table
+    assert "| uoro K=8 on tbptt_lstm_lm_tiny | 1 |" in summary.split("## Time to target")[1]
+
+
 # fairseq-train options of the mini sweeps (after ``--``): the tiny model, an adaptive range
 MINI_SWEEP_TRAIN = [
     "--arch", "tbptt_lstm_lm_tiny", "--batch-size", "4", "--lr", "1.0", "--cpu",
