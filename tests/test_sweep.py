@@ -635,3 +635,68 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
         == "1.0"
     )
 
+
+@pytest.mark.e2e
+def test_mini_sweep_of_gradient_estimators_at_equal_compute(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """A fixed K, ARTBP, UORO and fixed-K TBPTT on another architecture each run the same
+    processed tokens; a rerun skips them; a bad spec is refused before anything runs; plot.py
+    draws and tabulates them."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, budget = tmp_path / "sweep", 640
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "none",
+        "--estimators", "artbp,uoro,tbptt@tbptt_lstm_copy",
+        "--budget-processed-tokens", str(budget), "--valid-tokens", "320", "--log-interval", "5",
+        "--jobs", "2", "--threads", "1", "--", *MINI_SWEEP_TRAIN,
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+    # K of the estimators: K0 of the adaptive runs (MINI_SWEEP_TRAIN's --truncation-length 8)
+    assert "4 runs (1 fixed K, 0 deltas, 3 estimators at K 8, seeds 1)" in output
+    table = sweep.read_csv(out / "results.csv")
+    assert [(r["run"], r["mode"], r["method"], r["arch"], r["k"]) for r in table] == [
+        ("fixed_k6_s1", "fixed", "tbptt", "tbptt_lstm_lm_tiny", 6),
+        ("artbp_k8_s1", "estimator", "artbp", "tbptt_lstm_lm_tiny", 8),
+        ("tbptt_on_tbptt_lstm_copy_k8_s1", "estimator", "tbptt", "tbptt_lstm_copy", 8),
+        ("uoro_k8_s1", "estimator", "uoro", "tbptt_lstm_lm_tiny", 8),
+    ]
+    for row in table:
+        log = (out / "runs" / row["run"] / "train.log").read_text()
+        processed = int(row["processed_tokens"])
+        # each stops at the first update that reaches the budget: the same compute
+        assert f"processed tokens: {processed:,} >= max_processed_tokens: {budget:,}" in log
+        if row["method"] != "artbp":  # ARTBP's segments have random lengths
+            assert budget <= processed < budget + 4 * (2 * row["k"] - 1)  # one update at most
+        assert 1 < row["test_ppl"] < 60 and row["updates"] > 1
+        assert len(sweep.read_csv(out / "runs" / row["run"] / "validation.csv")) >= 2
+    record = json.loads((out / "runs" / "uoro_k8_s1" / "run.json").read_text())
+    assert (record["method"], record["arch"]) == ("uoro", "tbptt_lstm_lm_tiny")
+    assert sweep.option_value(record["command"], "--gradient-estimator") == "uoro"
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
+    assert sweep.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, skipped") == 4 and "start" not in again
+    spec_at = argv.index("--estimators") + 1
+    bad_specs = {"uoro@": "'uoro@' has '@' but no", "uoro,,artbp": "empty spec",
+                 "kalman": "unknown gradient estimator 'kalman'",
+                 "uoro,uoro@tbptt_lstm_lm_tiny": "train the same runs"}  # fmt: skip
+    for bad, words in bad_specs.items():
+        with pytest.raises(SystemExit) as refused:
+            sweep.main([*argv[:spec_at], bad, *argv[spec_at + 1 :]])
+        message = str(refused.value)
+        assert message.startswith("error: ") and "\n" not in message and words in message
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
+
+    figures = tmp_path / "figures"
+    assert plot.main([str(out), "--out", str(figures)]) == 0
+    printed = capsys.readouterr().out
+    for name in plot.FIGURES:
+        assert (figures / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    summary = (figures / "summary.md").read_text()
+    for label in ("artbp K=8 on tbptt_lstm_lm_tiny", "uoro K=8 on tbptt_lstm_lm_tiny",
+                  "tbptt K=8 on tbptt_lstm_copy", "fixed K=6"):  # fmt: skip
+        assert f"| {label} | " in summary.split("## Test perplexity")[1]
+        assert f"| {label} | " in printed
