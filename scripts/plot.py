@@ -30,6 +30,8 @@ FIGURES = (
     "bias_vs_updates",
     "valid_ppl_vs_processed",
     "k_vs_processed",
+    "valid_loss_vs_processed",
+    "valid_loss_vs_wall",
 )
 
 
@@ -52,6 +54,10 @@ class RunData:
     def fixed(self) -> bool:
         return self.result["mode"] == "fixed"
 
+    @property
+    def adaptive(self) -> bool:
+        return self.result["mode"] == "adaptive"
+
 
 def load_runs(sweep_dir: Path, variant: str = "") -> list[RunData]:
     """Every finished run of a sweep directory, in grid order (``variant`` labels them)."""
@@ -69,7 +75,8 @@ def load_runs(sweep_dir: Path, variant: str = "") -> list[RunData]:
 
 
 def by_config(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
-    """Runs grouped by configuration, in grid order (fixed K ascending, then delta descending)."""
+    """Runs grouped by configuration, in grid order (fixed K ascending, then delta descending,
+    then the gradient estimators)."""
     groups: dict[str, list[RunData]] = defaultdict(list)
     for run in runs:
         groups[run.config].append(run)
@@ -77,9 +84,14 @@ def by_config(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
 
 
 def config_label(run: RunData) -> str:
-    label = (
-        f"fixed K={run.result['k']:g}" if run.fixed else f"adaptive delta={run.result['delta']:g}"
-    )
+    """``fixed K=10``, ``adaptive delta=0.1``, or a gradient estimator with its K and model,
+    ``uoro K=15 on tbptt_lstm_copy``; `` (variant)`` for a sweep of ``--also``."""
+    if run.fixed:
+        label = f"fixed K={run.result['k']:g}"
+    elif run.adaptive:
+        label = f"adaptive delta={run.result['delta']:g}"
+    else:
+        label = f"{run.result['method']} K={run.result['k']:g} on {run.result['arch']}"
     return f"{label} ({run.variant})" if run.variant else label
 
 
@@ -124,10 +136,19 @@ def point(run: RunData, row: dict[str, Any], x_key: str) -> float:
     return row.get(x_key, math.nan)
 
 
+def training_wall(run: RunData) -> float:
+    """A run's wall time as the figures draw it: fixed-K runs without bias monitoring."""
+    wall, est = run.result.get("wall_sec"), run.result.get("est_sec")
+    wall = math.nan if wall is None else float(wall)
+    return wall - float(est or 0.0) if run.fixed else wall
+
+
 def styles(groups: dict[str, list[RunData]]) -> dict[str, dict[str, Any]]:
-    """Line style per configuration: fixed K dashed in cool colours, adaptive solid in warm."""
+    """Line style per configuration: fixed K dashed in cool colours, adaptive solid in warm,
+    gradient estimators dash-dotted in distinct colours."""
     fixed = [c for c, runs in groups.items() if runs[0].fixed]
-    adaptive = [c for c, runs in groups.items() if not runs[0].fixed]
+    adaptive = [c for c, runs in groups.items() if runs[0].adaptive]
+    estimators = [c for c, runs in groups.items() if not (runs[0].fixed or runs[0].adaptive)]
     out = {}
     for index, config in enumerate(fixed):
         colour = plt.cm.viridis(0.1 + 0.75 * index / max(len(fixed) - 1, 1))
@@ -135,6 +156,9 @@ def styles(groups: dict[str, list[RunData]]) -> dict[str, dict[str, Any]]:
     for index, config in enumerate(adaptive):
         colour = plt.cm.autumn(0.8 * index / max(len(adaptive) - 1, 1))
         out[config] = {"color": colour, "linestyle": "-", "linewidth": 2}
+    for index, config in enumerate(estimators):
+        colour = plt.cm.Dark2(index % plt.cm.Dark2.N)
+        out[config] = {"color": colour, "linestyle": "-.", "linewidth": 1.5}
     return out
 
 
@@ -154,7 +178,8 @@ def plot_validation(
     runs: Sequence[RunData], x_key: str, path: Path, metric: str = "valid_ppl"
 ) -> None:
     """Validation perplexity (``valid_ppl``, linear, mean over seeds) or loss (``valid_loss``,
-    log scale, geometric mean) against wall time (``wall``) or tokens (``tokens``)."""
+    log scale, geometric mean) against wall time (``wall``), scored tokens (``tokens``) or
+    processed tokens (``processed_tokens``)."""
     groups = by_config(runs)
     style = styles(groups)
     log_y = metric == "valid_loss"
@@ -176,13 +201,14 @@ def plot_validation(
 
 
 def plot_truncation(runs: Sequence[RunData], path: Path, x_key: str = "num_updates") -> None:
-    """K of the adaptive runs against updates or processed tokens (fixed runs as flat lines)."""
+    """K of the adaptive runs against updates or processed tokens (fixed-K and estimator runs as
+    flat lines)."""
     groups = by_config(runs)
     style = styles(groups)
     _, ax = plt.subplots(figsize=(7, 4.5))
     for config, members in groups.items():
         xs, ys = mean_curve(members, "train", x_key, "trunc_k")
-        if members[0].fixed:
+        if not members[0].adaptive:
             ax.plot(xs, ys, alpha=0.5, label=config_label(members[0]), **style[config])
         else:
             ax.plot(xs, ys, label=config_label(members[0]), **style[config])
@@ -200,7 +226,7 @@ def plot_bias(runs: Sequence[RunData], path: Path) -> None:
         xs, ys = mean_curve(members, "train", "num_updates", "bias_hat", log_y=True)
         if len(xs):
             ax.plot(xs, ys, label=config_label(members[0]), **style[config])
-        if not members[0].fixed:
+        if members[0].adaptive:
             targets.add(float(members[0].result["delta"]))
     for delta in sorted(targets):
         ax.axhline(delta, color="grey", linestyle=":", linewidth=1)
@@ -218,6 +244,12 @@ def mean_std(values: Sequence[float], digits: int = 4) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}g}"
     return f"{mean:.{digits}g} ± {float(np.std(values, ddof=1)):.2g}"
+
+
+def result_column(members: Sequence[RunData], key: str, digits: int = 4) -> str:
+    """``mean ± std`` of one result field over the seeds of a configuration."""
+    values = [r.result.get(key) for r in members]
+    return mean_std([math.nan if v is None else float(v) for v in values], digits)
 
 
 def fewest_tokens(runs: Sequence[RunData]) -> float:
@@ -256,15 +288,12 @@ def summary_table(runs: Sequence[RunData], equal_tokens: float) -> str:
         label = config_label(members[0])
         if config == best:
             label = f"**{label}** (best fixed)"
-
-        def column(key: str, digits: int = 4) -> str:
-            values = [r.result.get(key) for r in members]
-            return mean_std([math.nan if v is None else float(v) for v in values], digits)
-
         lines.append(
-            f"| {label} | {len(members)} | {column('valid_ppl', 5)} | {column('test_ppl', 5)} "
-            f"| {column('final_k', 3)} | {column('wall_sec', 3)} | {column('est_sec', 3)} "
-            f"| {column('tokens', 3)} | {column('processed_tokens', 3)} "
+            f"| {label} | {len(members)} | {result_column(members, 'valid_ppl', 5)} "
+            f"| {result_column(members, 'test_ppl', 5)} | {result_column(members, 'final_k', 3)} "
+            f"| {result_column(members, 'wall_sec', 3)} | {result_column(members, 'est_sec', 3)} "
+            f"| {result_column(members, 'tokens', 3)} "
+            f"| {result_column(members, 'processed_tokens', 3)} "
             f"| {mean_std([valid_ppl_within(r, equal_tokens) for r in members], 5)} |"
         )
     return "\n".join(lines) + "\n"
@@ -280,8 +309,9 @@ def compute_to_reach(run: RunData, target: float) -> float:
 
 
 def time_to_target_table(runs: Sequence[RunData]) -> str:
-    """Per seed, the compute each adaptive run needs to reach the best fixed run's best
-    validation perplexity, against what that fixed run needed (the paper's time-to-target)."""
+    """Per seed, the compute each adaptive (and gradient estimator) run needs to reach the best
+    fixed run's best validation perplexity, against what that fixed run needed (the paper's
+    time-to-target)."""
     groups = by_config(runs)
     fixed = {c: m for c, m in groups.items() if m[0].fixed}
     if not fixed:
@@ -311,6 +341,27 @@ def time_to_target_table(runs: Sequence[RunData]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(runs: Sequence[RunData]) -> str:
+    """Markdown table, one row per configuration: test perplexity and loss, compute and wall
+    time, mean ± std over seeds (the compact comparison, e.g. of gradient estimators)."""
+    lines = [
+        (
+            "| configuration | model | seeds | test ppl | test loss (bits) | processed tokens "
+            "| wall (s) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for members in by_config(runs).values():
+        lines.append(
+            f"| {config_label(members[0])} | {members[0].result.get('arch') or '-'} "
+            f"| {len(members)} | {result_column(members, 'test_ppl', 5)} "
+            f"| {result_column(members, 'test_loss', 4)} "
+            f"| {result_column(members, 'processed_tokens', 3)} "
+            f"| {mean_std([training_wall(r) for r in members], 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(
     runs: Sequence[RunData],
     path: Path,
@@ -335,12 +386,32 @@ def write_summary(
         table = time_to_target_table(runs)
         if table:
             text += (
-                "\n## Time to target\n\nProcessed tokens each adaptive run needed to reach the "
-                "best validation perplexity of the best fixed K (same seed), against what that "
-                "fixed run needed; ratio < 1: the adaptive run got there with less compute.\n\n"
-                + table
+                "\n## Time to target\n\nProcessed tokens each adaptive or gradient estimator "
+                "run needed to reach the best validation perplexity of the best fixed K (same "
+                "seed), against what that fixed run needed; ratio < 1: the run got there with "
+                "less compute.\n\n" + table
             )
+    text += (
+        "\n## Test perplexity by configuration\n\nMean ± sample std over seeds: test "
+        "perplexity and loss (bits per token) from fairseq-eval-lm at the best validation "
+        "checkpoint, the processed tokens (compute) and the wall time (fixed K without bias "
+        "monitoring, as in the figures).\n\n" + comparison_table(runs)
+    )
     path.write_text(text)
+
+
+def load_all(sweep_dir: Path, also: Sequence[tuple[Path, str]] = ()) -> list[RunData]:
+    """The finished runs of ``sweep_dir`` and of the labelled sweeps ``also``; one ``error:``
+    line for a directory without any."""
+    runs = load_runs(sweep_dir)
+    for directory, label in also:
+        extra = load_runs(directory, label)
+        if not extra:
+            raise SystemExit(f"error: {directory} has no finished runs (runs/*/result.json)")
+        runs += extra
+    if not runs:
+        raise SystemExit(f"error: {sweep_dir} has no finished runs (runs/*/result.json)")
+    return runs
 
 
 def make_all(
@@ -351,23 +422,24 @@ def make_all(
 ) -> list[Path]:
     """Write every figure and summary.md of ``sweep_dir`` (and the labelled sweeps ``also``,
     e.g. the same grid with another estimate method) into ``out``; return their paths."""
-    runs = load_runs(sweep_dir)
-    for directory, label in also:
-        extra = load_runs(directory, label)
-        if not extra:
-            raise SystemExit(f"error: {directory} has no finished runs (runs/*/result.json)")
-        runs += extra
-    if not runs:
-        raise SystemExit(f"error: {sweep_dir} has no finished runs (runs/*/result.json)")
+    runs = load_all(sweep_dir, also)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png" for name in FIGURES]
-    plot_validation(runs, "wall", paths[0])
-    plot_validation(runs, "tokens", paths[1])
-    plot_validation(runs, "tokens", paths[2], metric="valid_loss")
-    plot_truncation(runs, paths[3])
-    plot_bias(runs, paths[4])
-    plot_validation(runs, "processed_tokens", paths[5])
-    plot_truncation(runs, paths[6], x_key="processed_tokens")
+    draw = {
+        "valid_ppl_vs_wall": lambda path: plot_validation(runs, "wall", path),
+        "valid_ppl_vs_tokens": lambda path: plot_validation(runs, "tokens", path),
+        "valid_loss_vs_tokens": lambda path: plot_validation(runs, "tokens", path, "valid_loss"),
+        "k_vs_updates": lambda path: plot_truncation(runs, path),
+        "bias_vs_updates": lambda path: plot_bias(runs, path),
+        "valid_ppl_vs_processed": lambda path: plot_validation(runs, "processed_tokens", path),
+        "k_vs_processed": lambda path: plot_truncation(runs, path, x_key="processed_tokens"),
+        "valid_loss_vs_processed": lambda path: plot_validation(
+            runs, "processed_tokens", path, "valid_loss"
+        ),
+        "valid_loss_vs_wall": lambda path: plot_validation(runs, "wall", path, "valid_loss"),
+    }
+    for name, path in zip(FIGURES, paths):
+        draw[name](path)
     paths.append(out / "summary.md")
     write_summary(runs, paths[-1], f"Sweep {sweep_dir.name}", equal_tokens)
     return paths
@@ -398,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the figures and the summary; print their paths."""
+    """Write the figures and the summary; print their paths, then the test-perplexity table."""
     args = build_parser().parse_args(argv)
     if args.equal_tokens is not None and args.equal_tokens <= 0:
         raise SystemExit(f"error: --equal-tokens must be positive, got {args.equal_tokens:g}")
@@ -411,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.sweep / "plots"
     for path in make_all(args.sweep, out, args.equal_tokens, also):
         print(path)
+    print("\n" + comparison_table(load_all(args.sweep, also)), end="")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Sweep fixed truncation lengths K against target biases delta, over seeds, through fairseq.
+"""Sweep fixed truncation lengths K against target biases delta, and other gradient estimators,
+over seeds, through fairseq.
 
 Details: docs/scripts.md, section scripts/sweep.py.
 """
@@ -19,8 +20,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ RESULT_COLUMNS = (
     "tokens",
     "processed_tokens",
     "updates",
+    "method",  # --gradient-estimator (tbptt for fixed and adaptive runs)
+    "arch",  # the run's --arch
 )
 
 # options the sweep sets itself for every run; passing them after ``--`` is refused
@@ -92,6 +95,7 @@ CONTROLLED_OPTIONS = (
     "--validate-interval-updates",
     "--save-interval-updates",
     "--validate-interval-processed-tokens",
+    "--gradient-estimator",
 )
 # task options that change evaluation: copied from the training command to fairseq-eval-lm
 EVAL_TASK_OPTIONS = ("--target-dir", "--eval-batch-size", "--eval-chunk-length")
@@ -216,17 +220,24 @@ PRESETS = ("copy", "ptb", "wiki2", "bible", "bible-small")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the grid: a fixed K or a target bias delta, and a seed."""
+    """One training run of the grid: a fixed K, a target bias delta, or a gradient estimator
+    (``--gradient-estimator method`` at K, on the sweep's model or on ``arch``), and a seed."""
 
-    mode: str  # "fixed" or "adaptive"
-    value: float  # K (fixed) or delta (adaptive)
+    mode: str  # "fixed", "adaptive" or "estimator"
+    value: float  # K (fixed, estimator) or delta (adaptive)
     seed: int
+    method: str = "tbptt"  # the task's --gradient-estimator
+    arch: str = ""  # an estimator run's own --arch; empty: the sweep's model
 
     @property
     def config(self) -> str:
-        """The configuration name shared by all seeds, e.g. ``fixed_k10`` or ``delta0.1``."""
+        """The configuration name shared by all seeds, e.g. ``fixed_k10``, ``delta0.1``,
+        ``uoro_k15`` or ``tbptt_on_tbptt_lstm_lm_tiny_k15``."""
         if self.mode == "fixed":
             return f"fixed_k{int(self.value)}"
+        if self.mode == "estimator":
+            on = f"_on_{self.arch}" if self.arch else ""
+            return f"{self.method}{on}_k{int(self.value)}"
         return f"delta{self.value:g}"
 
     @property
@@ -234,11 +245,99 @@ class RunSpec:
         return f"{self.config}_s{self.seed}"
 
 
-def plan_runs(fixed: Sequence[int], deltas: Sequence[float], seeds: Sequence[int]) -> list[RunSpec]:
-    """The grid in run order: fixed K ascending, then delta descending, each over all seeds."""
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One ``METHOD[@ARCH]`` of ``--estimators``; ``arch`` empty: the sweep's model."""
+
+    method: str
+    arch: str = ""
+
+
+def plan_runs(
+    fixed: Sequence[int],
+    deltas: Sequence[float],
+    seeds: Sequence[int],
+    estimators: Sequence[EstimatorSpec] = (),
+    estimator_length: int = 0,
+) -> list[RunSpec]:
+    """The grid in run order: fixed K ascending, then delta descending, then the estimators as
+    given (each at K = ``estimator_length``), each over all seeds."""
     runs = [RunSpec("fixed", float(k), s) for k in sorted(fixed) for s in seeds]
     runs += [RunSpec("adaptive", float(d), s) for d in sorted(deltas, reverse=True) for s in seeds]
+    runs += [
+        RunSpec("estimator", float(estimator_length), s, spec.method, spec.arch)
+        for spec in estimators
+        for s in seeds
+    ]
     return runs
+
+
+def plugin_choices() -> tuple[list[str], list[str]]:
+    """The task's ``--gradient-estimator`` values and the plugin's registered ``--arch`` names,
+    read from the plugin the runs train with (``--user-dir``: this checkout's, as fairseq puts
+    it first on the path). Imports fairseq: only called to check ``--estimators``."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import atbptt_fairseq  # noqa: F401  (registers the plugin's models with fairseq)
+    from atbptt_fairseq.tasks.config import GRADIENT_ESTIMATOR_CHOICES
+
+    archs = sorted(
+        name
+        for name, model in ARCH_MODEL_REGISTRY.items()
+        if model.__module__.startswith("atbptt_fairseq.")
+    )
+    return [str(choice) for choice in GRADIENT_ESTIMATOR_CHOICES], archs
+
+
+def parse_estimators(
+    text: str, methods: Sequence[str], archs: Sequence[str], default_arch: str
+) -> list[EstimatorSpec]:
+    """``"uoro,tbptt@tbptt_lstm_copy"`` -> the estimator specs, checked; one ``error:`` line for
+    an empty spec, an unknown method or architecture, ``@`` without an architecture, two specs
+    that train the same runs, or ``tbptt`` on the sweep's model (a ``--fixed`` run). An
+    ``@ARCH`` naming the sweep's model (``default_arch``) is dropped: the spec without it."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    specs: dict[EstimatorSpec, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise SystemExit(
+                f"error: --estimators {text!r} holds an empty spec; give METHOD[@ARCH] between "
+                "the commas"
+            )
+        method, at, arch = item.partition("@")
+        if method not in methods:
+            raise SystemExit(
+                f"error: unknown gradient estimator {method!r} in --estimators spec {item!r}; "
+                f"choose from {', '.join(methods)}"
+            )
+        if at and not arch:
+            raise SystemExit(
+                f"error: --estimators spec {item!r} has '@' but no architecture; give "
+                f"{method}@ARCH (a fairseq --arch) or {method} alone for the sweep's model "
+                f"({default_arch})"
+            )
+        if arch and arch not in archs:
+            raise SystemExit(
+                f"error: unknown architecture {arch!r} in --estimators spec {item!r}; the "
+                f"plugin's are {', '.join(archs)}"
+            )
+        spec = EstimatorSpec(method, "" if arch == default_arch else arch)
+        if spec.method == "tbptt" and not spec.arch:
+            raise SystemExit(
+                f"error: --estimators spec {item!r} is fixed-K TBPTT on the sweep's model "
+                f"({default_arch}), which --fixed runs; give --fixed K, or tbptt@ARCH for another "
+                "architecture"
+            )
+        if spec in specs:
+            raise SystemExit(
+                f"error: --estimators specs {specs[spec]!r} and {item!r} train the same runs (the "
+                f"sweep's model is {default_arch}); give each once"
+            )
+        specs[spec] = item
+    return list(specs)
 
 
 @dataclass
@@ -304,8 +403,8 @@ def check_extra_args(extra: Sequence[str]) -> None:
         if name in CONTROLLED_OPTIONS:
             raise SystemExit(
                 f"error: {name} is set by the sweep for every run; use the sweep's own options "
-                "(--budget-updates or --budget-tokens, --seeds, --deltas, --valid-interval, "
-                "--log-interval, --tensorboard-logdir, --out) instead"
+                "(--budget-updates or --budget-tokens, --seeds, --deltas, --estimators, "
+                "--valid-interval, --log-interval, --tensorboard-logdir, --out) instead"
             )
 
 
@@ -330,25 +429,55 @@ def without_option(args: Sequence[str], option: str) -> list[str]:
     return out
 
 
-def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list[str]:
-    """The fairseq-train command of one run: defaults, preset, pass-through, then the run's own
-    options (where fairseq sees an option twice, the later one wins)."""
-    preset = settings.preset
+def setting_args(settings: SweepSettings, adaptive: bool) -> list[str]:
+    """The preset's fixed-K or adaptive options, then the pass-through ones, then the defaults of
+    what neither gives (``BASE_TRAIN_ARGS``)."""
     args: list[str] = []
-    if preset is not None:
-        args += preset.fixed_args if spec.mode == "fixed" else preset.adaptive_args
+    if settings.preset is not None:
+        args += settings.preset.adaptive_args if adaptive else settings.preset.fixed_args
     args += settings.extra_args
     defaults = [
         [option, value]
         for option, value in zip(BASE_TRAIN_ARGS[::2], BASE_TRAIN_ARGS[1::2])
         if option_value(args, option) is None
     ]
-    args = [str(settings.data), *sum(defaults, []), *args]
-    if spec.mode == "fixed":
-        args = without_option(args, "--truncation-length")
-        args += ["--truncation-length", str(int(spec.value)), "--monitor-bias"]
-    else:
+    return [*sum(defaults, []), *args]
+
+
+def sweep_arch(settings: SweepSettings) -> str:
+    """The ``--arch`` of the sweep's model (fixed-K config: estimator runs train with it)."""
+    return str(option_value(setting_args(settings, adaptive=False), "--arch"))
+
+
+def initial_truncation_length(settings: SweepSettings) -> int:
+    """K0: the ``--truncation-length`` the sweep's adaptive runs start at (the preset's adaptive
+    config, or after ``--``), else the task's default (the default ``--estimator-length``)."""
+    value = option_value(setting_args(settings, adaptive=True), "--truncation-length")
+    if value is not None:
+        return int(value)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from atbptt import TbpttConfig  # the task's options default as the core's
+
+    return TbpttConfig().truncation_length
+
+
+def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list[str]:
+    """The fairseq-train command of one run: defaults, preset, pass-through, then the run's own
+    options (where fairseq sees an option twice, the later one wins). Estimator runs take the
+    preset's fixed-K options (no adaptive estimate: fairseq refuses --target-bias with them)."""
+    args = [str(settings.data), *setting_args(settings, adaptive=spec.mode == "adaptive")]
+    if spec.mode == "adaptive":
         args += ["--target-bias", f"{spec.value:g}"]
+    else:
+        args = without_option(args, "--truncation-length")
+        args += ["--truncation-length", str(int(spec.value))]
+    if spec.mode == "fixed":
+        args += ["--monitor-bias"]
+    if spec.mode == "estimator":
+        if spec.arch:
+            args = [*without_option(args, "--arch"), "--arch", spec.arch]
+        args += ["--gradient-estimator", spec.method]
     args += target_dir_args(settings.data, args)
     interval = str(settings.valid_interval)
     if settings.valid_processed_tokens:
@@ -789,17 +918,21 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
-    """The ``result.json`` of every finished run under ``out/runs``, in grid order."""
+    """The ``result.json`` of every finished run under ``out/runs``, in grid order (estimator
+    runs last, by configuration name)."""
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    order = {"fixed": 0, "adaptive": 1}
-    return sorted(
-        results,
-        key=lambda r: (
-            order.get(r["mode"], 2),
-            (r.get("k") or 0) if r["mode"] == "fixed" else -(r.get("delta") or 0),
-            r["seed"],
-        ),
-    )
+    order = {"fixed": 0, "adaptive": 1, "estimator": 2}
+
+    def position(result: dict[str, Any]) -> tuple[Any, ...]:
+        if result["mode"] == "fixed":
+            within: Any = result.get("k") or 0
+        elif result["mode"] == "adaptive":
+            within = -(result.get("delta") or 0)
+        else:
+            within = result["config"]
+        return order.get(result["mode"], 3), within, result["seed"]
+
+    return sorted(results, key=position)
 
 
 def write_results(out: Path) -> Path:
@@ -810,9 +943,13 @@ def write_results(out: Path) -> Path:
 
 
 def summarize_run(
-    spec: RunSpec, parsed: ParsedLog, valid: tuple[float, float], test: tuple[float, float]
+    spec: RunSpec,
+    parsed: ParsedLog,
+    valid: tuple[float, float],
+    test: tuple[float, float],
+    arch: str = "",
 ) -> dict[str, Any]:
-    """The result record of a finished run (one row of results.csv)."""
+    """The result record of a finished run (one row of results.csv); ``arch``: its --arch."""
     last_train = parsed.train[-1] if parsed.train else {}
     final_k = last_train.get("trunc_k", math.nan)
     final_bias = last_train.get("bias_hat", math.nan)
@@ -823,7 +960,7 @@ def summarize_run(
         "run": spec.name,
         "config": spec.config,
         "mode": spec.mode,
-        "k": int(spec.value) if spec.mode == "fixed" else None,
+        "k": None if spec.mode == "adaptive" else int(spec.value),
         "delta": spec.value if spec.mode == "adaptive" else None,
         "seed": spec.seed,
         "valid_loss": valid[0],
@@ -837,6 +974,8 @@ def summarize_run(
         "tokens": parsed.tokens,
         "processed_tokens": parsed.processed_tokens,
         "updates": parsed.updates,
+        "method": spec.method,
+        "arch": arch,
     }
 
 
@@ -1034,7 +1173,9 @@ def run_one(
         if not locked:
             return None, "locked"
         cmd = train_command(spec, settings, run_dir)
-        record = {"command": cmd, "code": code}
+        arch = option_value(cmd, "--arch") or ""
+        # method and arch for people and plots; changes show in the command, which is compared
+        record = {"command": cmd, "code": code, "method": spec.method, "arch": arch}
         recorded = recorded_run(run_dir)
         differences = record_differences(recorded, record) if recorded is not None else []
         if differences and not settings.rerun_changed:
@@ -1071,7 +1212,7 @@ def run_one(
         evals = {subset: eval_command(cmd, best, subset) for subset in ("valid", "test")}
         cores = max(1, (os.cpu_count() or 2) // settings.jobs)
         scores = run_evals(evals, run_dir, cores, children)
-        result = summarize_run(spec, parsed, scores["valid"], scores["test"])
+        result = summarize_run(spec, parsed, scores["valid"], scores["test"], arch)
         result["budget"] = settings.budget_label
         write_json(result_path, result)
         return result, "done"
@@ -1152,11 +1293,13 @@ def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: boo
             duration = time.monotonic() - run_start
             progress.finished(duration)
             write_results(settings.out)
+            bias = result["final_bias_hat"]  # none without an estimate (estimator runs)
             say(
                 f"{head}: done in {fmt_seconds(duration)}: valid ppl "
                 f"{result['valid_ppl']:.4g}, test ppl {result['test_ppl']:.4g}, final K "
-                f"{result['final_k']:g}, delta_hat {result['final_bias_hat']:.3g} "
-                f"(elapsed {progress.elapsed()}, ETA {progress.eta(len(specs) - index)})"
+                f"{result['final_k']:g}"
+                + ("" if math.isnan(bias) else f", delta_hat {bias:.3g}")
+                + f" (elapsed {progress.elapsed()}, ETA {progress.eta(len(specs) - index)})"
             )
 
     with ThreadPoolExecutor(max_workers=settings.jobs, thread_name_prefix="run") as pool:
@@ -1229,6 +1372,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="target biases delta, comma-separated; none: no adaptive runs (default: the "
         "preset's, 0.9,0.5,0.1)",
+    )
+    parser.add_argument(
+        "--estimators",
+        default="none",
+        metavar="SPEC[,SPEC...]",
+        help="gradient estimators to train too, SPEC = METHOD[@ARCH]: a --gradient-estimator "
+        "of the task (artbp, uoro, ...) on the sweep's model, or on the fairseq --arch ARCH; "
+        "tbptt@ARCH is fixed-K TBPTT on ARCH (an anchor for methods tied to an architecture). "
+        "Each at K = --estimator-length with the preset's fixed-K options, the same budget and "
+        "validations (default: none)",
+    )
+    parser.add_argument(
+        "--estimator-length",
+        type=int,
+        default=0,
+        help="the --truncation-length of the --estimators runs (ARTBP: the mean segment length) "
+        "(default: K0, the truncation length the adaptive runs start at: the preset's adaptive "
+        "config, or the one given after --)",
     )
     parser.add_argument("--seeds", default="1", help="seeds, comma-separated (default 1)")
     budget = parser.add_mutually_exclusive_group(required=True)
@@ -1384,6 +1545,15 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
     )
 
 
+def estimator_specs(text: str, settings: SweepSettings) -> list[EstimatorSpec]:
+    """``--estimators`` checked against the plugin's methods and architectures (which imports
+    fairseq, so only when there are any)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    methods, archs = plugin_choices()
+    return parse_estimators(text, methods, archs, sweep_arch(settings))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) the sweep; exit status 1 if a run failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1399,11 +1569,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed, deltas = parse_numbers(fixed_text, int), parse_numbers(delta_text, float)
     if any(not 0 < d < 1 for d in deltas) or any(k < 1 for k in fixed):
         raise SystemExit("error: deltas must lie in (0, 1) and fixed K values be at least 1")
-    specs = plan_runs(fixed, deltas, parse_numbers(args.seeds, int))
+    estimators = estimator_specs(args.estimators, settings)
+    if args.estimator_length and not estimators:
+        raise SystemExit("error: --estimator-length goes with --estimators")
+    if args.estimator_length < 0:
+        raise SystemExit(
+            f"error: --estimator-length must be at least 1 (got {args.estimator_length})"
+        )
+    length = args.estimator_length or (initial_truncation_length(settings) if estimators else 0)
+    specs = plan_runs(fixed, deltas, parse_numbers(args.seeds, int), estimators, length)
     if not specs:
-        raise SystemExit("error: nothing to run; give --fixed and/or --deltas (or a --preset)")
+        raise SystemExit(
+            "error: nothing to run; give --fixed, --deltas and/or --estimators (or a --preset)"
+        )
+    methods = f", {len(estimators)} estimators at K {length}" if estimators else ""
     say(
-        f"sweep: {len(specs)} runs ({len(fixed)} fixed K, {len(deltas)} deltas, seeds "
+        f"sweep: {len(specs)} runs ({len(fixed)} fixed K, {len(deltas)} deltas{methods}, seeds "
         f"{args.seeds}), {settings.budget_label} each, validation every "
         + (
             f"{settings.valid_processed_tokens} processed tokens"

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
+from atbptt import TbpttConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,6 +209,96 @@ def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
         sweep.check_extra_args(["--max-processed-tokens", "3"])
 
 
+METHODS, ARCHS = ["tbptt", "artbp", "uoro"], ["tanh_rnn_copy", "tbptt_lstm_copy"]
+
+
+def test_estimator_specs_are_parsed_or_refused_in_one_line():
+    def parse(text: str) -> list:
+        return sweep.parse_estimators(text, METHODS, ARCHS, "tbptt_lstm_copy")
+
+    assert parse("none") == [] and parse("") == []
+    assert parse("uoro, artbp@tanh_rnn_copy,tbptt@tanh_rnn_copy") == [
+        sweep.EstimatorSpec("uoro"),
+        sweep.EstimatorSpec("artbp", "tanh_rnn_copy"),
+        sweep.EstimatorSpec("tbptt", "tanh_rnn_copy"),
+    ]
+    assert parse("uoro@tbptt_lstm_copy") == [sweep.EstimatorSpec("uoro")]  # the sweep's model
+    refusals = {
+        "uoro,,artbp": "holds an empty spec",
+        "uoro,": "holds an empty spec",
+        "kalman": "unknown gradient estimator 'kalman' in --estimators spec 'kalman'; choose "
+        "from tbptt, artbp, uoro",
+        "@tanh_rnn_copy": "unknown gradient estimator ''",
+        "uoro@": "has '@' but no architecture",
+        "uoro@lstm_big": "unknown architecture 'lstm_big'",
+        "tbptt": "fixed-K TBPTT on the sweep's model (tbptt_lstm_copy), which --fixed runs",
+        "tbptt@tbptt_lstm_copy": "which --fixed runs",
+        "uoro,uoro@tbptt_lstm_copy": "specs 'uoro' and 'uoro@tbptt_lstm_copy' train the same",
+        "artbp@tanh_rnn_copy,artbp@tanh_rnn_copy": "train the same runs",
+    }
+    for text, words in refusals.items():
+        with pytest.raises(SystemExit) as refused:
+            parse(text)
+        message = str(refused.value)
+        assert message.startswith("error: ") and "\n" not in message and words in message, text
+
+
+def test_estimator_runs_train_the_fixed_config_at_k0(tmp_path):
+    data = tmp_path / "data"
+    (data / "targets").mkdir(parents=True)
+    (data / "targets" / "dict.txt").write_text("")
+    settings = sweep.SweepSettings(
+        data=data, out=tmp_path, budget_updates=0, valid_interval=0, log_interval=20,
+        budget_processed_tokens=20000, valid_processed_tokens=1000,
+        preset=sweep.get_preset("copy"), extra_args=["--lr", "0.5"],
+    )  # fmt: skip
+    # K0: the truncation length the adaptive config starts at, read from it
+    config = yaml.safe_load((sweep.CONFIG_DIR / "copy_adaptive.yaml").read_text())
+    k0 = sweep.initial_truncation_length(settings)
+    assert k0 == config["task"]["truncation_length"]
+    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("kf-rtrl", "x_y")]
+    specs = sweep.plan_runs([10], [0.1], [1, 2], estimators, k0)
+    assert [s.name for s in specs] == [
+        "fixed_k10_s1", "fixed_k10_s2", "delta0.1_s1", "delta0.1_s2",
+        f"uoro_k{k0}_s1", f"uoro_k{k0}_s2", f"kf-rtrl_on_x_y_k{k0}_s1", f"kf-rtrl_on_x_y_k{k0}_s2",
+    ]  # fmt: skip
+    fixed = sweep.train_command(specs[0], settings, tmp_path / "run")
+    uoro = sweep.train_command(specs[4], settings, tmp_path / "run")
+    other = sweep.train_command(specs[6], settings, tmp_path / "run")
+    assert sweep.option_value(uoro, "--gradient-estimator") == "uoro"
+    assert sweep.option_value(other, "--gradient-estimator") == "kf-rtrl"
+    assert sweep.option_value(uoro, "--arch") == "tbptt_lstm_copy"
+    assert sweep.option_value(other, "--arch") == "x_y" and other.count("--arch") == 1
+    for cmd in (uoro, other):
+        assert sweep.option_value(cmd, "--truncation-length") == str(k0)
+        assert cmd.count("--truncation-length") == 1
+        assert "--monitor-bias" not in cmd and "--target-bias" not in cmd
+        # the fixed-K config, the pass-through options, the budget and validations of the others
+        for option in ("--lr", "--lr-scaling", "--max-processed-tokens", "--target-dir",
+                       "--validate-interval-processed-tokens", "--estimate-window"):  # fmt: skip
+            assert sweep.option_value(cmd, option) == sweep.option_value(fixed, option), option
+    assert "--gradient-estimator" not in fixed
+    # a spec on the sweep's model whose model changed is caught like any other change
+    moved = {"command": uoro, "code": None}
+    settings.extra_args = ["--arch", "tbptt_lstm_lm_tiny"]
+    changed = {"command": sweep.train_command(specs[4], settings, tmp_path / "run"), "code": {}}
+    assert "--arch tbptt_lstm_copy -> tbptt_lstm_lm_tiny" in sweep.record_differences(
+        moved, changed
+    )
+    with pytest.raises(SystemExit, match="--estimators"):
+        sweep.check_extra_args(["--gradient-estimator", "uoro"])
+    # without a preset: the K0 given after --, else the task's default
+    settings.preset, settings.extra_args = None, ["--truncation-length", "8"]
+    assert sweep.initial_truncation_length(settings) == 8
+    settings.extra_args = []
+    assert sweep.initial_truncation_length(settings) == TbpttConfig().truncation_length
+    (tmp_path / "data" / "dict.txt").write_text("a 1\n")
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--fixed", "5",
+            "--budget-updates", "10"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--estimator-length goes with --estimators"):
+        sweep.main([*argv, "--estimator-length", "5"])
+
+
 def test_processed_tokens_cumulate_from_the_ppb_log_key():
     lines = [
         '{"epoch": 1, "num_updates": "2", "wpb": "10", "ppb": "30", "wall": "1", "loss": "2"}',
@@ -325,6 +417,43 @@ def test_plot_writes_figures_and_summary(tmp_path):
     assert ratios["adaptive delta=0.51"] == f"{39 / 19:.2f}"
     with pytest.raises(SystemExit, match="--equal-tokens must be positive"):
         plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
+
+
+def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
+    synthetic_sweep(tmp_path / "sweep")
+    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("tbptt", "tbptt_lstm_copy")]
+    for spec in sweep.plan_runs([], [], [1, 2], estimators, 8):
+        run_dir = tmp_path / "sweep" / "runs" / spec.name
+        run_dir.mkdir(parents=True)
+        valid = [
+            {"num_updates": u, "wall": u / 5, "tokens": 32 * u, "processed_tokens": 32 * u,
+             "est_sec": 0, "valid_loss": 2.0 - u / 1000 - spec.seed / 10,
+             "valid_ppl": 2 ** (2.0 - u / 1000 - spec.seed / 10)}
+            for u in range(100, 600, 100)
+        ]  # fmt: skip
+        train = [{"num_updates": u, "wall": u / 5, "tokens": 32 * u, "processed_tokens": 32 * u,
+                  "trunc_k": 8, "loss": 2.0} for u in range(10, 510, 10)]  # fmt: skip
+        sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
+        sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
+        result = fake_result(spec, 3.0 + spec.seed, 8)
+        result["arch"] = spec.arch or "tbptt_lstm_lm_tiny"
+        result["processed_tokens"] = 16000
+        sweep.write_json(run_dir / "result.json", result)
+    out = tmp_path / "figures"
+    assert plot.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    for name in ("valid_loss_vs_processed", "valid_loss_vs_wall", "bias_vs_updates"):
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    summary = (out / "summary.md").read_text()
+    table = summary.split("## Test perplexity by configuration")[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+    rows = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[2:]}
+    # test ppl = valid ppl + 0.1 (fake_result): 4.1 and 5.1 over seeds 1 and 2
+    assert rows["uoro K=8 on tbptt_lstm_lm_tiny"][:3] == ["tbptt_lstm_lm_tiny", "2", "4.6 ± 0.71"]
+    assert rows["tbptt K=8 on tbptt_lstm_copy"][:2] == ["tbptt_lstm_copy", "2"]
+    assert rows["fixed K=5"][0] == "-"  # a result of an older sweep: no arch recorded
+    assert list(rows)[-2:] == ["tbptt K=8 on tbptt_lstm_copy", "uoro K=8 on tbptt_lstm_lm_tiny"]
+    # they reach the best fixed K's target too: in the time-to-target table
+    assert "| uoro K=8 on tbptt_lstm_lm_tiny | 1 |" in summary.split("## Time to target")[1]
 
 
 # fairseq-train options of the mini sweeps (after ``--``): the tiny model, an adaptive range
@@ -505,3 +634,69 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
         sweep.option_value(json.loads((replaced / "run.json").read_text())["command"], "--lr")
         == "1.0"
     )
+
+
+@pytest.mark.e2e
+def test_mini_sweep_of_gradient_estimators_at_equal_compute(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """A fixed K, ARTBP, UORO and fixed-K TBPTT on another architecture each run the same
+    processed tokens; a rerun skips them; a bad spec is refused before anything runs; plot.py
+    draws and tabulates them."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, budget = tmp_path / "sweep", 640
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "none",
+        "--estimators", "artbp,uoro,tbptt@tbptt_lstm_copy",
+        "--budget-processed-tokens", str(budget), "--valid-tokens", "320", "--log-interval", "5",
+        "--jobs", "2", "--threads", "1", "--", *MINI_SWEEP_TRAIN,
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+    # K of the estimators: K0 of the adaptive runs (MINI_SWEEP_TRAIN's --truncation-length 8)
+    assert "4 runs (1 fixed K, 0 deltas, 3 estimators at K 8, seeds 1)" in output
+    table = sweep.read_csv(out / "results.csv")
+    assert [(r["run"], r["mode"], r["method"], r["arch"], r["k"]) for r in table] == [
+        ("fixed_k6_s1", "fixed", "tbptt", "tbptt_lstm_lm_tiny", 6),
+        ("artbp_k8_s1", "estimator", "artbp", "tbptt_lstm_lm_tiny", 8),
+        ("tbptt_on_tbptt_lstm_copy_k8_s1", "estimator", "tbptt", "tbptt_lstm_copy", 8),
+        ("uoro_k8_s1", "estimator", "uoro", "tbptt_lstm_lm_tiny", 8),
+    ]
+    for row in table:
+        log = (out / "runs" / row["run"] / "train.log").read_text()
+        processed = int(row["processed_tokens"])
+        # each stops at the first update that reaches the budget: the same compute
+        assert f"processed tokens: {processed:,} >= max_processed_tokens: {budget:,}" in log
+        if row["method"] != "artbp":  # ARTBP's segments have random lengths
+            assert budget <= processed < budget + 4 * (2 * row["k"] - 1)  # one update at most
+        assert 1 < row["test_ppl"] < 60 and row["updates"] > 1
+        assert len(sweep.read_csv(out / "runs" / row["run"] / "validation.csv")) >= 2
+    record = json.loads((out / "runs" / "uoro_k8_s1" / "run.json").read_text())
+    assert (record["method"], record["arch"]) == ("uoro", "tbptt_lstm_lm_tiny")
+    assert sweep.option_value(record["command"], "--gradient-estimator") == "uoro"
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
+    assert sweep.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, skipped") == 4 and "start" not in again
+    spec_at = argv.index("--estimators") + 1
+    bad_specs = {"uoro@": "'uoro@' has '@' but no", "uoro,,artbp": "empty spec",
+                 "kalman": "unknown gradient estimator 'kalman'",
+                 "uoro,uoro@tbptt_lstm_lm_tiny": "train the same runs"}  # fmt: skip
+    for bad, words in bad_specs.items():
+        with pytest.raises(SystemExit) as refused:
+            sweep.main([*argv[:spec_at], bad, *argv[spec_at + 1 :]])
+        message = str(refused.value)
+        assert message.startswith("error: ") and "\n" not in message and words in message
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
+
+    figures = tmp_path / "figures"
+    assert plot.main([str(out), "--out", str(figures)]) == 0
+    printed = capsys.readouterr().out
+    for name in plot.FIGURES:
+        assert (figures / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    summary = (figures / "summary.md").read_text()
+    for label in ("artbp K=8 on tbptt_lstm_lm_tiny", "uoro K=8 on tbptt_lstm_lm_tiny",
+                  "tbptt K=8 on tbptt_lstm_copy", "fixed K=6"):  # fmt: skip
+        assert f"| {label} | " in summary.split("## Test perplexity")[1]
+        assert f"| {label} | " in printed
