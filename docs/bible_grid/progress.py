@@ -1,0 +1,75 @@
+"""State of the issue-15 §3 grid, finished or not: validation ppl at equal processed tokens.
+
+Reads every run's train.log with sweep.py's own parser (so unfinished runs count too), writes
+STATUS.md (a table of valid ppl at each 1.2M processed tokens each run has reached, its last K and
+delta_hat) and progress.png (valid ppl against processed tokens), and copies finished runs
+(without checkpoints) into the repository's docs/bible_grid/runs.
+Usage: PYTHONPATH=<repo> python progress.py <grid dir> <repo docs/bible_grid dir>
+"""
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from sweep import parse_log
+
+grid, dest = Path(sys.argv[1]), Path(sys.argv[2])
+marks = [1.2e6 * i for i in range(1, 11)]
+rows, curves = [], {}
+for sweep in ("sweep", "sweep_inwindow"):
+    for run in sorted((grid / sweep / "runs").glob("*")):
+        log = run / "train.log"
+        if not log.is_file():
+            continue
+        parsed = parse_log(log.read_text())
+        name = run.name + (" (in-window)" if sweep == "sweep_inwindow" else "")
+        valid = [(r["processed_tokens"], r["valid_ppl"]) for r in parsed.valid]
+        valid.sort()
+        curves[name] = valid
+        done = (run / "result.json").is_file()
+        if done:
+            target = dest / "runs" / sweep / run.name
+            target.mkdir(parents=True, exist_ok=True)
+            for f in run.iterdir():
+                if f.is_file() and f.name != "lock":
+                    shutil.copy2(f, target / f.name)
+        xs = np.array([v[0] for v in valid]) if valid else np.array([])
+        ys = np.array([v[1] for v in valid]) if valid else np.array([])
+        at = [
+            f"{np.interp(m, xs, ys):.1f}" if len(xs) and xs.max() >= m and xs.min() <= m else "-"
+            for m in marks
+        ]
+        ks = [e["trunc_k"] for e in parsed.estimates]
+        last = parsed.train[-1] if parsed.train else {}
+        test = json.loads((run / "result.json").read_text())["test_ppl"] if done else None
+        rows.append(
+            f"| {name} | {'finished' if done else 'running'} | {parsed.processed_tokens / 1e6:.2f}M "
+            f"| {parsed.updates} | {' | '.join(at)} | {'-' if test is None else f'{test:.2f}'} "
+            f"| {int(last.get('trunc_k', math.nan)) if last else '-'} "
+            f"| {'->'.join(str(int(k)) for k in ks[:12])}{' ...' if len(ks) > 12 else ''} |"
+        )
+fig, ax = plt.subplots(figsize=(8, 5))
+for name, valid in curves.items():
+    if valid:
+        ax.plot([v[0] / 1e6 for v in valid], [v[1] for v in valid], marker=".", label=name)
+ax.set(xlabel="processed tokens (M)", ylabel="valid ppl", yscale="log",
+       title="King James Bible grid (seed 1, 12M processed tokens per run): valid ppl so far")
+ax.grid(True, which="both", alpha=0.3)
+ax.legend(fontsize=8)
+fig.tight_layout()
+dest.mkdir(parents=True, exist_ok=True)
+fig.savefig(dest / "progress.png", dpi=100)
+header = " | ".join(f"{m / 1e6:.1f}M" for m in marks)
+table = (
+    f"| run | state | processed | updates | valid ppl at {header} | test ppl | K now | K decisions |\n"
+    + "| --- " * (6 + len(marks)) + "| --- |\n" + "\n".join(rows) + "\n"
+)
+(dest / "progress_table.md").write_text(table)
+print(table)
