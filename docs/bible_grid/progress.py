@@ -6,6 +6,7 @@ delta_hat) and progress.png (valid ppl against processed tokens), and copies fin
 (without checkpoints) into the repository's docs/bible_grid/runs.
 Usage: PYTHONPATH=<repo> python progress.py <grid dir> <repo docs/bible_grid dir>
 """
+
 import json
 import math
 import shutil
@@ -59,8 +60,12 @@ fig, ax = plt.subplots(figsize=(8, 5))
 for name, valid in curves.items():
     if valid:
         ax.plot([v[0] / 1e6 for v in valid], [v[1] for v in valid], marker=".", label=name)
-ax.set(xlabel="processed tokens (M)", ylabel="valid ppl", yscale="log",
-       title="King James Bible grid (seed 1, 12M processed tokens per run): valid ppl so far")
+ax.set(
+    xlabel="processed tokens (M)",
+    ylabel="valid ppl",
+    yscale="log",
+    title="King James Bible grid (seed 1, 12M processed tokens per run): valid ppl so far",
+)
 ax.grid(True, which="both", alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()
@@ -69,7 +74,10 @@ fig.savefig(dest / "progress.png", dpi=100)
 header = " | ".join(f"{m / 1e6:.1f}M" for m in marks)
 table = (
     f"| run | state | processed | updates | valid ppl at {header} | test ppl | K now | K decisions |\n"
-    + "| --- " * (6 + len(marks)) + "| --- |\n" + "\n".join(rows) + "\n"
+    + "| --- " * (6 + len(marks))
+    + "| --- |\n"
+    + "\n".join(rows)
+    + "\n"
 )
 (dest / "progress_table.md").write_text(table)
 print(table)
