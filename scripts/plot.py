@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-from sweep import load_results, read_csv  # noqa: E402
+from sweep import load_results, option_value, read_csv, recorded_run  # noqa: E402
 
 FIGURES = (
     "valid_ppl_vs_wall",
@@ -70,6 +70,10 @@ def load_runs(sweep_dir: Path, variant: str = "") -> list[RunData]:
         valid = (
             read_csv(run_dir / "validation.csv") if (run_dir / "validation.csv").is_file() else []
         )
+        if not result.get("arch"):  # recorded before results had it: the run's own command
+            recorded = recorded_run(run_dir)
+            arch = option_value(recorded["command"], "--arch") if recorded else None
+            result = {**result, "arch": arch or ""}
         runs.append(RunData(result, train, valid, variant))
     return runs
 

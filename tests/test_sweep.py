@@ -439,6 +439,10 @@ def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
         result["arch"] = spec.arch or "tbptt_lstm_lm_tiny"
         result["processed_tokens"] = 16000
         sweep.write_json(run_dir / "result.json", result)
+    # a run of an older sweep: no arch in its result, but its command records one
+    (tmp_path / "sweep" / "runs" / "fixed_k10_s1" / "command.txt").write_text(
+        "fairseq-train data --arch tbptt_lstm_copy --lr 1.0"
+    )
     out = tmp_path / "figures"
     assert plot.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
     for name in ("valid_loss_vs_processed", "valid_loss_vs_wall", "bias_vs_updates"):
@@ -451,6 +455,7 @@ def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
     assert rows["uoro K=8 on tbptt_lstm_lm_tiny"][:3] == ["tbptt_lstm_lm_tiny", "2", "4.6 ± 0.71"]
     assert rows["tbptt K=8 on tbptt_lstm_copy"][:2] == ["tbptt_lstm_copy", "2"]
     assert rows["fixed K=5"][0] == "-"  # a result of an older sweep: no arch recorded
+    assert rows["fixed K=10"][0] == "tbptt_lstm_copy"  # ... but its command.txt has one
     assert list(rows)[-2:] == ["tbptt K=8 on tbptt_lstm_copy", "uoro K=8 on tbptt_lstm_lm_tiny"]
     # they reach the best fixed K's target too: in the time-to-target table
     assert "| uoro K=8 on tbptt_lstm_lm_tiny | 1 |" in summary.split("## Time to target")[1]
