@@ -61,6 +61,14 @@ class StubOptimizer:
         pass
 
 
+def train_losses(output: str) -> dict:
+    """``{update: (loss, trunc_k)}`` of fairseq-train's train_inner records (resume checks)."""
+    return {
+        int(record["num_updates"]): (record["loss"], record["trunc_k"])
+        for record in json_records(output, "train_inner")
+    }
+
+
 def write_corpus(directory: Path, lines: Dict[str, List[str]]) -> Path:
     """Write split text files and binarize them with fairseq-preprocess; return the data dir."""
     directory.mkdir(parents=True, exist_ok=True)

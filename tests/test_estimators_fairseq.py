@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import TINY_TRAIN, json_records, run_cli
+from conftest import TINY_TRAIN, run_cli, train_losses
 
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.tasks.config import AdaptiveTbpttLmConfig, check_gradient_estimator
@@ -39,26 +39,21 @@ def train_args(data: Path, estimator: str, save_dir: Path, max_update: int) -> L
     ]  # fmt: skip
 
 
-def losses(output: str) -> dict:
-    return {
-        int(record["num_updates"]): (record["loss"], record["trunc_k"])
-        for record in json_records(output, "train_inner")
-    }
-
-
 @pytest.mark.parametrize("estimator", ["uoro", "artbp"])
 def test_estimator_trains_and_resumes_exactly(tiny_corpus, tmp_path, estimator):
-    reference = losses(
+    reference = train_losses(
         run_cli("fairseq-train", *train_args(tiny_corpus, estimator, tmp_path / "a", 6))
     )
     assert sorted(reference) == list(range(1, TOTAL_UPDATES + 1))
     assert all(math.isfinite(float(loss)) for loss, _ in reference.values())
     if estimator == "artbp":  # random segment lengths, around K = 6
         assert len({k for _, k in reference.values()}) > 1
-    first = losses(run_cli("fairseq-train", *train_args(tiny_corpus, estimator, tmp_path / "b", 3)))
+    first = train_losses(
+        run_cli("fairseq-train", *train_args(tiny_corpus, estimator, tmp_path / "b", 3))
+    )
     resumed = run_cli("fairseq-train", *train_args(tiny_corpus, estimator, tmp_path / "b", 6))
     assert "Loaded checkpoint" in resumed
-    second = losses(resumed)
+    second = train_losses(resumed)
     assert sorted(second) == [4, 5, 6]
     assert {**first, **second} == reference
 

@@ -18,7 +18,7 @@ from typing import List
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TRAIN, USER_DIR, json_records, run_cli
+from conftest import TINY_TRAIN, USER_DIR, json_records, run_cli, train_losses
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary, data_utils
 from fairseq.models import build_model
@@ -139,13 +139,6 @@ def train_args(data: Path, arch: str, save_dir: Path, max_update: int, *extra: s
     ]  # fmt: skip
 
 
-def losses(output: str) -> dict:
-    return {
-        int(record["num_updates"]): (record["loss"], record["trunc_k"])
-        for record in json_records(output, "train_inner")
-    }
-
-
 def single_pass_loss(data: Path, checkpoint: Path, split: str) -> float:
     """One forward over the whole split from a zero state, outside the task (base 2)."""
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
@@ -167,7 +160,7 @@ def test_rtrl_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path, method
     (a run stopped there would have written the same file: saving changes no state)."""
     arch = TINY_ARCH[method]
     options = ("--gradient-estimator", method, "--disable-validation")
-    reference = losses(
+    reference = train_losses(
         run_cli("fairseq-train", *train_args(tiny_corpus, arch, tmp_path / "a", 6, *options))
     )
     assert sorted(reference) == list(range(1, TOTAL_UPDATES + 1))
@@ -180,7 +173,7 @@ def test_rtrl_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path, method
     assert estimator["name"] == method and set(estimator["carry"]["extras"]) == carried
     resumed = run_cli("fairseq-train", *train_args(tiny_corpus, arch, tmp_path / "b", 6, *options))
     assert "Loaded checkpoint" in resumed
-    second = losses(resumed)
+    second = train_losses(resumed)
     assert sorted(second) == [4, 5, 6]
     assert second == {update: reference[update] for update in (4, 5, 6)}
     uninterrupted = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=True)["model"]
