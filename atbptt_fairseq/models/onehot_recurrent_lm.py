@@ -21,13 +21,16 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from fairseq.dataclass import FairseqDataclass
-from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model
+from fairseq.models import register_model
 from torch import Tensor
 
 from atbptt.estimators import ElementwiseLstm, TanhRnn
-from atbptt_fairseq.models.tbptt_lstm_lm import check_checkpoint_fits, register_sized_model
-
-State = Tuple[Tensor, ...]  # as the task sees it: every tensor 1 x B x H
+from atbptt_fairseq.models.stateful import (
+    State,
+    StatefulDecoder,
+    StatefulLanguageModel,
+    register_sized_model,
+)
 
 
 @dataclass
@@ -45,14 +48,13 @@ def from_core(state: State) -> State:
     return tuple(tensor.unsqueeze(0) for tensor in state)
 
 
-class OneHotRecurrentDecoder(FairseqDecoder):
+class OneHotRecurrentDecoder(StatefulDecoder):
     """A core one-hot recurrent model behind the stateful decoder interface of
     :class:`~atbptt_fairseq.models.tbptt_lstm_lm.TbpttLstmDecoder` (same ``forward`` options)."""
 
     def __init__(self, recurrence: torch.nn.Module, dictionary) -> None:
         super().__init__(dictionary)
         self.recurrence = recurrence
-        self._stream_states: Dict[str, State] = {}
 
     def zero_state(self, batch_size: int) -> State:
         return from_core(self.recurrence.zero_state(batch_size))
@@ -73,12 +75,7 @@ class OneHotRecurrentDecoder(FairseqDecoder):
         (default: all), ``extra["state"]`` the final one. ``stream``: carry the state inside the
         model under this key (evaluation), as the LSTM decoder does."""
         batch_size, length = prev_output_tokens.shape
-        if stream is not None:
-            state = None if start_of_stream else self._stream_states.get(stream)
-            if state is not None and state[0].size(1) != batch_size:
-                state = None
-        if state is None:
-            state = self.zero_state(batch_size)
+        state = self.initial_state(batch_size, state, stream, start_of_stream)
         carry_offset = length if carry_offset is None else carry_offset
         core_state = to_core(state)
         if 0 < carry_offset < length:  # the overlap window: the carried state lies inside it
@@ -101,21 +98,14 @@ class OneHotRecurrentDecoder(FairseqDecoder):
             )
             carried = core_state if carry_offset == 0 else final
         final, carried = from_core(final), from_core(carried)
-        if stream is not None:
-            self._stream_states[stream] = tuple(tensor.detach() for tensor in final)
+        self.remember(stream, final)
         return logits, {
             "state": final,
             "carried_state": tuple(tensor.detach() for tensor in carried),
         }
 
-    def reset_streams(self) -> None:
-        self._stream_states.clear()
 
-    def max_positions(self) -> int:
-        return int(1e9)
-
-
-class OneHotRecurrentLanguageModel(FairseqLanguageModel):
+class OneHotRecurrentLanguageModel(StatefulLanguageModel):
     """A core one-hot recurrent model as a stateful fairseq language model.
 
     Satisfies :class:`atbptt.protocol.RecurrentModel` with 1 x B x H states (see the module's
@@ -123,7 +113,7 @@ class OneHotRecurrentLanguageModel(FairseqLanguageModel):
     """
 
     core_class: type = TanhRnn
-    state_batch_dim = 1  # every state tensor is 1 x B x H, as nn.LSTM's layers x B x H
+    vocabulary_parameter = "decoder.recurrence.output.weight"
 
     @classmethod
     def build_model(cls, cfg: OneHotRecurrentLmConfig, task) -> "OneHotRecurrentLanguageModel":
@@ -136,31 +126,11 @@ class OneHotRecurrentLanguageModel(FairseqLanguageModel):
         exact RTRL need it by type; its parameters are this model's."""
         return self.decoder.recurrence
 
-    def zero_state(self, batch_size: int) -> State:
-        return self.decoder.zero_state(batch_size)
-
     def advance(self, tokens: Tensor, state: State) -> State:
         return from_core(self.decoder.recurrence.advance(tokens, to_core(state)))
 
     def readout(self, state: State) -> Tensor:
         return self.decoder.recurrence.readout(to_core(state))
-
-    def run_window(
-        self, tokens: Tensor, state: State, output_start: int, carry_offset: int
-    ) -> Tuple[Tensor, State]:
-        """Logits from ``output_start`` on and the (detached) state after ``carry_offset`` steps."""
-        logits, extra = self.decoder(
-            tokens, state=state, carry_offset=carry_offset, output_start=output_start
-        )
-        return logits, extra["carried_state"]
-
-    def reset_streams(self) -> None:
-        self.decoder.reset_streams()
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """fairseq's loading, after a check that the checkpoint fits this model and dictionary."""
-        check_checkpoint_fits(self.state_dict(), state_dict, "decoder.recurrence.output.weight")
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
 @register_model("tanh_rnn_lm", dataclass=OneHotRecurrentLmConfig)

@@ -1,25 +1,20 @@
-"""A stateful LSTM language model for truncated backpropagation through time.
+"""A stateful LSTM language model for truncated backpropagation through time (the state protocol
+is :mod:`atbptt_fairseq.models.stateful`'s)."""
 
-The recurrent state is an explicit input and output of ``forward`` so that the task can carry it
-across segments; evaluation streams (validation, ``fairseq-eval-lm``) carry their own state inside
-the model, keyed by stream name, because fairseq's scorer calls ``model(**net_input)`` and keeps
-nothing between batches.
-"""
-
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
-from fairseq.models import (
-    FairseqDecoder,
-    FairseqLanguageModel,
-    register_model,
-)
+from fairseq.models import register_model
 from torch import Tensor, nn
 
-from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq.models.stateful import (
+    StatefulDecoder,
+    StatefulLanguageModel,
+    register_sized_model,
+)
 
 LstmState = Tuple[Tensor, Tensor]  # (h, c), each num_layers x B x H
 
@@ -41,7 +36,7 @@ class TbpttLstmLmConfig(FairseqDataclass):
     )
 
 
-class TbpttLstmDecoder(FairseqDecoder):
+class TbpttLstmDecoder(StatefulDecoder):
     """Embedding, dropout, fused multi-layer ``nn.LSTM``, dropout, (tied) output projection."""
 
     def __init__(self, cfg: TbpttLstmLmConfig, dictionary) -> None:
@@ -70,7 +65,6 @@ class TbpttLstmDecoder(FairseqDecoder):
             nn.init.normal_(self.output_weight, std=cfg.hidden_size**-0.5)
         self.output_bias = nn.Parameter(torch.zeros(num_tokens))
         nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
-        self._stream_states: Dict[str, LstmState] = {}
 
     def zero_state(self, batch_size: int) -> LstmState:
         weight = self.embed_tokens.weight
@@ -101,12 +95,7 @@ class TbpttLstmDecoder(FairseqDecoder):
         when ``start_of_stream`` is set or the batch size changed.
         """
         batch_size, length = prev_output_tokens.shape
-        if stream is not None:
-            state = None if start_of_stream else self._stream_states.get(stream)
-            if state is not None and state[0].size(1) != batch_size:
-                state = None
-        if state is None:
-            state = self.zero_state(batch_size)
+        state = self.initial_state(batch_size, state, stream, start_of_stream)
         x = self.dropout(self.embed_tokens(prev_output_tokens))  # B x T x E
         if carry_offset is not None and 0 < carry_offset < length:
             head, carried = self.lstm(x[:, :carry_offset], state)
@@ -116,8 +105,7 @@ class TbpttLstmDecoder(FairseqDecoder):
             features, final = self.lstm(x, state)
             carried = state if carry_offset == 0 else final
         logits = self.project(features[:, output_start:])  # B x (T - output_start) x V
-        if stream is not None:
-            self._stream_states[stream] = (final[0].detach(), final[1].detach())
+        self.remember(stream, final)
         extra = {
             "state": final,
             "carried_state": (carried[0].detach(), carried[1].detach()),
@@ -157,28 +145,19 @@ class TbpttLstmDecoder(FairseqDecoder):
             x = F.dropout(h_layer, self.lstm.dropout, self.training)
         return torch.stack(next_h), torch.stack(next_c)
 
-    def reset_streams(self) -> None:
-        self._stream_states.clear()
-
-    def max_positions(self) -> int:
-        return int(1e9)
-
 
 @register_model("tbptt_lstm_lm", dataclass=TbpttLstmLmConfig)
-class TbpttLstmLanguageModel(FairseqLanguageModel):
-    """Stateful LSTM LM; see :class:`TbpttLstmDecoder` for the state protocol.
+class TbpttLstmLanguageModel(StatefulLanguageModel):
+    """Stateful LSTM LM (embedding, LSTM, projection: :class:`TbpttLstmDecoder`).
 
     Satisfies :class:`atbptt.protocol.RecurrentModel`, so the plain-PyTorch driver trains it too.
     """
 
-    state_batch_dim = 1  # (h, c) are num_layers x B x H
+    vocabulary_parameter = "decoder.embed_tokens.weight"
 
     @classmethod
     def build_model(cls, cfg: TbpttLstmLmConfig, task) -> "TbpttLstmLanguageModel":
         return cls(TbpttLstmDecoder(cfg, task.target_dictionary))
-
-    def zero_state(self, batch_size: int) -> LstmState:
-        return self.decoder.zero_state(batch_size)
 
     def step(self, tokens: Tensor, state: LstmState) -> Tuple[Tensor, LstmState]:
         return self.decoder.step(tokens, state)
@@ -189,79 +168,10 @@ class TbpttLstmLanguageModel(FairseqLanguageModel):
     def readout(self, state: LstmState) -> Tensor:
         return self.decoder.readout(state)
 
-    def run_window(
-        self, tokens: Tensor, state: LstmState, output_start: int, carry_offset: int
-    ) -> Tuple[Tensor, LstmState]:
-        """Logits from ``output_start`` on and the (detached) state after ``carry_offset`` steps."""
-        logits, extra = self.decoder(
-            tokens, state=state, carry_offset=carry_offset, output_start=output_start
-        )
-        return logits, extra["carried_state"]
-
-    def reset_streams(self) -> None:
-        self.decoder.reset_streams()
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """fairseq's loading, after a check that the checkpoint fits this model and dictionary."""
-        check_checkpoint_fits(self.state_dict(), state_dict, "decoder.embed_tokens.weight")
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-
-def check_checkpoint_fits(
-    own: Dict[str, Tensor], saved: Dict[str, Tensor], vocabulary: str
-) -> None:
-    """Refuse, in one line, checkpoint parameters that do not fit a model: another dictionary
-    (the ``vocabulary`` parameter's first dimension differs) or other sizes."""
-    if vocabulary in saved and saved[vocabulary].size(0) != own[vocabulary].size(0):
-        raise UserInputError(
-            f"the checkpoint was trained with a dictionary of {saved[vocabulary].size(0)} "
-            f"types but this data directory's dict.txt has {own[vocabulary].size(0)}: evaluate "
-            "or resume with the data directory (dict.txt) it was trained on, or binarize your "
-            "text with fairseq-preprocess --srcdict <that dict.txt>"
-        )
-    mismatched = [
-        f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
-        for name, tensor in saved.items()
-        if name in own and tuple(tensor.shape) != tuple(own[name].shape)
-    ]
-    if mismatched:
-        raise UserInputError(
-            f"the checkpoint's parameters do not fit this model ({'; '.join(mismatched[:3])}); "
-            "use the --arch and model options the checkpoint was trained with"
-        )
-
 
 def register_architecture(name: str, summary: str, **sizes) -> type:
     """Register ``name`` as a ``tbptt_lstm_lm`` whose config defaults are ``sizes``."""
     return register_sized_model(TbpttLstmLanguageModel, TbpttLstmLmConfig, name, summary, **sizes)
-
-
-def register_sized_model(
-    base_model: type, base_config: type, name: str, summary: str, **sizes
-) -> type:
-    """Register ``name`` as a subclass of ``base_model`` whose config (a subclass of
-    ``base_config``) defaults to ``sizes``, help strings kept.
-
-    A ``register_model_architecture`` function would only serve ``--arch``: fairseq's hydra path
-    fills every field from the dataclass of the model an architecture belongs to before calling
-    the architecture function, so ``model._name: <arch>`` in a config got the generic sizes. A
-    model of its own with a dataclass of these defaults serves ``--arch`` and configs alike.
-    """
-    base = {config_field.name: config_field for config_field in fields(base_config)}
-    class_name = "".join(part.capitalize() for part in name.split("_"))
-    config = make_dataclass(
-        f"{class_name}Config",
-        [
-            (key, base[key].type, field(default=value, metadata=dict(base[key].metadata)))
-            for key, value in sizes.items()
-        ],
-        bases=(base_config,),
-    )
-    config.__doc__, config.__module__ = summary, base_config.__module__
-    model = type(
-        class_name, (base_model,), {"__doc__": summary, "__module__": base_model.__module__}
-    )
-    return register_model(name, dataclass=config)(model)
 
 
 TbpttLstmLmPtb = register_architecture(
