@@ -1,7 +1,7 @@
 """State of the issue-15 §3 grid, finished or not: validation ppl at equal processed tokens.
 
 Reads every run's train.log with sweep.py's own parser (so unfinished runs count too), writes
-STATUS.md (a table of valid ppl at each 1.2M processed tokens each run has reached, its last K and
+progress_table.md, also spliced into STATUS.md between its markers (a table of valid ppl at each 1.2M processed tokens each run has reached, its last K and
 delta_hat) and progress.png (valid ppl against processed tokens), and copies finished runs
 (without checkpoints) into the repository's docs/bible_grid/runs.
 Usage: PYTHONPATH=<repo> python progress.py <grid dir> <repo docs/bible_grid dir>
@@ -64,7 +64,7 @@ ax.set(
     xlabel="processed tokens (M)",
     ylabel="valid ppl",
     yscale="log",
-    title="King James Bible grid (seed 1, 12M processed tokens per run): valid ppl so far",
+    title="King James Bible grid (12M processed tokens per run): valid ppl so far",
 )
 ax.grid(True, which="both", alpha=0.3)
 ax.legend(fontsize=8)
@@ -80,4 +80,11 @@ table = (
     + "\n"
 )
 (dest / "progress_table.md").write_text(table)
+status = dest / "STATUS.md"
+if status.is_file():  # the table between the markers is this file's
+    start, end = "<!-- progress table -->\n", "<!-- end of progress table -->"
+    text = status.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        status.write_text(head + start + table + rest[rest.index(end) :])
 print(table)
