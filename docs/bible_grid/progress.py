@@ -9,6 +9,7 @@ Usage: PYTHONPATH=<repo> python progress.py <grid dir> <repo docs/bible_grid dir
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -71,6 +72,33 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 dest.mkdir(parents=True, exist_ok=True)
 fig.savefig(dest / "progress.png", dpi=100)
+# the second half, where the comparison is decided: every seed (colour: configuration, line: seed)
+configs = sorted({re.sub(r"_s\d+", "", name) for name in curves})
+colours = dict(zip(configs, plt.cm.tab10.colors))
+fig, ax = plt.subplots(figsize=(8, 5))
+for name, valid in curves.items():
+    seed = int(re.search(r"_s(\d+)", name).group(1))
+    late = [v for v in valid if v[0] >= 4.8e6]
+    if late:
+        config = re.sub(r"_s\d+", "", name)
+        ax.plot(
+            [v[0] / 1e6 for v in late],
+            [v[1] for v in late],
+            color=colours[config],
+            linestyle=["-", "--", ":"][(seed - 1) % 3],
+            marker=".",
+            label=f"{config} seed {seed}",
+        )
+ax.set(
+    xlabel="processed tokens (M)",
+    ylabel="valid ppl",
+    ylim=(90, 130),
+    title="King James Bible grid: valid ppl over the second half of the budget, every seed",
+)
+ax.grid(True, alpha=0.3)
+ax.legend(fontsize=7, ncol=2)
+fig.tight_layout()
+fig.savefig(dest / "second_half.png", dpi=100)
 header = " | ".join(f"{m / 1e6:.1f}M" for m in marks)
 table = (
     f"| run | state | processed | updates | valid ppl at {header} | test ppl | K now | K decisions |\n"
