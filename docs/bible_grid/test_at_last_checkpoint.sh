@@ -12,7 +12,7 @@ for run in "$grid"/sweep/runs/* "$grid"/sweep_inwindow/runs/*; do
   last=$(fairseq-eval-lm "$data" --user-dir "$plugin" --task adaptive_tbptt_lm \
     --path "$run/checkpoints/checkpoint_last.pt" --gen-subset test 2>&1 |
     sed -n 's/.*Perplexity: \([0-9.]*\).*/\1/p')
-  best=$(python -c "import json,sys; print(f"{json.load(open(sys.argv[1]))['test_ppl']:.2f}")" "$run/result.json")
+  best=$(python -c "import json,sys; print('%.2f' % json.load(open(sys.argv[1]))['test_ppl'])" "$run/result.json")
   name=$(basename "$run")
   [[ $run == */sweep_inwindow/* ]] && name="$name (in-window)"
   echo "| $name | $best | $last |"
