@@ -49,8 +49,8 @@ def from_core(state: State) -> State:
 
 
 class OneHotRecurrentDecoder(StatefulDecoder):
-    """A core one-hot recurrent model behind the stateful decoder interface of
-    :class:`~atbptt_fairseq.models.tbptt_lstm_lm.TbpttLstmDecoder` (same ``forward`` options)."""
+    """A core one-hot recurrent model behind the stateful decoder interface (the ``forward``
+    options of :class:`~atbptt_fairseq.models.tbptt_lstm_lm.TbpttLstmDecoder`)."""
 
     def __init__(self, recurrence: torch.nn.Module, dictionary) -> None:
         super().__init__(dictionary)

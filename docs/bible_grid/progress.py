@@ -1,8 +1,9 @@
 """State of the issue-15 §3 grid, finished or not: validation ppl at equal processed tokens.
 
 Reads every run's train.log with sweep.py's own parser (so unfinished runs count too), writes
-progress_table.md, also spliced into STATUS.md between its markers (a table of valid ppl at each 1.2M processed tokens each run has reached, its last K and
-delta_hat) and progress.png (valid ppl against processed tokens), and copies finished runs
+progress_table.md, also spliced into STATUS.md between its markers (a table of valid ppl at each
+1.2M processed tokens each run has reached, its last K and delta_hat), progress.png (valid ppl
+against processed tokens) and second_half.png (every seed, 4.8M on), and copies finished runs
 (without checkpoints) into the repository's docs/bible_grid/runs.
 Usage: PYTHONPATH=<repo> python progress.py <grid dir> <repo docs/bible_grid dir>
 """
@@ -73,14 +74,14 @@ fig.tight_layout()
 dest.mkdir(parents=True, exist_ok=True)
 fig.savefig(dest / "progress.png", dpi=100)
 # the second half, where the comparison is decided: every seed (colour: configuration, line: seed)
-configs = sorted({re.sub(r"_s\d+", "", name) for name in curves})
-colours = dict(zip(configs, plt.cm.tab10.colors))
+config_of = {name: re.sub(r"_s\d+", "", name) for name in curves}
+colours = dict(zip(sorted(set(config_of.values())), plt.cm.tab10.colors))
 fig, ax = plt.subplots(figsize=(8, 5))
 for name, valid in curves.items():
     seed = int(re.search(r"_s(\d+)", name).group(1))
     late = [v for v in valid if v[0] >= 4.8e6]
     if late and min(v[1] for v in late) < 130:  # runs far behind stay off this figure
-        config = re.sub(r"_s\d+", "", name)
+        config = config_of[name]
         ax.plot(
             [v[0] / 1e6 for v in late],
             [v[1] for v in late],
