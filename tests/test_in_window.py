@@ -67,10 +67,12 @@ def test_in_window_bias_is_the_true_bias_within_the_window_plus_the_norm_tail(ki
         lambda tokens, state: (None, model.advance(tokens, state)), state,
         windows[:, burnin:], final_targets, burnin=0, readout=model.readout,
     )  # fmt: skip
-    torch.testing.assert_close(measurement.profile.norms, reference.norms, rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(
-        measurement.profile.mean_gradients, reference.mean_gradients, rtol=1e-5, atol=1e-9
-    )
+    # float32 sums in another order: an absolute tolerance on the scale of the largest entry
+    for ours, theirs in [
+        (measurement.profile.norms, reference.norms),
+        (measurement.profile.mean_gradients, reference.mean_gradients),
+    ]:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
     assert not any(p.grad is not None for p in model.parameters())
 
 
