@@ -47,6 +47,11 @@ class TruncationDecision:
     # why the estimate could not bound the bias in some of the R repeats (K_max stood in for
     # them), or why the profile was unusable (K kept); empty when every repeat bounded it
     fallback: str = ""
+    # the mean of the R raw choices, before the change bound and the [K_min, K_max] clip;
+    # 0 in monitor mode or when no estimate was usable (defaults: older records still load)
+    raw_choice: int = 0
+    # why K is what it is after this decision, in words (the log's record of each decision)
+    reason: str = ""
 
 
 class TruncationController:
@@ -56,6 +61,11 @@ class TruncationController:
     smallest K whose estimated relative bias is below the target. Monitor mode (``target_bias``
     None) keeps K fixed and only reports the estimated relative bias at it. The gradient profiles
     come from a ``measure`` callable, so this class knows nothing about models or data.
+
+    ``max_change`` f > 1 bounds how far one decision moves K: to [ceil(K / f), floor(K x f)]
+    around the K in force, before the [K_min, K_max] clip (0: unbounded, as in the paper). A first
+    estimate on a barely trained model that drops K from 100 to 10 would otherwise change the
+    update's scale at once (the lr and clip scale with K).
 
     Schedule: with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
     budget counted in tokens: an estimate runs R x S x (burn-in + W) tokens through the model, and
@@ -81,6 +91,7 @@ class TruncationController:
         lag_origin: str = "final",
         tail_anchor: int | None = None,
         estimate_method: str = "norms",
+        max_change: float = 0.0,
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
             raise ValueError(
@@ -123,6 +134,10 @@ class TruncationController:
                 "the in-window estimate measures the parameter gradient's bias at K steps "
                 "directly: it has no lag origin to choose; use lag_origin 'final', not 'previous'"
             )
+        if not (max_change == 0.0 or 1.0 < max_change < math.inf):
+            raise ValueError(
+                f"max_change must be 0 (unbounded) or a finite factor above 1 (got {max_change})"
+            )
         if tail_anchor is not None and not 0 <= tail_anchor < window:
             raise ValueError(
                 f"tail_anchor must lie in [0, window) = [0, {window}) (got {tail_anchor})"
@@ -140,6 +155,7 @@ class TruncationController:
         self.lag_origin = lag_origin
         self.tail_anchor = tail_anchor
         self.estimate_method = estimate_method
+        self.max_change = max_change
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -225,7 +241,9 @@ class TruncationController:
                     num_updates,
                     previous_length,
                 )
-                return self._decide(previous_length, math.nan, math.nan, start, reason)
+                return self._decide(
+                    previous_length, math.nan, math.nan, start, reason, reason=f"{reason}: K kept"
+                )
             if in_window:
                 estimates.append(
                     estimate_bias_in_window(measurement, self.cumulative, self.tail_anchor)
@@ -234,10 +252,11 @@ class TruncationController:
                 estimates.append(estimate_bias(profile, self.cumulative, self.tail_anchor))
 
         fallbacks = [unbounded_reason(e) for e in estimates if self._raw_choice(e) is None]
+        raw_choice, reason = 0, "fixed K: bias monitored only"
         if self.adaptive:
             choices = [self._raw_choice(e) or self.max_length for e in estimates]
-            mean_choice = int(sum(choices) / len(choices))
-            self._truncation_length = min(max(mean_choice, self.min_length), self.max_length)
+            raw_choice = int(sum(choices) / len(choices))
+            self._truncation_length, reason = self._bounded(raw_choice, previous_length)
         fallback = ""
         if fallbacks:
             fallback = f"{len(fallbacks)} of {len(estimates)} estimates: {fallbacks[0]}"
@@ -248,7 +267,25 @@ class TruncationController:
         length = self._truncation_length
         relative_bias = _mean([float(estimate.relative_bias[length - 1]) for estimate in estimates])
         decay_rate = _mean([estimate.decay_rate for estimate in estimates])
-        return self._decide(previous_length, relative_bias, decay_rate, start, fallback)
+        return self._decide(
+            previous_length, relative_bias, decay_rate, start, fallback, raw_choice, reason
+        )
+
+    def _bounded(self, choice: int, previous_length: int) -> tuple[int, str]:
+        """K from the mean choice: bounded around ``previous_length``, then clipped; and why."""
+        target = f"mean of {self.num_estimates} smallest K with bias_hat < {self.target_bias:g}"
+        length, reason = choice, target
+        if self.max_change:
+            low = math.ceil(previous_length / self.max_change)
+            high = math.floor(previous_length * self.max_change)
+            if not low <= choice <= high:
+                length = min(max(choice, low), high)
+                reason = f"{target} was {choice}: moved at most x{self.max_change:g} from K"
+        if length < self.min_length:
+            return self.min_length, f"{target} was {choice}: raised to K_min"
+        if length > self.max_length:
+            return self.max_length, f"{target} was {choice}: lowered to K_max"
+        return length, reason
 
     def _raw_choice(self, estimate: BiasEstimate) -> int | None:
         return raw_truncation_length(estimate, self.target_bias or 0.0)
@@ -260,6 +297,8 @@ class TruncationController:
         decay_rate: float,
         start: float,
         fallback: str = "",
+        raw_choice: int = 0,
+        reason: str = "",
     ) -> TruncationDecision:
         self.last_decision = TruncationDecision(
             truncation_length=self._truncation_length,
@@ -268,6 +307,8 @@ class TruncationController:
             seconds=time.perf_counter() - start,
             changed=self._truncation_length != previous_length,
             fallback=fallback,
+            raw_choice=raw_choice,
+            reason=reason or fallback,
         )
         return self.last_decision
 

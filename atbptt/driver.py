@@ -18,6 +18,7 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class TbpttConfig:
     target_bias: float | None = None  # delta in (0, 1); None: K stays fixed
     min_truncation_length: int = 10
     max_truncation_length: int = 300
+    max_truncation_change: float = 0.0  # one decision moves K at most by this factor; 0: free
     estimate_window: int = 400  # W
     estimate_burnin: int = -1  # -1: W // 10
     estimate_sequences: int = 32  # S
@@ -99,6 +101,7 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         lag_origin=config.estimate_lag_origin,
         tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
         estimate_method=config.estimate_method,
+        max_change=config.max_truncation_change,
     )
 
 
@@ -200,6 +203,10 @@ def _check_config(config: TbpttConfig) -> None:
             f"estimate_budget_counts must be one of {BUDGET_COUNTS} "
             f"(got {config.estimate_budget_counts!r})"
         )
+    for name in ("truncation_clip_norm", "estimate_budget", "target_bias", "max_truncation_change"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (got {value})")
     for name, least in (
         ("truncation_length", 1),
         ("updates_per_epoch", 0),

@@ -319,6 +319,12 @@ def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
         ({"estimate_budget": 0.0}, "--estimate-budget"),
         ({"estimate_budget": 1.5}, "--estimate-budget"),
         ({"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
+        ({"truncation_clip_norm": math.nan}, "--truncation-clip-norm must be a finite number"),
+        ({"truncation_clip_norm": math.inf}, "--truncation-clip-norm must be a finite number"),
+        ({"estimate_budget": math.nan}, "--estimate-budget must be a finite number"),
+        ({"target_bias": math.nan}, "--target-bias"),
+        ({"max_truncation_change": 1.0}, "--max-truncation-change must be 0"),
+        ({"max_truncation_change": math.inf}, "--max-truncation-change must be a finite"),
     ],
 )
 def test_inconsistent_options_are_named_by_their_flags(overrides, fragment):

@@ -193,7 +193,9 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     decisions = [json.loads(line.split("k_decision ", 1)[1]) for line in output.splitlines()
                  if "| k_decision {" in line]  # fmt: skip
     assert [(d["update"], d["truncation_length"]) for d in decisions] == [(2, 4)]
-    assert {"relative_bias", "decay_rate", "seconds", "changed", "fallback"} <= decisions[0].keys()
+    fields = {"relative_bias", "decay_rate", "seconds", "changed", "fallback", "raw_choice"}
+    assert fields <= decisions[0].keys()
+    assert decisions[0]["reason"].startswith("mean of 1 smallest K with bias_hat < 0.5")
 
 
 def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
@@ -215,6 +217,29 @@ def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
     assert (tmp_path / "checkpoint_1_4.pt").exists() or (tmp_path / "checkpoint_last.pt").exists()
     resumed = train(8)
     assert [r["valid_num_updates"] for r in json_records(resumed, "valid")] == ["6", "8"]
+
+
+def test_processed_token_validation_replaces_the_epoch_end_validation(tiny_corpus, tmp_path):
+    """Under --validate-interval-processed-tokens an epoch end neither validates nor saves (the
+    task's epoch is a fixed number of update slots, so a run whose K fell would be validated more
+    often than another of the same compute), except the last epoch of --max-epoch."""
+
+    def train(*extra: str) -> list[str]:
+        output = run_cli(
+            "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
+            "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--updates-per-epoch", "3",
+            "--save-dir", str(tmp_path / "_".join(extra)), "--log-format", "json",
+            "--log-interval", "1", "--no-progress-bar", *extra,
+        )  # fmt: skip
+        return [r["valid_num_updates"] for r in json_records(output, "valid")]
+
+    assert train("--max-update", "7") == ["3", "6", "7"]  # fairseq's epoch ends
+    # 8 processed tokens an update: every 2 updates for 16, never at the epoch ends 3 and 6
+    assert train("--max-update", "7", "--validate-interval-processed-tokens", "16") == [
+        "2", "4", "6", "7",
+    ]  # fmt: skip
+    # every 5 updates for 40, and at the end of the last epoch (6)
+    assert train("--max-epoch", "2", "--validate-interval-processed-tokens", "40") == ["5", "6"]
 
 
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):

@@ -133,6 +133,9 @@ def test_misuse_is_refused():
         TbpttDriver(tokens, 4, TbpttConfig(tbptt_style="sliding"))
     with pytest.raises(ValueError, match="window"):
         TbpttDriver(tokens, 4, TbpttConfig(target_bias=0.1))  # W 400 > 200 tokens
+    for name in ("truncation_clip_norm", "estimate_budget", "max_truncation_change"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            TbpttDriver(tokens, 4, TbpttConfig(**{name: math.nan}))  # trained to NaN before
 
 
 def test_learning_rate_scales_with_k_inside_the_step_and_never_compounds():

@@ -359,6 +359,9 @@ def test_controller_keeps_length_on_non_finite_profile(caplog):
         ({"num_sequences": 0}, "num_sequences"),
         ({"burnin": -1}, "burnin"),
         ({"cumulative": "bogus"}, "cumulative"),
+        ({"max_change": 1.0}, "max_change"),
+        ({"max_change": math.inf}, "max_change"),
+        ({"max_change": math.nan}, "max_change"),
     ],
 )
 def test_controller_rejects_invalid_options(overrides, option):
@@ -424,6 +427,29 @@ def test_controller_clips_once_after_averaging_raw_choices():
     decision = controller.estimate(measuring(beta_7, beta_7, beta_7, beta_7, beta_40), 5)
     assert decision.truncation_length == 13  # int((4 x 7 + 40) / 5); clipped first it was 16
     assert decision.fallback == ""
+
+
+def test_controller_bounds_each_move_of_k_and_says_why():
+    """max_change f keeps one decision within [ceil(K / f), floor(K x f)] of the K in force, then
+    clips to [K_min, K_max]; every decision records its raw choice and the reason for K."""
+    controller = make_controller(
+        initial_length=40, min_length=2, max_length=50, num_estimates=1, max_change=2.0
+    )
+    down = controller.estimate(measuring(0.3), 5)  # raw choice 2 at delta 0.1
+    assert (down.truncation_length, down.raw_choice) == (20, 2)
+    assert "was 2: moved at most x2 from K" in down.reason
+    assert controller.estimate(measuring(0.3), 10).truncation_length == 10
+    up = controller.estimate(measuring(0.99), 15)  # raw choice far above K_max
+    assert up.truncation_length == 20 and "moved at most x2" in up.reason
+    kept = controller.estimate(measuring(0.9), 20)  # raw choice 22 lies within [10, 40]
+    assert (kept.truncation_length, kept.raw_choice) == (22, 22)
+    assert kept.reason == "mean of 1 smallest K with bias_hat < 0.1"
+    free = make_controller(initial_length=30, min_length=30, num_estimates=1).estimate(
+        measuring(0.3), 5
+    )
+    assert free.truncation_length == 30 and "was 2: raised to K_min" in free.reason
+    monitored = make_controller(target_bias=None, num_estimates=1).estimate(measuring(0.3), 5)
+    assert monitored.raw_choice == 0 and monitored.reason == "fixed K: bias monitored only"
 
 
 def test_controller_counts_an_unbounded_repeat_as_max_length_and_says_so(caplog):

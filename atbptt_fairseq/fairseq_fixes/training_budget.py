@@ -10,7 +10,11 @@ stops through its own path: validation, checkpoints, end of training. As with ``
 restarting a finished run from its last checkpoint trains one more update before stopping.
 
 The same wrapper validates and saves when the task's ``--validate-interval-processed-tokens``
-says so, by letting fairseq's own mid-epoch save (which validates) fire at this update.
+says so, by letting fairseq's own mid-epoch save (which validates) fire at this update; and on
+that schedule only: fairseq would also validate and save at every epoch end, and the task's epoch
+is a fixed number of update slots, so a run whose K fell would validate (and have its best
+checkpoint chosen among) more often than a fixed K's run of the same compute. The last epoch of
+``--max-epoch`` still ends with fairseq's validation and save.
 """
 
 import logging
@@ -34,6 +38,9 @@ def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
             logger.info(f"Stopping training due to {spent}")
             with open_dict(cfg):
                 cfg.optimization.max_update = num_updates
+    if end_of_epoch and _validates_on_processed_tokens(task):
+        max_epoch = cfg.optimization.max_epoch
+        end_of_epoch = bool(max_epoch) and epoch_itr.epoch >= max_epoch
     validation_due = getattr(task, "processed_validation_due", None)
     if validation_due is None or not validation_due():
         return _original_validate_and_save(
@@ -50,3 +57,7 @@ def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
     finally:
         with open_dict(cfg):
             cfg.checkpoint.save_interval_updates = saved
+
+
+def _validates_on_processed_tokens(task) -> bool:
+    return getattr(getattr(task, "cfg", None), "validate_interval_processed_tokens", 0) > 0

@@ -755,7 +755,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         logger.info(
             f"update {update_num}: K = {decision.truncation_length} "
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
-            f"{decision.seconds:.2f}s)"
+            f"{decision.seconds:.2f}s): {decision.reason}"
         )
         # the same decision as a structured record, which sweeps and the demo read
         record = {"update": update_num, **dataclasses.asdict(decision)}

@@ -7,6 +7,7 @@ The method's options default as ``atbptt.TbpttConfig`` does (:data:`METHOD_DEFAU
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -88,10 +89,12 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     validate_interval_processed_tokens: int = field(
         default=0,
         metadata={
-            "help": "also validate and save a checkpoint every this many processed tokens (see "
-            "--max-processed-tokens); 0: off. Runs of different K then validate at the same "
-            "compute, where --validate-interval-updates would validate a K = 10 run 30 times "
-            "as often as a K = 300 run"
+            "help": "validate and save a checkpoint every this many processed tokens (see "
+            "--max-processed-tokens), and not at epoch ends (but the last of --max-epoch); 0: "
+            "off. Runs of different K then validate at the same compute, where "
+            "--validate-interval-updates would validate a K = 10 run 30 times as often as a "
+            "K = 300 run, and epoch ends (a fixed number of update slots) more often the smaller "
+            "K falls"
         },
     )
     eval_chunk_length: int = field(
@@ -118,6 +121,15 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     max_truncation_length: int = field(
         default=METHOD_DEFAULTS.max_truncation_length,
         metadata={"help": "largest K the adaptive rule may choose (K_max)"},
+    )
+    max_truncation_change: float = field(
+        default=METHOD_DEFAULTS.max_truncation_change,
+        metadata={
+            "help": "bound on how far one decision moves K: to [K / f, K x f] around the K in "
+            "force, before the [K_min, K_max] clip (f > 1); 0: unbounded, as in the paper. A "
+            "first estimate on a barely trained model can otherwise cut K tenfold, and with "
+            "--lr-scaling and --truncation-clip-norm change the step as much"
+        },
     )
     estimate_window: int = field(
         default=METHOD_DEFAULTS.estimate_window,
@@ -311,9 +323,22 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     ):
         if value < least:
             raise UserInputError(f"{name} must be at least {least} (got {value})")
+    for name, value in (
+        ("--truncation-clip-norm", cfg.truncation_clip_norm),
+        ("--estimate-budget", cfg.estimate_budget),
+        ("--target-bias", cfg.target_bias),
+        ("--max-truncation-change", cfg.max_truncation_change),
+    ):
+        if value is not None and not math.isfinite(value):
+            raise UserInputError(f"{name} must be a finite number (got {value})")
     if cfg.truncation_clip_norm < 0:
         raise UserInputError(
             f"--truncation-clip-norm must be at least 0 (got {cfg.truncation_clip_norm})"
+        )
+    if not (cfg.max_truncation_change == 0 or cfg.max_truncation_change > 1):
+        raise UserInputError(
+            "--max-truncation-change must be 0 (K moves freely) or a factor above 1 "
+            f"(got {cfg.max_truncation_change})"
         )
     if cfg.estimate_method == "in-window" and cfg.estimate_lag_origin != "final":
         raise UserInputError(
