@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 28's grid, one lane of runs after another, resumable (sweep.py skips finished runs and
+# resumes a started one from its checkpoint_last.pt). Code: a frozen worktree at $CODE; data:
+# prepare_corpora.sh's $EXP/data. Each run is the bible preset at 12M processed tokens on one core.
+# Usage: queue.sh CORPUS [CORPUS...]; SEEDS (default 1), CONFIGS (default: all below, in order).
+set -uo pipefail
+EXP=${EXP:-/work/exp}
+CODE=${CODE:-$EXP/code}
+PYTHON=${PYTHON:-/work/main/.venv/bin/python}
+cd "$CODE"
+export PYTHONPATH=$CODE
+
+sweep() {  # sweep CORPUS OUT_NAME SWEEP_ARGS... [-- FAIRSEQ_ARGS...]
+  local corpus=$1 name=$2
+  shift 2
+  nice -n 19 "$PYTHON" scripts/sweep.py --preset bible --data "$EXP/data/$corpus" \
+    --out "$EXP/grid/$corpus/$name" --seeds "$seed" --budget-processed-tokens 12e6 \
+    --threads 1 --keep-going "$@"
+}
+
+run_config() {  # the configurations of issue 28, by name
+  local corpus=$1 config=$2
+  case $config in
+    fixed10) sweep "$corpus" fixed --fixed 10 --deltas none ;;
+    fixed20) sweep "$corpus" fixed --fixed 20 --deltas none ;;
+    fixed50) sweep "$corpus" fixed --fixed 50 --deltas none ;;
+    fixed100) sweep "$corpus" fixed --fixed 100 --deltas none ;;
+    fixed5) sweep "$corpus" fixed --fixed 5 --deltas none -- --min-truncation-length 5 ;;
+    paper) sweep "$corpus" paper --fixed none --deltas 0.1 ;;
+    inwindow) sweep "$corpus" inwindow --fixed none --deltas 0.1 -- --estimate-method in-window ;;
+    candidate)  # the in-window estimate, K moved at most x2 per decision
+      sweep "$corpus" candidate --fixed none --deltas 0.1 -- --estimate-method in-window \
+        --max-truncation-change 2 ;;
+    *) echo "unknown configuration $config" >&2; return 1 ;;
+  esac
+}
+
+for seed in ${SEEDS:-1}; do
+  for corpus in "$@"; do
+    for config in ${CONFIGS:-fixed10 candidate fixed20 paper inwindow fixed50 fixed100}; do
+      run_config "$corpus" "$config"
+    done
+  done
+done
