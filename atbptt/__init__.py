@@ -15,14 +15,18 @@ from .bias import (
 )
 from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .driver import (
+    RESUME_BREAKING_OPTIONS,
     TbpttConfig,
     TbpttDriver,
     TrainingSegment,
     budget_tokens,
     build_controller,
+    describe_changes,
     estimate_truncation,
     evaluate_stream,
     lr_factor,
+    resume_changes,
+    stream_identity,
 )
 from .gradient_profile import (
     GradientProfile,
@@ -62,6 +66,7 @@ __all__ = [
     "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
+    "RESUME_BREAKING_OPTIONS",
     "BiasEstimate",
     "GradientProfile",
     "GroundTruth",
@@ -84,6 +89,7 @@ __all__ = [
     "build_controller",
     "choose_truncation_length",
     "delta_hat_on_grid",
+    "describe_changes",
     "estimate_bias",
     "estimate_bias_in_window",
     "estimate_truncation",
@@ -99,8 +105,10 @@ __all__ = [
     "measure_true_bias",
     "plan_segment",
     "raw_truncation_length",
+    "resume_changes",
     "sample_windows",
     "scaled_learning_rate",
     "segments_per_pass",
     "smallest_length_below",
+    "stream_identity",
 ]

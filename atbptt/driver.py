@@ -18,6 +18,9 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +44,12 @@ from .token_stream import (
     segments_per_pass,
 )
 
+logger = logging.getLogger(__name__)
+
 TBPTT_STYLES = ("overlap", "disjoint")
+# options whose change on resume would give the carried state another meaning: the overlap style
+# carries the state after the first K steps of a 2K - 1 window, the disjoint one at its end
+RESUME_BREAKING_OPTIONS = ("tbptt_style",)
 BUDGET_COUNTS = ("processed", "scored")
 
 
@@ -192,6 +200,34 @@ def estimate_truncation(
             estimator.train(was_training)
 
 
+def resume_changes(saved: dict[str, Any] | None, config: TbpttConfig) -> list[tuple[str, Any, Any]]:
+    """The method options that differ between a checkpoint's recorded ``saved`` options and
+    ``config``, as (name, saved value, current value); none for a checkpoint that recorded none."""
+    if not saved:
+        return []
+    current = dataclasses.asdict(config)
+    return [
+        (name, saved[name], value)
+        for name, value in current.items()
+        if name in saved and saved[name] != value
+    ]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], flag: Callable[[str], str]) -> str:
+    """``--target-bias 0.1 -> 0.2, ...``: :func:`resume_changes`'s list, named by ``flag``."""
+    return ", ".join(f"{flag(name)} {old!r} -> {new!r}" for name, old, new in changes)
+
+
+def stream_identity(tokens: Tensor, targets: Tensor | None = None) -> str:
+    """sha256 of a training stream's tokens (and targets): the data a driver's state is of."""
+    digest = hashlib.sha256()
+    for tensor in (tokens, targets):
+        if tensor is not None:
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _check_config(config: TbpttConfig) -> None:
     """Reject the options the controller does not check itself."""
     if config.tbptt_style not in TBPTT_STYLES:
@@ -303,6 +339,7 @@ class TbpttDriver:
         self.controller = build_controller(config)
         self._columns = lay_out_columns(tokens, batch_size, targets)  # (inputs, targets) C x n
         self._stream = aligned_stream(tokens, targets)  # estimate windows are cut from it
+        self._stream_identity = stream_identity(tokens, targets)  # checked on resume
         if self.estimating:
             length = self.controller.burnin + self.controller.measured_steps
             if self._stream[0].numel() < length:
@@ -513,6 +550,8 @@ class TbpttDriver:
             "carried_state": carried,
             "controller": self.controller.state_dict(),
             "columns": list(self._columns[0].shape),
+            "stream": self._stream_identity,
+            "config": dataclasses.asdict(self.config),
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "estimator_carry": (
                 None if self._estimator_carry is None else self._estimator_carry.state_dict()
@@ -520,13 +559,29 @@ class TbpttDriver:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` left off; the stream and batch size must be the same."""
+        """Continue where ``state`` left off; the stream, batch size and TBPTT style must be the
+        same (the carried state means nothing otherwise); other changed options are logged."""
         if list(state["columns"]) != list(self._columns[0].shape):
             raise ValueError(
                 f"the saved driver trained {state['columns'][0]} columns of "
                 f"{state['columns'][1]} positions, this one {self.batch_size} of "
                 f"{self.column_length}: resume with the same data and batch size"
             )
+        if state.get("stream", self._stream_identity) != self._stream_identity:
+            raise ValueError(
+                f"the saved driver trained another token stream of the same shape (sha256 "
+                f"{state['stream'][:12]}, this one {self._stream_identity[:12]}): resume with "
+                "the same data"
+            )
+        changes = resume_changes(state.get("config"), self.config)
+        breaking = [change for change in changes if change[0] in RESUME_BREAKING_OPTIONS]
+        if breaking:
+            raise ValueError(
+                f"cannot resume with {describe_changes(breaking, str)}: the carried state belongs "
+                "to the saved style; resume with the saved value, or start a new run"
+            )
+        if changes:
+            logger.warning(f"resuming with changed options: {describe_changes(changes, str)}")
         self.cursor = StreamCursor.from_state_dict(state["cursor"])
         self.num_updates = int(state["num_updates"])
         self._segment_length = int(state["segment_length"])

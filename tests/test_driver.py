@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import logging
 import math
 import os
 import re
@@ -136,6 +137,24 @@ def test_misuse_is_refused():
     for name in ("truncation_clip_norm", "estimate_budget", "max_truncation_change"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             TbpttDriver(tokens, 4, TbpttConfig(**{name: math.nan}))  # trained to NaN before
+
+
+def test_load_state_dict_refuses_another_stream_or_style_and_logs_other_changes(caplog):
+    """A driver's state belongs to one stream and style: another stream of the same shape, or
+    another TBPTT style, is refused; other changed options are named in one warning."""
+    tokens, targets = copy_task.copy_stream(4 * 60, 2, 4, seed=1)
+    config = TbpttConfig(truncation_length=5, tbptt_style="disjoint")
+    state = TbpttDriver(tokens, 4, config, targets=targets).state_dict()
+    other_tokens, other_targets = copy_task.copy_stream(4 * 60, 2, 4, seed=2)
+    with pytest.raises(ValueError, match="another token stream of the same shape"):
+        TbpttDriver(other_tokens, 4, config, targets=other_targets).load_state_dict(state)
+    overlap = dataclasses.replace(config, tbptt_style="overlap")
+    with pytest.raises(ValueError, match="cannot resume with tbptt_style 'disjoint' -> 'overlap'"):
+        TbpttDriver(tokens, 4, overlap, targets=targets).load_state_dict(state)
+    longer = dataclasses.replace(config, truncation_length=7)
+    with caplog.at_level(logging.WARNING, logger="atbptt.driver"):
+        TbpttDriver(tokens, 4, longer, targets=targets).load_state_dict(state)
+    assert "resuming with changed options: truncation_length 5 -> 7" in caplog.text
 
 
 def test_learning_rate_scales_with_k_inside_the_step_and_never_compounds():

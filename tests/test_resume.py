@@ -20,6 +20,7 @@ import torch
 from conftest import (
     BIN,
     REPO,
+    TINY_TRAIN,
     USER_DIR,
     StubOptimizer,
     json_records,
@@ -400,3 +401,29 @@ def test_budget_schedule_counts_each_slot_once_and_moves_k_only_between_updates(
         assert estimated == (micro_batch == 0 and tokens >= 104), (micro_batch, tokens)
     assert any(micro_batch == 1 and tokens >= 104 for micro_batch, tokens, _ in calls)  # waited
     assert controller.state_dict()["tokens_since_estimate"] == since_estimate
+
+
+def test_resume_says_which_options_changed_and_refuses_another_style(tiny_corpus, tmp_path):
+    """The checkpoint records the method options: a resume names every change in one line, and
+    refuses a --tbptt-style change (the carried state belongs to the saved style) before any
+    file changes; --reset-dataloader starts a new pass, where any change is fine."""
+    args = [
+        str(tiny_corpus), *TINY_TRAIN, "--batch-size", "2", "--cpu", "--truncation-length", "4",
+        "--tbptt-style", "disjoint", "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
+        "--no-progress-bar",
+    ]  # fmt: skip
+    run_cli("fairseq-train", *args, "--max-update", "2")
+    saved = (tmp_path / "checkpoint_last.pt").read_bytes()
+    refused = subprocess.run(
+        [str(BIN / "fairseq-train"), *args, "--max-update", "4", "--tbptt-style", "overlap"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
+    assert refused.returncode == 1, lines[-5:]
+    assert lines[-1].startswith("atbptt_fairseq: error: cannot resume with --tbptt-style")
+    assert "'disjoint' -> 'overlap'" in lines[-1]
+    assert (tmp_path / "checkpoint_last.pt").read_bytes() == saved
+    changed = run_cli("fairseq-train", *args, "--max-update", "4", "--truncation-length", "5")
+    assert "resuming with changed options: --truncation-length 4 -> 5" in changed
+    run_cli("fairseq-train", *args, "--max-update", "6", "--reset-dataloader",
+            "--tbptt-style", "overlap")  # fmt: skip

@@ -28,15 +28,18 @@ from fairseq.tasks import FairseqTask, register_task
 from torch import Tensor
 
 from atbptt import (
+    RESUME_BREAKING_OPTIONS,
     StreamCursor,
     StreamTooShortError,
     aligned_stream,
     budget_tokens,
     build_controller,
+    describe_changes,
     estimate_truncation,
     lay_out_columns,
     lr_factor,
     plan_segment,
+    resume_changes,
     scaled_learning_rate,
     segments_per_pass,
 )
@@ -846,6 +849,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "processed_tokens": self.processed_tokens,
                 "processed_validations": self._processed_validations,
                 "dictionary": dictionary_identity(self.dictionary),
+                "method": dataclasses.asdict(self.method),  # compared on resume
                 **self._estimator_checkpoint(),
             }
         }
@@ -936,6 +940,20 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if saved.get("carry") is not None and self._carried_state is not None:
             self._estimator_carry = Carry.from_state_dict(saved["carry"])
 
+    def _check_resumed_options(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Say in one line which method options differ from the checkpoint's; refuse those that
+        would give the carried state another meaning (checkpoints before this check: none)."""
+        changes = resume_changes(saved, self.method)
+        breaking = [change for change in changes if change[0] in RESUME_BREAKING_OPTIONS]
+        if breaking:
+            raise UserInputError(
+                f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "
+                "state belongs to the saved value; resume with it, or start a new run "
+                "(another --save-dir, or --reset-dataloader to start a new pass)"
+            )
+        if changes:
+            logger.warning(f"resuming with changed options: {describe_changes(changes, _flag)}")
+
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Restore the stream position, carried state, controller, token count and lr scaling.
 
@@ -946,6 +964,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         when it moves to the next shard. A checkpoint of another global batch size (columns =
         --batch-size x workers) starts a new pass over the data, as the columns differ.
         """
+        self._check_resumed_options(state.get("method"))
         cursor = StreamCursor.from_state_dict(state["cursor"])
         carried = state.get("carried_state")
         saved_shard = state.get("train_shard")
@@ -983,6 +1002,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.processed_tokens = int(state.get("processed_tokens", 0))
         self._processed_validations = int(state.get("processed_validations", 0))
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 ESTIMATORS = {"artbp": Artbp, "uoro": Uoro, "kf-rtrl": KfRtrl, "exact-rtrl": ExactRtrl}

@@ -6,6 +6,7 @@ The method's options default as ``atbptt.TbpttConfig`` does (:data:`METHOD_DEFAU
 """
 
 import dataclasses
+import enum
 import logging
 import math
 from dataclasses import dataclass, field
@@ -380,7 +381,12 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
 
 
 def method_config(cfg: AdaptiveTbpttLmConfig) -> TbpttConfig:
-    """The core's options from the task's, field by field (the names are the same)."""
+    """The core's options from the task's, field by field (the names are the same), as plain
+    values: fairseq's choice enums become their strings (checkpoints record these options)."""
+    values = {option.name: getattr(cfg, option.name) for option in dataclasses.fields(TbpttConfig)}
     return TbpttConfig(
-        **{option.name: getattr(cfg, option.name) for option in dataclasses.fields(TbpttConfig)}
+        **{
+            name: value.value if isinstance(value, enum.Enum) else value
+            for name, value in values.items()
+        }
     )
