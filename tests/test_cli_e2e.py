@@ -242,6 +242,26 @@ def test_processed_token_validation_replaces_the_epoch_end_validation(tiny_corpu
     assert train("--max-epoch", "2", "--validate-interval-processed-tokens", "40") == ["5", "6"]
 
 
+def test_a_diverged_training_loss_stops_the_run_before_it_is_saved(tiny_corpus, tmp_path):
+    """--lr 1e6 drives the loss to ~1e6 bits per token (ppl inf): the run ends with one line
+    naming the update and K, and the checkpoint saved before it is kept as it was."""
+    args = [
+        str(tiny_corpus), *TINY_TRAIN, "--batch-size", "2", "--cpu", "--truncation-length", "4",
+        "--save-dir", str(tmp_path), "--no-epoch-checkpoints", "--no-progress-bar",
+    ]  # fmt: skip
+    run_cli("fairseq-train", *args, "--max-update", "2")
+    saved = (tmp_path / "checkpoint_last.pt").read_bytes()
+    output = run_cli("fairseq-train", *args, "--max-update", "8", "--lr", "1e6", check=False)
+    last = [line for line in output.splitlines() if line.strip()][-1]
+    assert re.match(
+        r"atbptt_fairseq: error: training diverged at update [3-8]: the training loss is "
+        r"\S+ bits per token at K = 4 \(perplexity overflows\); \S+checkpoint_last.pt, saved "
+        r"before it, is kept; lower --lr",
+        last,
+    ), last
+    assert (tmp_path / "checkpoint_last.pt").read_bytes() == saved
+
+
 def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
     # No loader process and no prefetch thread: a 2-update run can end while fairseq's daemon
     # prefetch thread is inside a torch call, and the interpreter's exit then aborts the process

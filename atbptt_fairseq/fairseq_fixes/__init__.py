@@ -102,7 +102,8 @@ PATCHES: Tuple[Patch, ...] = (
         training_budget.validate_and_save,
         "fairseq-train stops only on updates, epochs or time; the task's token budgets "
         "(--max-train-tokens, --max-processed-tokens, --validate-interval-processed-tokens) "
-        "stop and validate through fairseq's own path",
+        "stop and validate through fairseq's own path; a diverged training loss (ppl inf) "
+        "would be trained on and saved with exit status 0",
     ),
     Patch(
         eval_lm_cli,

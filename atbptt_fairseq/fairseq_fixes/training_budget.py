@@ -15,12 +15,19 @@ that schedule only: fairseq would also validate and save at every epoch end, and
 is a fixed number of update slots, so a run whose K fell would validate (and have its best
 checkpoint chosen among) more often than a fixed K's run of the same compute. The last epoch of
 ``--max-epoch`` still ends with fairseq's validation and save.
+
+A training loss that has diverged (non-finite, or so large its perplexity overflows: fairseq
+would go on training and saving a model of ppl inf, exit status 0) ends the run here, before
+this update's checkpoint is written, with one line naming the update, K and the checkpoint kept.
 """
 
 import logging
+import os
 
 from fairseq_cli import train as train_cli
 from omegaconf import open_dict
+
+from atbptt_fairseq.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +35,18 @@ _original_validate_and_save = train_cli.validate_and_save
 
 
 def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
-    """fairseq's ``validate_and_save``, told to stop when the task's token budget is spent."""
+    """fairseq's ``validate_and_save``, told to stop when the task's token budget is spent, and
+    stopped before any save once the task says the training loss diverged."""
+    diverged = getattr(task, "training_diverged", None)
+    reason = diverged(trainer.get_num_updates()) if diverged is not None else None
+    if reason:
+        last = os.path.join(
+            cfg.checkpoint.save_dir, f"checkpoint_last{cfg.checkpoint.checkpoint_suffix}.pt"
+        )
+        kept = f"{last}, saved before it, is kept" if os.path.exists(last) else "nothing was saved"
+        raise UserInputError(
+            f"{reason}; {kept}; lower --lr, or clip with --clip-norm or --truncation-clip-norm"
+        )
     budget_reached = getattr(task, "training_budget_reached", None)
     spent = budget_reached() if budget_reached is not None else None
     if spent:

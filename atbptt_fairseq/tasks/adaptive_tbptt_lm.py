@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -66,6 +67,10 @@ from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig'
 )
 
 logger = logging.getLogger(__name__)
+
+# an update's training loss above this many bits per token has diverged: its perplexity 2^loss
+# overflows a float64 (ppl inf in the logs), where guessing uniformly costs log2(vocabulary) bits
+DIVERGED_BITS_PER_TOKEN = 1024.0
 
 # prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
 DECISION_RECORD = "k_decision"
@@ -178,6 +183,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._update_truncation_length = cfg.truncation_length  # K of the update in progress
         self._pending_estimate_tokens = 0  # this worker's estimate tokens not yet logged
         self._processed_validations = 0  # validations --validate-interval-processed-tokens made
+        self._update_loss: Optional[Tuple[Tensor, Any]] = None  # the last update's, and its size
         self._warned_long_truncation = False
         self._warned_unchecked_dictionary = False
 
@@ -555,6 +561,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             raise
         self._carried_state = carried_state
         self._update_truncation_length = batch["truncation_length"]
+        self._update_loss = (torch.as_tensor(loss).detach(), sample_size)  # training_diverged
         if call != self._counted_call:  # once per update slot, however often it is retried
             processed = batch["net_input"]["src_tokens"].numel()
             scored = batch["ntokens"]
@@ -669,6 +676,26 @@ class AdaptiveTbpttLmTask(FairseqTask):
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
         return loss, sample_size, logging_output, carried_state
+
+    def training_diverged(self, num_updates: int) -> Optional[str]:
+        """Why the last update's training loss has diverged, in one line; None while it has not
+        (called by fairseq-train after every update, on every worker: the check is all-reduced)."""
+        if self._update_loss is None:
+            return None
+        loss, sample_size = self._update_loss
+        self._update_loss = None
+        bits = (loss.float() / max(float(sample_size), 1.0) / math.log(2)).reshape(1)
+        bits = torch.where(torch.isnan(bits), torch.full_like(bits, math.inf), bits)
+        if _world()[0] > 1:
+            group = distributed_utils.get_data_parallel_group()
+            bits = distributed_utils.all_reduce(bits, group, op="max")
+        value = float(bits)
+        if value <= DIVERGED_BITS_PER_TOKEN:
+            return None
+        return (
+            f"training diverged at update {num_updates}: the training loss is {value:.4g} bits "
+            f"per token at K = {self._update_truncation_length} (perplexity overflows)"
+        )
 
     def training_budget_reached(self) -> Optional[str]:
         """Which training budget is spent, in words for the log; None if none (same on every
