@@ -39,7 +39,11 @@ def with_hydra_plugin(args: Sequence[str]) -> List[str]:
     if not _given(args, "--config-dir", "-cd"):
         args = ["--config-dir", CONFIG_DIR, *args]
     if not _given(args, "common.user_dir", "+common.user_dir", "++common.user_dir"):
-        args.append(f"common.user_dir={PACKAGE_DIR}")
+        # hydra's parser takes the overrides as one run of positionals: add ours to that run
+        # (after its last override), not after a trailing flag such as -m
+        overrides = [i for i, arg in enumerate(args) if "=" in arg and not arg.startswith("-")]
+        at = overrides[-1] + 1 if overrides else len(args)
+        args.insert(at, f"common.user_dir={PACKAGE_DIR}")
     return args
 
 

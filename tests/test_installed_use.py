@@ -34,14 +34,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_module(args: List[str], cwd: Path) -> str:
+def run_module(args: List[str], cwd: Path, returncode: int = 0) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     result = subprocess.run(
         [sys.executable, "-m", "atbptt_fairseq.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == returncode, output[-4000:]
     return output
 
 
@@ -68,6 +68,18 @@ def test_hydra_train_with_a_packaged_config_from_another_directory(tiny_corpus, 
     assert "num_updates" in output and (tmp_path / "ck" / "checkpoint_last.pt").is_file()
 
 
+def test_hydra_train_reports_bad_input_in_one_line(tmp_path):
+    """hydra prints every exception with its traceback: the plugin's line comes first."""
+    output = run_module(
+        ["hydra-train", "--config-name", "tiny", f"task.data={tmp_path / 'nowhere'}"],
+        tmp_path,
+        returncode=1,
+    )
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[-1].startswith("atbptt_fairseq: error: data directory "), lines[-3:]
+    assert "Traceback" not in output
+
+
 def test_options_given_win_and_the_paths_are_printed(tmp_path):
     assert cli.with_user_dir(["data", "--user-dir=x"]) == ["data", "--user-dir=x"]
     assert cli.with_user_dir(["data"]) == ["data", "--user-dir", cli.PACKAGE_DIR]
@@ -78,6 +90,15 @@ def test_options_given_win_and_the_paths_are_printed(tmp_path):
         "--config-dir", cli.CONFIG_DIR, "--config-name", "tiny",
         f"common.user_dir={cli.PACKAGE_DIR}",
     ]  # fmt: skip
+    # -m after the overrides: the plugin's override joins them, where hydra's parser reads them
+    from hydra._internal.utils import get_args_parser
+
+    args = cli.with_hydra_plugin(["--config-name", "ptb_fixed", "task.data=d", "-m"])
+    parsed = get_args_parser().parse_args(args)
+    assert parsed.multirun and parsed.overrides == [
+        "task.data=d",
+        f"common.user_dir={cli.PACKAGE_DIR}",
+    ]
     assert run_module(["user-dir"], tmp_path).strip().splitlines()[-1] == cli.PACKAGE_DIR
     assert sorted(os.listdir(cli.CONFIG_DIR)) == sorted(
         p.name for p in (REPO / "atbptt_fairseq" / "configs").glob("*.yaml")

@@ -16,6 +16,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import eval_lm as eval_lm_cli
+from fairseq_cli import hydra_train as hydra_train_cli
 from fairseq_cli import train as train_cli
 
 from atbptt_fairseq.fairseq_fixes import (
@@ -111,6 +112,13 @@ PATCHES: Tuple[Patch, ...] = (
         eval_lm_guard.main,
         "fairseq-eval-lm --context-window reads the task's tokens_per_sample before setting "
         "the task up: a traceback about a missing config key for this task",
+    ),
+    Patch(
+        hydra_train_cli,
+        "_hydra_main",
+        user_errors.hydra_main,
+        "hydra reports every exception of fairseq-hydra-train with its own traceback, before "
+        "the excepthook that turns the plugin's bad-input errors into one line could",
     ),
 )
 

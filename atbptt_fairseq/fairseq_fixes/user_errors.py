@@ -5,14 +5,20 @@ a :class:`~atbptt_fairseq.errors.UserInputError` as the last (and only) line; it
 when fairseq wrapped it in an exception of its own (e.g. the trainer's "Cannot load model
 parameters from checkpoint"). Every other exception goes to the hook it replaced, unchanged. Set
 ``ATBPTT_TRACEBACK=1`` to see the traceback as well.
+
+fairseq-hydra-train never reaches the excepthook: hydra catches the exception and prints its
+traceback itself, so :func:`hydra_main` reports the line before hydra sees the error.
 """
 
 import os
 import sys
+import traceback
 from types import TracebackType
 from typing import Callable, Optional, Type
 
-from atbptt_fairseq.errors import find_user_error
+from fairseq_cli import hydra_train as hydra_train_cli
+
+from atbptt_fairseq.errors import UserInputError, find_user_error
 
 ExceptHook = Callable[[Type[BaseException], BaseException, Optional[TracebackType]], object]
 
@@ -30,7 +36,31 @@ def user_error_excepthook(previous: ExceptHook) -> ExceptHook:
         if user_error is not None:
             sys.stdout.flush()
             sys.stderr.flush()
-            print(f"atbptt_fairseq: error: {user_error}", file=sys.stderr, flush=True)
+            _report(user_error)
 
     excepthook.reports_user_input_errors = True
     return excepthook
+
+
+def _report(user_error: UserInputError) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(f"atbptt_fairseq: error: {user_error}", file=sys.stderr, flush=True)
+
+
+_original_hydra_main = hydra_train_cli._hydra_main
+
+
+def hydra_main(cfg, **kwargs):
+    """fairseq-hydra-train's ``_hydra_main``; a ``UserInputError`` ends the run in one line and
+    exit status 1 instead of hydra's traceback."""
+    try:
+        return _original_hydra_main(cfg, **kwargs)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        if os.environ.get("ATBPTT_TRACEBACK"):
+            traceback.print_exc()
+        _report(user_error)
+        raise SystemExit(1) from None
