@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# a clean venv; VENV_FLAGS=--system-site-packages reuses the system's packages (e.g. a CUDA torch)
+VENV_FLAGS ?=
 TORCH_VERSION ?= 2.13.0
 FAIRSEQ_VERSION ?= 0.12.3.1
 LIGHTNING_VERSION ?= 2.6.6
@@ -15,7 +17,7 @@ FAIRSEQ_DEPS := "hydra-core==1.3.2" "omegaconf==2.3.0" numpy cython cffi regex s
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	# Reuse a torch that is already importable (e.g. a CUDA build a GPU user brought);
 	# otherwise pin the CPU build so pip never resolves an unpinned multi-GB CUDA torch.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
