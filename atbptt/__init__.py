@@ -2,8 +2,8 @@
 
 The method as a library, torch and numpy only: the per-lag gradient profile, the decay fit, the
 bias estimate and the choice of K, the controller and its schedule, and the token stream with its
-segment plan, the protocol of a stateful recurrent model and a driver for plain PyTorch training
-loops. Importing it changes no global state.
+segment plan, the protocol of a stateful recurrent model, a driver for plain PyTorch training
+loops and the safe checkpoint loader every front end uses. Importing it changes no global state.
 """
 
 from .bias import (
@@ -13,6 +13,7 @@ from .bias import (
     fit_decay_rate,
     raw_truncation_length,
 )
+from .checkpoint import CheckpointError, load_checkpoint
 from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .driver import (
     RESUME_BREAKING_OPTIONS,
@@ -68,6 +69,7 @@ __all__ = [
     "LR_SCALINGS",
     "RESUME_BREAKING_OPTIONS",
     "BiasEstimate",
+    "CheckpointError",
     "GradientProfile",
     "GroundTruth",
     "InWindowMeasurement",
@@ -98,6 +100,7 @@ __all__ = [
     "fit_decay_rate",
     "lay_out_columns",
     "learning_rate_factor",
+    "load_checkpoint",
     "lr_factor",
     "measure_gradient_profile",
     "measure_gradient_profile_naive",

@@ -52,6 +52,7 @@ class TbpttModule(lightning.LightningModule):
     lr is scaled with K inside each step. ``clip_norm``: clip the gradient norm before each step
     (Lightning's ``gradient_clip_val`` does not apply to manual optimization). Logs ``train_loss``,
     ``trunc_k`` and, once K has been estimated, ``bias_hat`` and ``beta_hat``. One process only.
+    Give the ``Trainer`` ``plugins=[SafeCheckpointIO()]`` so that a resume verifies its file.
     """
 
     def __init__(

@@ -1,22 +1,26 @@
 """The copy task trained with adaptive TBPTT in a plain PyTorch loop (``atbptt.TbpttDriver``).
 
     python examples/copy_task.py --updates 2000
+    python examples/copy_task.py --updates 4000 --resume copy.pt --save copy.pt
 
 The paper's copy-task model and settings (atbptt_fairseq/configs/copy_adaptive.yaml): a 2-layer LSTM of 50 units,
 SGD at lr 1.0 x sqrt(K), weight decay 1e-5, gradient clipped at 1.0 / K, K0 = 15, W = 100, K in
-[2, 100], delta 0.1.
+[2, 100], delta 0.1. ``--save PATH`` writes model, optimizer and driver after every pass,
+``--resume PATH`` continues from such a file exactly; it is verified before it is unpickled
+(``atbptt.load_checkpoint``): a damaged or unsafe file ends in one line ``error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 
 import torch
 from torch import Tensor, nn
 
-from atbptt import TbpttConfig, TbpttDriver, evaluate_stream
+from atbptt import CheckpointError, TbpttConfig, TbpttDriver, evaluate_stream, load_checkpoint
 
 BLANK, START, DATA = 0, 1, (2, 3, 4, 5)  # the 6 symbols of scripts/prepare_copy_task.py
 
@@ -62,6 +66,35 @@ class CopyLstm(nn.Module):
         return self.output(torch.cat([head, tail], 1)[:, output_start:]), carried
 
 
+def save(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, driver: TbpttDriver
+) -> None:
+    """Model, optimizer and driver state, written to ``path.tmp`` and renamed over ``path``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state["driver"] = driver.state_dict()
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, driver: TbpttDriver
+) -> None:
+    """Restore what :func:`save` wrote; a bad file raises :class:`atbptt.CheckpointError`."""
+    state = load_checkpoint(
+        path, map_location="cpu", advice="use another one, or leave out --resume"
+    )
+    if not isinstance(state, dict) or not {"model", "optimizer", "driver"} <= state.keys():
+        raise CheckpointError(f"checkpoint {path} was not written by this script's --save")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        driver.load_state_dict(state["driver"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])  # torch's first line only says "Error(s) in loading ..."
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {reason}") from None
+
+
 def main(argv: list[str] | None = None) -> float:
     """Train, printing K decisions and losses; return the final validation perplexity."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -74,6 +107,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--estimate-interval", type=int, default=0, help="0: token budget")
     parser.add_argument("--log-interval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--save", default=None, help="checkpoint written after every pass")
+    parser.add_argument("--resume", default=None, help="a --save checkpoint to continue from")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     train = copy_stream(args.train_tokens, 5, 10, seed=args.seed)
@@ -93,6 +128,12 @@ def main(argv: list[str] | None = None) -> float:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     driver.attach_optimizer(optimizer)  # every step: clip at 1.0 / K, lr 1.0 x sqrt(K)
+    if args.resume is not None:
+        try:
+            resume(args.resume, model, optimizer, driver)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(f"resumed {args.resume} at update {driver.num_updates}")
     losses: list[float] = []
     ppl = math.nan
     while driver.num_updates < args.updates:
@@ -113,6 +154,8 @@ def main(argv: list[str] | None = None) -> float:
         ppl = math.exp(evaluate_stream(model, valid[0], valid[1], args.batch_size))
         epochs = driver.num_updates / driver.segments_per_epoch
         print(f"{driver.num_updates} updates ({epochs:.2f} epochs): valid ppl {ppl:.4f}")
+        if args.save is not None:
+            save(args.save, model, optimizer, driver)
     return ppl
 
 

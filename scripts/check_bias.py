@@ -21,8 +21,10 @@ true bias with its bootstrap band, the delta_hat curves) to --out. The model run
     python scripts/check_bias.py CHECKPOINT --data data-bin/kjv --out bias_out
     python scripts/check_bias.py ckpt.pt --data data-bin/copy_variable --windows 256 --device cuda
 
-Expected problems (missing checkpoint or data, a K grid the window cannot hold, ...) end with one
-line ``error: ...`` and exit status 1.
+The checkpoint is verified before it is unpickled (``atbptt.load_checkpoint``'s checks, through
+the plugin's fairseq loader). Expected problems (missing checkpoint or data, a damaged or unsafe
+checkpoint, a K grid the window cannot hold, ...) end with one line ``error: ...`` and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """Model (eval, fp32, on the device), the loaded task and the checkpoint's update count."""
     from fairseq import checkpoint_utils
 
-    import atbptt_fairseq  # noqa: F401  (the plugin's safe checkpoint loader and registries)
+    import atbptt_fairseq  # noqa: F401  (the plugin's registries; its loader is atbptt's)
+    from atbptt import CheckpointError
     from atbptt_fairseq.errors import UserInputError
 
     overrides: dict[str, Any] = {"data": str(args.data)}
@@ -150,7 +153,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
             [str(args.checkpoint)], overrides, state=state
         )
         task.load_dataset(args.split)
-    except UserInputError as error:
+    except (CheckpointError, UserInputError) as error:  # a damaged or unsafe checkpoint, ...
         raise fail(str(error)) from None
     except KeyError as error:
         raise fail(f"split {args.split!r} is not in {args.data} ({error})") from None

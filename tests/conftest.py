@@ -118,3 +118,28 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class PickledCommand:
+    """Unpickling this runs ``touch marker``: the payload of a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def flip_bit_in_member(source: Path, destination: Path, member_suffix: str) -> str:
+    """Copy ``source`` with one bit flipped inside its zip member whose name ends in the suffix;
+    return the member's name."""
+    import zipfile
+
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith(member_suffix)]
+        content = archive.read(info)
+    start = data.index(content, info.header_offset)
+    data[start + len(content) // 2] ^= 0x04
+    destination.write_bytes(bytes(data))
+    return info.filename

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY_TRAIN, run_cli
+from conftest import REPO, TINY_TRAIN, PickledCommand, flip_bit_in_member, run_cli
 from torch import nn
 
 from atbptt import (
@@ -254,8 +254,8 @@ def test_bad_arguments():
         measure_true_bias(model, inputs, inputs, [2], 10, 0, 2, generator, num_groups=1)
 
 
-def run_check_bias(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_check_bias(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra_env)
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "check_bias.py"), *args],
         check=False, capture_output=True, text=True, timeout=300, env=env,
@@ -307,9 +307,17 @@ def test_check_bias_script_bad_input(tiny_checkpoint, tmp_path):
         ((str(checkpoint), "--data", str(data), "--k-grid", "1,8", "--window", "12"), "2K - 1"),
         ((str(checkpoint), "--data", str(data), "--windows", "5"), "multiple of --groups"),
     ]
+    flipped = tmp_path / "flipped.pt"
+    member = flip_bit_in_member(checkpoint, flipped, "data/1")
+    marker, evil = tmp_path / "marker", tmp_path / "evil.pt"
+    torch.save({**torch.load(checkpoint, weights_only=True), "x": PickledCommand(marker)}, evil)
+    cases += [
+        ((str(flipped), "--data", str(data)), f"{flipped} is corrupt: {member} fails its CRC-32"),
+        ((str(evil), "--data", str(data)), f"refusing to load checkpoint {evil}"),
+    ]
     for args, message in cases:
-        result = run_check_bias(*args, "--out", str(out))
+        result = run_check_bias(*args, "--out", str(out), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-2000:]
         assert message in lines[-1]
-    assert not out.exists()
+    assert not out.exists() and not marker.exists()

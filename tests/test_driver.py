@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, load_example
+from conftest import REPO, PickledCommand, flip_bit_in_member, load_example
 from fairseq.data import Dictionary
 
 from atbptt import RecurrentModel, TbpttConfig, TbpttDriver, evaluate_stream
@@ -351,6 +351,52 @@ def test_copy_task_example_adapts_k_and_learns():
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, result.stdout
     ppl = [float(x) for x in re.findall(r"valid ppl ([\d.]+)", result.stdout)]
     assert ppl and 1.0 < ppl[-1] < 6.0, result.stdout
+
+
+def run_copy_task(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """examples/copy_task.py on 56 columns of 8 x 100 tokens: 7 updates per pass."""
+    tiny = [
+        "--batch-size", "8", "--train-tokens", "800", "--valid-tokens", "200", "--hidden", "8",
+        "--estimate-interval", "5", "--log-interval", "5",
+    ]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "copy_task.py"), *tiny, *args], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_copy_task_example_resumes_and_refuses_bad_checkpoints(tmp_path):
+    """--save / --resume continue exactly; a bit-flipped or malicious file ends in one line
+    ``error: ...`` and exit status 1, the payload never runs (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
+    full = run_copy_task("--updates", "10")
+    first = run_copy_task("--updates", "5", "--save", str(tmp_path / "at5.pt"))
+    resumed = run_copy_task("--updates", "10", "--resume", str(tmp_path / "at5.pt"))
+    for result in (full, first, resumed):
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed" in resumed.stdout and "at update 5" in resumed.stdout
+    final = re.findall(r"^10 updates .*$", full.stdout, re.MULTILINE)
+    assert final and re.findall(r"^10 updates .*$", resumed.stdout, re.MULTILINE) == final
+
+    flipped = tmp_path / "flipped.pt"
+    member = flip_bit_in_member(tmp_path / "at5.pt", flipped, "data/1")
+    marker, evil = tmp_path / "marker", tmp_path / "evil.pt"
+    state = torch.load(tmp_path / "at5.pt", weights_only=True)
+    torch.save({**state, "payload": PickledCommand(marker)}, evil)
+    for path, expected in [
+        (flipped, f"error: checkpoint {flipped} is corrupt: {member} fails its CRC-32 check"),
+        (evil, f"error: refusing to load checkpoint {evil}: it pickles posix.system"),
+        (tmp_path / "none.pt", f"error: checkpoint {tmp_path / 'none.pt'} does not exist"),
+    ]:
+        result = run_copy_task(
+            "--updates", "10", "--resume", str(path), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+        assert result.stderr.startswith(expected), result.stderr
+        assert "updates" not in result.stdout  # nothing trained
+    assert not marker.exists()
 
 
 def test_core_helpers_the_fairseq_task_shares():

@@ -11,12 +11,12 @@ import warnings
 import lightning
 import pytest
 import torch
-from conftest import REPO, load_example
+from conftest import REPO, PickledCommand, flip_bit_in_member, load_example
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from atbptt import TbpttConfig, TbpttDriver
-from atbptt_lightning import TbpttModule
+from atbptt import CheckpointError, TbpttConfig, TbpttDriver
+from atbptt_lightning import SafeCheckpointIO, TbpttModule
 
 copy_task = load_example("copy_task")
 TOTAL_STEPS, RESUME_STEP = 15, 7
@@ -47,6 +47,7 @@ def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=()) -
         max_steps=TOTAL_STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
         enable_model_summary=False, logger=CSVLogger(tmp_path, name=name),
         callbacks=list(callbacks), enable_checkpointing=bool(callbacks), log_every_n_steps=1,
+        plugins=[SafeCheckpointIO()],  # the resume below goes through the core's loader
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's tips about workers and callbacks
@@ -84,6 +85,31 @@ def test_lightning_trains_with_adaptive_k_and_resumes_exactly(tmp_path):
     assert resumed_lengths == lengths[RESUME_STEP:]
 
 
+def test_safe_checkpoint_io_refuses_bad_checkpoints_in_fit(tmp_path, monkeypatch):
+    """trainer.fit(ckpt_path=...) through SafeCheckpointIO: a flipped bit or pickled code raises
+    CheckpointError before anything is restored, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says."""
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints", every_n_train_steps=RESUME_STEP, save_top_k=-1
+    )
+    fit(make_module(seed=0), tmp_path, "full", callbacks=[checkpoints])
+    (checkpoint,) = (tmp_path / "checkpoints").glob(f"*step={RESUME_STEP}.ckpt")
+    flipped = tmp_path / "flipped.ckpt"
+    member = flip_bit_in_member(checkpoint, flipped, "data/1")
+    marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
+    torch.save({**torch.load(checkpoint, weights_only=True), "x": PickledCommand(marker)}, evil)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for path, expected in [(flipped, f"{member} fails its CRC-32"), (evil, "posix.system")]:
+        module = make_module(seed=1)
+        initial = [p.detach().clone() for p in module.parameters()]
+        with pytest.raises(CheckpointError, match=expected):
+            fit(module, tmp_path, "refused", ckpt_path=path)
+        assert module.tbptt.num_updates == 0
+        assert all(torch.equal(a, b) for a, b in zip(initial, module.parameters()))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="weights only"):
+        SafeCheckpointIO().load_checkpoint(checkpoint, weights_only=False)
+
+
 @pytest.mark.e2e
 def test_lightning_example_runs(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -102,3 +128,43 @@ def test_lightning_example_runs(tmp_path):
     with open(metrics) as handle:
         rows = list(csv.DictReader(handle))
     assert rows and all(row["trunc_k"] for row in rows) and rows[-1]["bias_hat"]
+
+
+def run_lightning_example(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable, str(REPO / "examples" / "copy_task_lightning.py"),
+            "--max-steps", "10", "--save-every", "5", "--batch-size", "8", "--train-tokens",
+            "4000", "--hidden", "8", "--accelerator", "cpu", "--log-dir", str(tmp_path / "logs"),
+            *args,
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                 **env),
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_lightning_example_refuses_bad_checkpoints(tmp_path):
+    """--resume of a bit-flipped or malicious checkpoint: one line ``error: ...``, exit status
+    1, the payload never runs, even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1."""
+    trained = run_lightning_example(tmp_path)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    (checkpoint,) = (tmp_path / "logs").glob("copy_task/version_0/checkpoints/*step=5.ckpt")
+    flipped = tmp_path / "flipped.ckpt"
+    member = flip_bit_in_member(checkpoint, flipped, "data/1")
+    marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "payload": PickledCommand(marker)}, evil)
+    for path, expected in [
+        (flipped, f"error: checkpoint {flipped} is corrupt: {member} fails its CRC-32 check"),
+        (evil, f"error: refusing to load checkpoint {evil}: it pickles posix.system"),
+    ]:
+        result = run_lightning_example(
+            tmp_path, "--resume", str(path), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+        assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert len(list((tmp_path / "logs").glob("copy_task/version_*"))) == 1  # nothing trained

@@ -4,22 +4,14 @@ Loading. fairseq-fixed's ``checkpoint_utils.load_checkpoint_to_cpu`` (used by fa
 resume and by fairseq-eval-lm, fairseq-validate, ...) calls ``torch.load`` without
 ``weights_only``. With torch >= 2.6 that means ``weights_only=True``, which refuses pickled code,
 but only as long as nobody sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` in the environment, and a
-refusal or a truncated file ends in a long traceback. The wrapper installed here
-
-* checks, before anything is unpickled, the CRC-32 that the checkpoint's zip archive stores for
-  every member (a flipped bit inside tensor data would otherwise load and give wrong results);
-* refuses, before anything is unpickled, a checkpoint whose pickle names a global outside
-  torch's weights-only allowlist (plus ``argparse.Namespace``, allowlisted by the plugin for
-  fairseq's own legacy checkpoints): such a file could run code when loaded. A pickle that
-  cannot be parsed, or names a global that exists nowhere (a damaged name), is reported as
-  corrupt instead: it is damage, not code;
-* runs fairseq's loader with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` (and without
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), so the load itself stays weights-only whatever the
-  environment says;
-* turns a missing, truncated or corrupt file into one :class:`~atbptt_fairseq.errors.UserInputError`
-  line that names the file and what to do.
-
-and then lets the checkpoint's task class upgrade the task state of an older checkpoint
+refusal or a truncated file ends in a long traceback. The wrapper installed here runs it behind
+the core's checks (:mod:`atbptt.checkpoint`, which every front end loads through): the zip's
+CRC-32 of every member and the pickle's globals are checked before anything is unpickled (torch's
+allowlist, plus ``argparse.Namespace``, allowlisted by the plugin for fairseq's own legacy
+checkpoints), a legacy non-zip file is refused, fairseq's loader unpickles weights-only whatever
+the environment says, and every problem ends in one :class:`CheckpointError` line (a
+:class:`~atbptt_fairseq.errors.UserInputError`) that names the file and what to do.
+It then lets the checkpoint's task class upgrade the task state of an older checkpoint
 (``upgrade_checkpoint_state``), as fairseq upgrades its own older formats: fairseq hands a task
 only that state (``task.load_state_dict``) when it loads a trained model.
 
@@ -51,17 +43,13 @@ in one line too, and a --save-dir that the run created is removed again if the r
 it is still empty (a failed start leaves nothing behind).
 """
 
-import _compat_pickle
 import atexit
 import contextlib
-import importlib.util
 import logging
 import os
 import re
 import shutil
 import sys
-import zipfile
-import zlib
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
@@ -70,12 +58,13 @@ from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
 from fairseq.tasks import TASK_REGISTRY
 
+from atbptt import checkpoint
 from atbptt_fairseq.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(UserInputError):
+class CheckpointError(UserInputError, checkpoint.CheckpointError):
     """A checkpoint that cannot be used: missing, truncated, corrupt or unsafe to unpickle."""
 
 
@@ -85,111 +74,22 @@ _WHAT_TO_DO = (
 )
 
 
-_FORCE_VARIABLES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-
-
 @contextlib.contextmanager
-def _weights_only_forced() -> Iterator[None]:
-    """torch.load calls inside unpickle weights-only, whatever the environment said."""
-    saved = {name: os.environ.get(name) for name in _FORCE_VARIABLES}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+def _reported_as_user_error() -> Iterator[None]:
+    """The core's :class:`atbptt.checkpoint.CheckpointError` as this plugin's one-line error."""
     try:
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    except checkpoint.CheckpointError as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise CheckpointError(str(error)) from error
 
 
 def check_checkpoint_file(path: str) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint of plain data.
-
-    Reads only the zip directory and the pickle's opcodes; nothing is unpickled.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?); {_WHAT_TO_DO}")
-    if not zipfile.is_zipfile(path):
-        return  # torch's legacy format; the forced weights-only load below checks it
-    _check_archive(path)
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as error:  # noqa: BLE001  (any failure to read the archive)
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_first_line(error)}); {_WHAT_TO_DO}"
-        ) from error
-    code = [name for name in sorted(unsafe) if _names_existing_object(name)]
-    if code:
-        raise CheckpointError(
-            f"refusing to load checkpoint {path}: it pickles {', '.join(code)}, which "
-            "could run code when loaded; use only checkpoints written by fairseq-train from a "
-            "source you trust"
-        )
-    if unsafe:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt (its pickle names {', '.join(sorted(unsafe))}, which "
-            f"does not exist); {_WHAT_TO_DO}"
-        )
-
-
-def _check_archive(path: str) -> None:
-    """Compare every archive member with the CRC-32 the zip stores for it."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_first_line(error)}); {_WHAT_TO_DO}"
-        ) from error
-    if damaged is not None:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: {damaged} fails its CRC-32 check (the file changed "
-            f"after it was written); {_WHAT_TO_DO}"
-        )
-
-
-def _names_existing_object(dotted: str) -> bool:
-    """Whether the global ``module.name`` of a pickle may name real code.
-
-    Imports nothing: a module already imported is looked into; one that is not counts as real if
-    its top-level package can be found. A name that exists nowhere can only be damage.
-    """
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name, attributes = ".".join(parts[:split]), parts[split:]
-        # pickles of protocol 2 name Python 2 modules (``__builtin__``), renamed when loaded
-        renamed = _compat_pickle.NAME_MAPPING.get((module_name, attributes[0]))
-        if len(attributes) == 1 and renamed is not None:
-            module_name, attributes = renamed[0], [renamed[1]]
-        module_name = _compat_pickle.IMPORT_MAPPING.get(module_name, module_name)
-        module = sys.modules.get(module_name)
-        if module is None:
-            try:
-                if importlib.util.find_spec(module_name.split(".")[0]) is not None:
-                    return True
-            except (ImportError, ValueError):
-                pass
-            continue
-        target = module
-        for attribute in attributes:
-            target = getattr(target, attribute, _MISSING)
-            if target is _MISSING:
-                break
-        if target is not _MISSING:
-            return True
-    return False
-
-
-_MISSING = object()
+    """Raise :class:`CheckpointError` unless ``path`` is a complete zip checkpoint of plain data
+    (:func:`atbptt.checkpoint.check_checkpoint_file`; nothing is unpickled)."""
+    with _reported_as_user_error():
+        checkpoint.check_checkpoint_file(path, _WHAT_TO_DO)
 
 
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
@@ -199,21 +99,8 @@ def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
     """fairseq's loader after :func:`check_checkpoint_file`, with weights-only unpickling forced,
     and the task state of an older checkpoint brought up to date (:func:`upgrade_task_state`)."""
     check_checkpoint_file(PathManager.get_local_path(path))
-    with _weights_only_forced():
-        try:
-            state = _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
-        except Exception as error:  # noqa: BLE001  (reading the file failed: say which and why)
-            named = re.search(r"GLOBAL ([\w.]+)", str(error))
-            if named is not None and _names_existing_object(named.group(1).rstrip(".")):
-                raise CheckpointError(
-                    f"refusing to load checkpoint {path}: it holds objects that are not plain "
-                    f"data ({_unsupported_global(error)}); only use checkpoints you trust"
-                ) from error
-            reason = _reason(error) if named is None else f"{named.group(1)} does not exist"
-            raise CheckpointError(
-                f"cannot read checkpoint {path} ({reason}): it is not a PyTorch "
-                f"checkpoint, or it is truncated or corrupt; {_WHAT_TO_DO}"
-            ) from error
+    with _reported_as_user_error(), checkpoint.weights_only_unpickling(path, _WHAT_TO_DO):
+        state = _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
     upgrade_task_state(state)
     return state
 
@@ -232,22 +119,6 @@ def upgrade_task_state(state: Mapping) -> None:
     upgrade = getattr(TASK_REGISTRY.get(name), "upgrade_checkpoint_state", None)
     if upgrade is not None:
         upgrade(state)
-
-
-def _unsupported_global(error: BaseException) -> str:
-    """The line of torch's weights-only refusal that names the global, else its first line."""
-    for line in str(error).splitlines():
-        if "GLOBAL" in line:
-            return line.strip().split(" was not an allowed global")[0]
-    return _first_line(error)
-
-
-def _reason(error: BaseException) -> str:
-    """The informative line of torch's long weights-only message, else the first line."""
-    for line in str(error).splitlines():
-        if "Unsupported operand" in line:
-            return line.strip()
-    return _first_line(error)
 
 
 _original_load_checkpoint = checkpoint_utils.load_checkpoint
