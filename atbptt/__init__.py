@@ -2,8 +2,9 @@
 
 The method as a library, torch and numpy only: the per-lag gradient profile, the decay fit, the
 bias estimate and the choice of K, the controller and its schedule, and the token stream with its
-segment plan, the protocol of a stateful recurrent model, a driver for plain PyTorch training
-loops and the safe checkpoint loader every front end uses. Importing it changes no global state.
+segment plan, the protocol of a stateful recurrent model, the one segment loop every front end
+trains through (:class:`TbpttLoop`), a driver for plain PyTorch training loops over it and the
+safe checkpoint loader every front end uses. Importing it changes no global state.
 """
 
 from .bias import (
@@ -15,20 +16,16 @@ from .bias import (
 )
 from .checkpoint import CheckpointError, load_checkpoint
 from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
-from .driver import (
+from .config import (
     RESUME_BREAKING_OPTIONS,
     TbpttConfig,
-    TbpttDriver,
-    TrainingSegment,
     budget_tokens,
     build_controller,
     describe_changes,
-    estimate_truncation,
-    evaluate_stream,
     lr_factor,
     resume_changes,
-    stream_identity,
 )
+from .driver import TbpttDriver, TrainingSegment, evaluate_stream
 from .gradient_profile import (
     GradientProfile,
     State,
@@ -52,6 +49,7 @@ from .in_window import (
     measure_in_window,
 )
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
+from .loop import LoopSegment, TbpttLoop, estimate_truncation, stream_identity
 from .protocol import RecurrentModel
 from .token_stream import (
     Segment,
@@ -73,6 +71,7 @@ __all__ = [
     "GradientProfile",
     "GroundTruth",
     "InWindowMeasurement",
+    "LoopSegment",
     "RecurrentModel",
     "Segment",
     "State",
@@ -81,6 +80,7 @@ __all__ = [
     "StreamTooShortError",
     "TbpttConfig",
     "TbpttDriver",
+    "TbpttLoop",
     "TrainingSegment",
     "TrueBias",
     "TruncationController",

@@ -1,10 +1,11 @@
-"""Adaptive truncated BPTT in a plain PyTorch training loop.
+"""Adaptive truncated BPTT in a plain PyTorch training loop: a small facade over the one loop.
 
-The driver owns what stateful TBPTT needs between updates: the token columns and the position in
-them, the detached state carried from one segment to the next, the controller that holds K and
-re-estimates it on its schedule, and the scaling of the learning rate with K. The training loop
-keeps the model, the optimizer and the backward pass (see ``examples/copy_task.py`` and
-``docs/front_ends.md``)::
+The loop (:class:`atbptt.loop.TbpttLoop`) owns what stateful TBPTT needs between updates: the
+token columns and the position in them, the detached state carried from one segment to the next,
+the controller that holds K and re-estimates it on its schedule, and the factors of the learning
+rate and clipping for the K in force. The driver serves its segments one at a time and applies
+the factors in the optimizer's step; the training loop keeps the model, the optimizer and the
+backward pass (see ``examples/copy_task.py`` and ``docs/front_ends.md``)::
 
     driver = TbpttDriver(tokens, batch_size=64, config=TbpttConfig(target_bias=0.1))
     driver.attach_optimizer(optimizer)  # needed with lr_scaling or truncation_clip_norm
@@ -17,12 +18,8 @@ keeps the model, the optimizer and the backward pass (see ``examples/copy_task.p
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
 import logging
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,230 +27,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .controller import TruncationController, TruncationDecision
-from .estimators.base import Carry, GradientEstimator
-from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
-from .in_window import InWindowMeasurement, measure_in_window
-from .learning_rate import LR_SCALINGS, learning_rate_factor
-from .protocol import RecurrentModel
-from .token_stream import (
-    StreamCursor,
-    aligned_stream,
-    lay_out_columns,
-    plan_segment,
-    segments_per_pass,
+from .config import (  # noqa: F401  (re-exported: the driver's module was their home)
+    BUDGET_COUNTS,
+    RESUME_BREAKING_OPTIONS,
+    TBPTT_STYLES,
+    TbpttConfig,
+    budget_tokens,
+    build_controller,
+    describe_changes,
+    lr_factor,
+    resume_changes,
 )
+from .controller import TruncationDecision
+from .estimators.base import GradientEstimator
+from .gradient_profile import State
+from .loop import (  # noqa: F401  (re-exported)
+    LoopSegment,
+    TbpttLoop,
+    estimate_truncation,
+    placement,
+    stream_identity,
+)
+from .protocol import RecurrentModel
+from .token_stream import StreamCursor, lay_out_columns
 
 logger = logging.getLogger(__name__)
-
-TBPTT_STYLES = ("overlap", "disjoint")
-# options whose change on resume would give the carried state another meaning: the overlap style
-# carries the state after the first K steps of a 2K - 1 window, the disjoint one at its end
-RESUME_BREAKING_OPTIONS = ("tbptt_style",)
-BUDGET_COUNTS = ("processed", "scored")
-
-
-@dataclass
-class TbpttConfig:
-    """Options of the method, named and defaulting as the fairseq task's (a test keeps them equal).
-
-    See ``AdaptiveTbpttLmConfig`` in ``atbptt_fairseq/tasks/config.py`` for the help
-    text of each option.
-    """
-
-    truncation_length: int = 35  # fixed K, or K0 when target_bias is set
-    tbptt_style: str = "overlap"  # overlap (the paper's) or disjoint
-    updates_per_epoch: int = 0  # segments per epoch; 0: one pass over the columns at K0
-    target_bias: float | None = None  # delta in (0, 1); None: K stays fixed
-    min_truncation_length: int = 10
-    max_truncation_length: int = 300
-    max_truncation_change: float = 0.0  # one decision moves K at most by this factor; 0: free
-    estimate_window: int = 400  # W
-    estimate_burnin: int = -1  # -1: W // 10
-    estimate_sequences: int = 32  # S
-    estimate_repeats: int = 5  # R
-    estimate_interval: int = 0  # every this many updates; 0: on the token budget below
-    estimate_budget: float = 0.03  # share of the training tokens an estimate may cost
-    estimate_budget_counts: str = "processed"  # training tokens: processed (inputs) or scored
-    estimate_lag_origin: str = "final"  # lag 0: final (the paper's formula) or previous
-    estimate_tail_anchor: int = -1  # tau; -1: W - W // 10 - 1
-    estimate_method: str = "norms"  # norms (the paper's bound) or in-window (docs/bias_check.md)
-    estimate_cumulative: str = "approx"  # approx or exact
-    monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
-    lr_scaling: str = "none"  # none, sqrt or linear in K
-    truncation_clip_norm: float = 0.0  # clip the mean loss's gradient norm at this / K; 0: off
-    lr_scaling_reference: int = 0  # the K at which the lr applies unscaled; 0: K0
-    seed: int = 1  # seeds the estimate windows (with the update number)
-
-
-def build_controller(config: TbpttConfig) -> TruncationController:
-    """The controller for ``config``; a fixed K is not bound by the adaptive range."""
-    adaptive = config.target_bias is not None
-    window = (
-        config.estimate_window
-        if adaptive
-        else max(config.estimate_window, config.truncation_length)
-    )
-    return TruncationController(
-        initial_length=config.truncation_length,
-        min_length=config.min_truncation_length if adaptive else config.truncation_length,
-        max_length=config.max_truncation_length if adaptive else config.truncation_length,
-        target_bias=config.target_bias,
-        window=window,
-        burnin=config.estimate_burnin if config.estimate_burnin >= 0 else window // 10,
-        num_sequences=config.estimate_sequences,
-        num_estimates=config.estimate_repeats,
-        interval=config.estimate_interval,
-        budget=config.estimate_budget,
-        cumulative=config.estimate_cumulative,
-        lag_origin=config.estimate_lag_origin,
-        tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
-        estimate_method=config.estimate_method,
-        max_change=config.max_truncation_change,
-    )
-
-
-def budget_tokens(config: TbpttConfig, processed: int, scored: int) -> int:
-    """The tokens of a training segment that count towards the estimate budget:
-    ``estimate_budget_counts`` says whether the inputs run (processed) or the targets scored."""
-    return scored if config.estimate_budget_counts == "scored" else processed
-
-
-def lr_factor(
-    config: TbpttConfig, truncation_length: int, initial_length: int | None = None
-) -> float:
-    """The paper's scaling of the learning rate for a segment of ``truncation_length``, relative
-    to ``lr_scaling_reference``, or else K0 (``initial_length`` where K0 as applied differs from
-    ``config.truncation_length``, e.g. capped by a short column)."""
-    reference = config.lr_scaling_reference or initial_length or config.truncation_length
-    return learning_rate_factor(truncation_length, reference, config.lr_scaling)
-
-
-def estimate_truncation(
-    controller: TruncationController,
-    model: RecurrentModel,
-    stream: tuple[Tensor, Tensor],
-    seed: int,
-    update: int,
-    rank: int = 0,
-    average: Callable[[list[Tensor]], None] | None = None,
-) -> TruncationDecision:
-    """One decision of ``controller`` on random windows of ``stream`` (aligned inputs and targets,
-    :func:`atbptt.aligned_stream`).
-
-    In fp32 and eval mode, without touching any parameter's ``.grad``, the carried state or the
-    global RNG. The windows depend only on ``seed``, ``update`` and ``rank``, so a resumed run
-    estimates exactly as an uninterrupted one. With several workers, ``average`` replaces the
-    measured tensors in place by their mean over all workers (an all-reduce, before any norm is
-    taken), so every worker decides the same K.
-    """
-    inputs, targets = stream
-    burnin = controller.burnin
-    length = burnin + controller.measured_steps
-    estimator = model
-    if isinstance(model, nn.Module) and any(p.dtype != torch.float32 for p in model.parameters()):
-        estimator = copy.deepcopy(model).float()
-    device, _ = _placement(estimator)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + update) * 1009 + rank)
-
-    def measure() -> GradientProfile | InWindowMeasurement:
-        windows, final_targets = sample_windows(
-            inputs, targets, controller.num_sequences, length, generator
-        )
-        windows, final_targets = windows.to(device), final_targets.to(device)
-        state = estimator.zero_state(windows.size(0))
-        if burnin > 0:
-            # the fused kernel runs the burn-in, in fp32 like the window (even under autocast)
-            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                _, state = estimator.run_window(windows[:, :burnin], state, burnin, burnin)
-        if controller.estimate_method == "in-window":
-            measurement = measure_in_window(
-                estimator, state, windows[:, burnin:], final_targets,
-                batch_dim=estimator.state_batch_dim,
-            )  # fmt: skip
-            profile = measurement.profile
-            tensors = [profile.norms, profile.mean_gradients, measurement.readout_gradient]
-            tensors.append(measurement.bucket_gradients)
-            if average is not None:
-                average(tensors)
-            return measurement
-        profile = measure_gradient_profile(
-            lambda tokens, state: (None, estimator.advance(tokens, state)),
-            state,
-            windows[:, burnin:],
-            final_targets,
-            burnin=0,
-            batch_dim=estimator.state_batch_dim,
-            readout=estimator.readout,  # the output layer runs on the final state only
-        )
-        if average is not None:
-            average([profile.norms, profile.mean_gradients])
-        return profile
-
-    was_training = getattr(estimator, "training", None)
-    if was_training is not None:
-        estimator.eval()
-    try:
-        return controller.estimate(measure, update)
-    finally:
-        if was_training is not None:
-            estimator.train(was_training)
-
-
-def resume_changes(saved: dict[str, Any] | None, config: TbpttConfig) -> list[tuple[str, Any, Any]]:
-    """The method options that differ between a checkpoint's recorded ``saved`` options and
-    ``config``, as (name, saved value, current value); none for a checkpoint that recorded none."""
-    if not saved:
-        return []
-    current = dataclasses.asdict(config)
-    return [
-        (name, saved[name], value)
-        for name, value in current.items()
-        if name in saved and saved[name] != value
-    ]
-
-
-def describe_changes(changes: list[tuple[str, Any, Any]], flag: Callable[[str], str]) -> str:
-    """``--target-bias 0.1 -> 0.2, ...``: :func:`resume_changes`'s list, named by ``flag``."""
-    return ", ".join(f"{flag(name)} {old!r} -> {new!r}" for name, old, new in changes)
-
-
-def stream_identity(tokens: Tensor, targets: Tensor | None = None) -> str:
-    """sha256 of a training stream's tokens (and targets): the data a driver's state is of."""
-    digest = hashlib.sha256()
-    for tensor in (tokens, targets):
-        if tensor is not None:
-            digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _check_config(config: TbpttConfig) -> None:
-    """Reject the options the controller does not check itself."""
-    if config.tbptt_style not in TBPTT_STYLES:
-        raise ValueError(f"tbptt_style must be one of {TBPTT_STYLES} (got {config.tbptt_style!r})")
-    if config.lr_scaling not in LR_SCALINGS:
-        raise ValueError(f"lr_scaling must be one of {LR_SCALINGS} (got {config.lr_scaling!r})")
-    if config.estimate_budget_counts not in BUDGET_COUNTS:
-        raise ValueError(
-            f"estimate_budget_counts must be one of {BUDGET_COUNTS} "
-            f"(got {config.estimate_budget_counts!r})"
-        )
-    for name in ("truncation_clip_norm", "estimate_budget", "target_bias", "max_truncation_change"):
-        value = getattr(config, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number (got {value})")
-    for name, least in (
-        ("truncation_length", 1),
-        ("updates_per_epoch", 0),
-        ("estimate_burnin", -1),
-        ("estimate_tail_anchor", -1),
-        ("truncation_clip_norm", 0),
-        ("lr_scaling_reference", 0),
-    ):
-        value = getattr(config, name)
-        if value < least:
-            raise ValueError(f"{name} must be at least {least} (got {value})")
 
 
 @dataclass
@@ -261,7 +59,8 @@ class TrainingSegment:
     """One update's window: read ``inputs`` from ``state``, score the positions from
     ``output_start`` on against ``targets``, carry the state after ``carry_offset`` steps.
 
-    Call :meth:`loss` (or run the model yourself and call :meth:`carry`) exactly once.
+    Call :meth:`loss` (or run the model yourself and call :meth:`carry`; with a gradient
+    estimator, :meth:`accumulate`) exactly once.
     """
 
     inputs: Tensor  # B x T, on the model's device
@@ -273,6 +72,7 @@ class TrainingSegment:
     decision: TruncationDecision | None  # the estimate that ran just before this segment
     new_pass: bool  # the state was reset: a pass over the data begins
     _driver: TbpttDriver = field(repr=False)
+    _planned: LoopSegment = field(repr=False)
 
     def loss(self, model: RecurrentModel) -> Tensor:
         """Mean cross-entropy over the scored positions; hands the next state to the driver."""
@@ -290,27 +90,18 @@ class TrainingSegment:
 
     def carry(self, state: State) -> None:
         """Hand over the state after ``carry_offset`` steps (for loops that run the model)."""
-        self._driver._carry(self, state)
+        self._driver._finish(self)
+        self._driver.loop.carry(state)
 
     def accumulate(self, model: RecurrentModel) -> float:
         """With the driver's gradient estimator: add its gradient estimate for this segment to
         ``.grad`` (divided by B x K, K the nominal length, so a random segment length does not
         rescale the step) and carry its state; returns the segment's mean cross-entropy."""
-        driver = self._driver
-        if driver.estimator is None or driver._estimator_carry is None:
+        if self._driver.estimator is None:
             raise RuntimeError("the driver has no gradient estimator: use segment.loss(model)")
-        if self is not driver._pending:
-            raise RuntimeError("this segment's state was already carried (run each segment once)")
-        loss, carry = driver.estimator.accumulate(
-            model,
-            self.inputs,
-            self.targets,
-            driver._estimator_carry,
-            normaliser=self.inputs.size(0) * self.truncation_length,
-        )
-        driver._estimator_carry = carry
-        driver._carry(self, carry.state)
-        return loss
+        self._driver._finish(self)
+        loss = self._driver.loop.train(self._planned, model)
+        return float(loss) / self.targets.numel()
 
 
 class TbpttDriver:
@@ -320,6 +111,9 @@ class TbpttDriver:
     token; with a token-aligned ``targets`` stream (the copy task) input t predicts target t.
     ``batch_size`` columns are trained side by side, each carrying its own state; the state is
     reset at the start of every pass. One process: the driver does not split columns over ranks.
+    ``estimator``: a gradient estimator of :mod:`atbptt.estimators` instead of truncated BPTT
+    (segments are then disjoint stretches of the length it asks for, trained by
+    ``segment.accumulate(model)``).
     """
 
     def __init__(
@@ -330,34 +124,14 @@ class TbpttDriver:
         targets: Tensor | None = None,
         estimator: GradientEstimator | None = None,
     ) -> None:
-        _check_config(config)
+        self.loop = TbpttLoop(config, estimator)
+        self.loop.use_stream(tokens, batch_size, targets)
         self.config = config
-        # with an estimator, segments are disjoint stretches of the length it asks for (around
-        # K), trained by segment.accumulate(model); it carries its own state and sensitivities
         self.estimator = estimator
-        self._estimator_carry: Carry | None = None
-        self.controller = build_controller(config)
-        self._columns = lay_out_columns(tokens, batch_size, targets)  # (inputs, targets) C x n
-        self._stream = aligned_stream(tokens, targets)  # estimate windows are cut from it
-        self._stream_identity = stream_identity(tokens, targets)  # checked on resume
-        if self.estimating:
-            length = self.controller.burnin + self.controller.measured_steps
-            if self._stream[0].numel() < length:
-                raise ValueError(
-                    f"the training stream has {self._stream[0].numel()} positions, fewer than "
-                    f"the burn-in plus estimate window ({length}); lower estimate_window (and "
-                    "max_truncation_length) or estimate_burnin, or use more data"
-                )
+        self.controller = self.loop.controller
         self.batch_size = batch_size
-        self.segments_per_epoch = config.updates_per_epoch or segments_per_pass(
-            config.truncation_length, config.tbptt_style, self.column_length
-        )
-        self.cursor = StreamCursor()
-        self.num_updates = 0  # segments served
-        self.scored_tokens = 0  # target tokens of all segments served
-        self.processed_tokens = 0  # tokens through the model: windows, estimates of an adaptive K
-        self._segment_length = config.truncation_length  # K of the update in progress
-        self._carried: State | None = None
+        self.segments_per_epoch = self.loop.segments_per_epoch
+        self._stream_identity = stream_identity(tokens, targets)  # checked on resume
         self._pending: TrainingSegment | None = None
         self._attached: list[int] = []  # ids of the optimizers whose lr follows K
         self._unscaled_lrs: dict[int, list[Any]] = {}
@@ -367,12 +141,39 @@ class TbpttDriver:
     @property
     def column_length(self) -> int:
         """Positions per column (the length of one pass)."""
-        return self._columns[0].size(1)
+        return self.loop.column_length
+
+    @property
+    def _columns(self) -> tuple[Tensor, Tensor]:
+        return self.loop.columns  # type: ignore[return-value]
+
+    @property
+    def _carried(self) -> State | None:
+        return self.loop.carried_state
+
+    @property
+    def cursor(self) -> StreamCursor:
+        return self.loop.cursor
+
+    @property
+    def num_updates(self) -> int:
+        """Segments served."""
+        return self.loop.num_segments
+
+    @property
+    def scored_tokens(self) -> int:
+        """Target tokens of all segments served."""
+        return self.loop.scored_tokens
+
+    @property
+    def processed_tokens(self) -> int:
+        """Tokens through the model: windows, and the estimates of an adaptive K."""
+        return self.loop.processed_tokens
 
     @property
     def truncation_length(self) -> int:
         """K in force."""
-        return self.controller.truncation_length
+        return self.loop.truncation_length
 
     @property
     def epoch(self) -> int:
@@ -382,20 +183,18 @@ class TbpttDriver:
     @property
     def estimating(self) -> bool:
         """Whether K is estimated on the schedule (adaptive K, or monitoring a fixed K)."""
-        return self.controller.adaptive or self.config.monitor_bias
+        return self.loop.estimating
 
     @property
     def lr_factor(self) -> float:
         """The paper's scaling of the learning rate with the K of the update in progress,
         relative to ``lr_scaling_reference`` (or K0)."""
-        return lr_factor(self.config, self._segment_length)
+        return self.loop.lr_factor
 
     @property
     def clip_threshold(self) -> float | None:
         """``truncation_clip_norm`` / K of the update in progress; None when off."""
-        if self.config.truncation_clip_norm <= 0:
-            return None
-        return self.config.truncation_clip_norm / self._segment_length
+        return self.loop.clip_threshold
 
     @property
     def _steps_follow_k(self) -> bool:
@@ -429,57 +228,26 @@ class TbpttDriver:
                 "lr_scaling and truncation_clip_norm act in the optimizer's step: call "
                 "driver.attach_optimizer(optimizer) before training"
             )
-        decision = None
-        if self.estimating and self.controller.is_due(self.num_updates):
-            decision = self.estimate(model)
-        truncation_length = self.controller.truncation_length
-        if self.estimator is None:
-            plan = plan_segment(
-                self.cursor, truncation_length, self.config.tbptt_style, self.column_length
-            )
-        else:
-            length = self.estimator.segment_length(truncation_length)
-            plan = plan_segment(self.cursor, length, "disjoint", self.column_length)
-        if plan.new_pass:
-            self._carried = None
-        device, dtype = _placement(model)
-        if self.estimator is not None:
-            if plan.new_pass or self._estimator_carry is None:
-                self._estimator_carry = self.estimator.start(model, self.batch_size)
-            else:  # a carry restored from a checkpoint lives on the CPU
-                self._estimator_carry = self._estimator_carry.to(device, dtype)
-            state = self._estimator_carry.state
-        elif self._carried is None:
-            state = model.zero_state(self.batch_size)
-        else:  # a state restored from a checkpoint lives on the CPU
-            state = tuple(tensor.to(device=device, dtype=dtype) for tensor in self._carried)
-        inputs, targets = self._columns
-        window = slice(plan.window_start, plan.window_end)
-        scored = slice(plan.window_start + plan.output_start, plan.window_end)
+        decision = self.loop.estimate_if_due(model, self.num_updates)
+        planned = self.loop.next_segment(model)
         segment = TrainingSegment(
-            inputs=inputs[:, window].to(device),
-            targets=targets[:, scored].to(device),
-            state=state,
-            output_start=plan.output_start,
-            carry_offset=plan.carry_offset,
-            truncation_length=truncation_length,
+            inputs=planned.inputs,
+            targets=planned.targets,
+            state=planned.state,
+            output_start=planned.output_start,
+            carry_offset=planned.carry_offset,
+            truncation_length=planned.truncation_length,
             decision=decision,
-            new_pass=plan.new_pass,
+            new_pass=planned.new_pass,
             _driver=self,
+            _planned=planned,
         )
-        processed, scored = segment.inputs.numel(), segment.targets.numel()
-        self.controller.record_tokens(budget_tokens(self.config, processed, scored))
-        self.processed_tokens += processed
-        self.scored_tokens += scored
-        self._segment_length = truncation_length
-        self.num_updates += 1
         self._pending = segment
         return segment
 
-    def _carry(self, segment: TrainingSegment, state: State) -> None:
+    def _finish(self, segment: TrainingSegment) -> None:
         if segment is not self._pending:
             raise RuntimeError("this segment's state was already carried (run each segment once)")
-        self._carried = tuple(tensor.detach() for tensor in state)
         self._pending = None
 
     # ------------------------------------------------------------------------- estimation
@@ -487,13 +255,7 @@ class TbpttDriver:
     def estimate(self, model: RecurrentModel) -> TruncationDecision:
         """Measure the gradient profile on random windows of the training stream and decide K
         (:func:`estimate_truncation`; the fairseq task draws the same windows)."""
-        controller = self.controller
-        decision = estimate_truncation(
-            controller, model, self._stream, self.config.seed, self.num_updates
-        )
-        if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
-            self.processed_tokens += controller.estimate_tokens
-        return decision
+        return self.loop.estimate(model, self.num_updates)
 
     # ---------------------------------------------------------------------- learning rate
 
@@ -540,22 +302,10 @@ class TbpttDriver:
             raise RuntimeError(
                 "a segment is being trained: save after segment.loss(model) (and the step)"
             )
-        carried = None if self._carried is None else [t.detach().cpu() for t in self._carried]
         return {
-            "cursor": self.cursor.state_dict(),
-            "num_updates": self.num_updates,
-            "segment_length": self._segment_length,
-            "scored_tokens": self.scored_tokens,
-            "processed_tokens": self.processed_tokens,
-            "carried_state": carried,
-            "controller": self.controller.state_dict(),
+            **self.loop.state_dict(),
             "columns": list(self._columns[0].shape),
             "stream": self._stream_identity,
-            "config": dataclasses.asdict(self.config),
-            "estimator": None if self.estimator is None else self.estimator.state_dict(),
-            "estimator_carry": (
-                None if self._estimator_carry is None else self._estimator_carry.state_dict()
-            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -582,19 +332,8 @@ class TbpttDriver:
             )
         if changes:
             logger.warning(f"resuming with changed options: {describe_changes(changes, str)}")
-        self.cursor = StreamCursor.from_state_dict(state["cursor"])
-        self.num_updates = int(state["num_updates"])
-        self._segment_length = int(state["segment_length"])
-        self.scored_tokens = int(state["scored_tokens"])
-        self.processed_tokens = int(state["processed_tokens"])
-        carried = state["carried_state"]
-        self._carried = None if carried is None else tuple(carried)
+        self.loop.load_state_dict(state)
         self._pending = None
-        self.controller.load_state_dict(state["controller"])
-        if self.estimator is not None and state.get("estimator") is not None:
-            self.estimator.load_state_dict(state["estimator"])
-        saved_carry = state.get("estimator_carry")
-        self._estimator_carry = None if saved_carry is None else Carry.from_state_dict(saved_carry)
 
 
 def evaluate_stream(
@@ -610,7 +349,7 @@ def evaluate_stream(
     one column this is exactly one forward pass over the whole stream. In eval mode, no grad.
     """
     inputs, target_columns = lay_out_columns(tokens, batch_size, targets)
-    device, _ = _placement(model)
+    device, _ = placement(model)
     was_training = getattr(model, "training", None)
     if was_training is not None:
         model.eval()
@@ -634,13 +373,3 @@ def evaluate_stream(
         if was_training is not None:
             model.train(was_training)
     return total / count
-
-
-def _placement(model: RecurrentModel) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's state (from its parameters when it has any)."""
-    if isinstance(model, nn.Module):
-        for parameter in model.parameters():
-            if parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-    reference = model.zero_state(1)[0]
-    return reference.device, reference.dtype

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_TRAIN, USER_DIR, StubOptimizer, json_records, run_cli
 
-import atbptt.driver as estimator_module  # the task estimates through atbptt's
+import atbptt.loop as estimator_module  # the task estimates through atbptt's
 from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask

@@ -1,0 +1,532 @@
+"""The one TBPTT segment loop: everything that happens between two updates, for every front end.
+
+:class:`TbpttLoop` owns the columns of this worker, the stream cursor, the carried state, the K in
+force (capped at the column length), the token counts, the estimate schedule and the controller,
+the learning-rate and clipping factors of the K in force, the snapshot that an update retried by
+fairseq's ``--amp`` rewinds to, and the state of an exact resume. Fixed K, adaptive K and every
+gradient estimator of :mod:`atbptt.estimators` train through :meth:`TbpttLoop.train`; the
+plain-PyTorch driver, the Lightning module and the fairseq task only translate (see
+``docs/front_ends.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TbpttConfig, budget_tokens, build_controller, check_config, lr_factor
+from .controller import TruncationController, TruncationDecision
+from .estimators.base import Carry, GradientEstimator
+from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
+from .in_window import InWindowMeasurement, measure_in_window
+from .protocol import RecurrentModel
+from .token_stream import (
+    StreamCursor,
+    aligned_stream,
+    lay_out_columns,
+    plan_segment,
+    segments_per_pass,
+)
+
+logger = logging.getLogger(__name__)
+
+# what a retried update rewinds to (TbpttLoop.snapshot)
+Snapshot = tuple[Any, ...]
+
+
+@dataclass
+class LoopSegment:
+    """One update's window over this worker's columns.
+
+    Read ``inputs`` from ``state``, score the positions from ``output_start`` on against
+    ``targets``, carry the state after ``carry_offset`` steps. ``normaliser``: the divisor of the
+    summed cross-entropy whose gradient :meth:`TbpttLoop.train` writes (the scored tokens for
+    truncated BPTT, the paper's mean loss; B x the nominal K for the other estimators, so that
+    ARTBP's random lengths do not rescale the step).
+    """
+
+    inputs: Tensor  # B x T, on the model's device
+    targets: Tensor  # B x (T - output_start)
+    state: State  # the carried state (detached), or a zero state at the start of a pass
+    output_start: int
+    carry_offset: int
+    truncation_length: int  # K in force for this update (capped at the column length)
+    new_pass: bool  # the state was reset: a pass over the data begins
+    normaliser: float
+
+
+class TbpttLoop:
+    """The segment loop of one worker over a token stream laid out in columns.
+
+    ``config``: the method's options (checked here). ``estimator``: a gradient estimator of
+    :mod:`atbptt.estimators` (ARTBP, UORO, KF-RTRL, exact RTRL); None trains by (adaptive)
+    truncated BPTT at the controller's K. ``rank``/``world_size``: this worker's share of the
+    columns (``batch_size`` columns each); ``average`` all-reduces the measured gradient profile
+    of an estimate in place, so that every worker decides the same K. Give the training stream
+    with :meth:`use_stream` before the first segment.
+    """
+
+    def __init__(
+        self,
+        config: TbpttConfig,
+        estimator: GradientEstimator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        average: Callable[[list[Tensor]], None] | None = None,
+    ) -> None:
+        check_config(config)
+        self.config = config
+        self.estimator = estimator
+        self.rank, self.world_size, self.average = rank, world_size, average
+        self.controller: TruncationController = build_controller(config)
+        self.columns: tuple[Tensor, Tensor] | None = None  # (inputs, targets), C x n
+        self.stream: tuple[Tensor, Tensor] | None = None  # estimate windows are cut from it
+        self.cursor = StreamCursor()
+        self.carried: State | None = None  # truncated BPTT's state after the last segment
+        self.estimator_carry: Carry | None = None  # an estimator's state and history
+        self.state_batch_dim = 1  # of the trained model's state (nn.LSTM's layers x B x H)
+        self.num_segments = 0  # segments served
+        self.scored_tokens = 0  # target tokens of all segments, all workers
+        self.processed_tokens = 0  # tokens through the model, adaptive estimates too, all workers
+        self.update_length = config.truncation_length  # K applied in the update in progress
+        self.pending_estimate_tokens = 0  # this worker's estimate tokens since the last record
+        self.pending_estimate_seconds = 0.0
+        self._warned_cap = False
+
+    # ------------------------------------------------------------------------------ data
+
+    def use_stream(self, tokens: Tensor, batch_size: int, targets: Tensor | None = None) -> None:
+        """Lay out the training stream in ``batch_size`` columns per worker (this worker's) and
+        keep it whole for the estimate windows. The cursor and carried state are kept."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of columns (got {batch_size})")
+        self.columns = lay_out_columns(
+            tokens, batch_size * self.world_size, targets, self.rank, self.world_size
+        )
+        self.stream = aligned_stream(tokens, targets)
+        if self.estimating:
+            length = self.controller.burnin + self.controller.measured_steps
+            if self.stream[0].numel() < length:
+                raise ValueError(
+                    f"the training stream has {self.stream[0].numel()} positions, fewer than "
+                    f"the burn-in plus estimate window ({length}); lower estimate_window (and "
+                    "max_truncation_length) or estimate_burnin, or use more data"
+                )
+
+    def restart_pass(self, count_pass: bool = False) -> None:
+        """Start the stream from its beginning with a zero state (a new shard or layout)."""
+        self.cursor = StreamCursor(passes=self.cursor.passes + int(count_pass))
+        self.carried = None
+        self.estimator_carry = None
+
+    # ------------------------------------------------------------------------------ facts
+
+    @property
+    def column_length(self) -> int:
+        """Positions per column (the length of one pass)."""
+        if self.columns is None:
+            raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
+        return self.columns[0].size(1)
+
+    @property
+    def batch_size(self) -> int:
+        """Columns of this worker."""
+        return self.column_count
+
+    @property
+    def column_count(self) -> int:
+        return 0 if self.columns is None else self.columns[0].size(0)
+
+    @property
+    def estimating(self) -> bool:
+        """Whether K is estimated on the schedule (adaptive K, or monitoring a fixed K)."""
+        return self.controller.adaptive or self.config.monitor_bias
+
+    @property
+    def segments_per_epoch(self) -> int:
+        """``updates_per_epoch``, or one pass over the columns at K0."""
+        style = self.config.tbptt_style if self.estimator is None else "disjoint"
+        return self.config.updates_per_epoch or segments_per_pass(
+            self.config.truncation_length, style, self.column_length
+        )
+
+    def applied_length(self, truncation_length: int) -> int:
+        """The K a segment really has: a K longer than a column trains the whole column from a
+        zero state, i.e. with K = the column length (said once, on the first worker)."""
+        if self.columns is None or truncation_length <= self.column_length:
+            return truncation_length
+        if not self._warned_cap and self.rank == 0:
+            logger.warning(
+                f"K = {truncation_length} is longer than a training column ({self.column_length} "
+                "tokens: the split over the batch size x workers columns), so every update trains "
+                f"a whole column from a zero state: K = {self.column_length} applies, and trunc_k "
+                "and the lr scaling use it; lower the (maximum) truncation length or the batch "
+                "size for a longer K"
+            )
+        self._warned_cap = True
+        return self.column_length
+
+    @property
+    def truncation_length(self) -> int:
+        """K in force, capped at the column length."""
+        return self.applied_length(self.controller.truncation_length)
+
+    @property
+    def lr_factor(self) -> float:
+        """The paper's scaling of the learning rate with the K of the update in progress,
+        relative to ``lr_scaling_reference`` (or K0 as applied)."""
+        initial = self.applied_length(self.config.truncation_length)
+        return lr_factor(self.config, self.update_length, initial)
+
+    @property
+    def clip_threshold(self) -> float | None:
+        """``truncation_clip_norm`` / K of the update in progress; None when off."""
+        if self.config.truncation_clip_norm <= 0:
+            return None
+        return self.config.truncation_clip_norm / self.update_length
+
+    def trained_model(self, model: RecurrentModel) -> RecurrentModel:
+        """The module the gradient is taken of: an estimator's (a model may hand over its core
+        recurrence with ``gradient_estimation_model()``), else the model itself."""
+        handed_over = getattr(model, "gradient_estimation_model", None)
+        return model if self.estimator is None or handed_over is None else handed_over()
+
+    # ------------------------------------------------------------------------- estimates
+
+    def estimate_if_due(self, model: RecurrentModel, update: int) -> TruncationDecision | None:
+        """Estimate K before ``update`` if the schedule says so (adaptive K or monitoring)."""
+        if self.estimating and self.controller.is_due(update):
+            return self.estimate(model, update)
+        return None
+
+    def estimate(self, model: RecurrentModel, update: int) -> TruncationDecision:
+        """Measure the gradient profile on random windows of the training stream and decide K
+        (:func:`estimate_truncation`). Counts an adaptive K's estimate as processed tokens."""
+        if self.stream is None:
+            raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
+        controller = self.controller
+        decision = estimate_truncation(
+            controller, model, self.stream, self.config.seed, update, self.rank, self.average
+        )
+        self.pending_estimate_seconds += decision.seconds
+        if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
+            self.processed_tokens += controller.estimate_tokens * self.world_size
+            self.pending_estimate_tokens += controller.estimate_tokens
+        return decision
+
+    # -------------------------------------------------------------------------- training
+
+    def next_segment(self, model: RecurrentModel) -> LoopSegment:
+        """Plan the next segment at the K in force (an estimator: of the length it asks for,
+        disjoint), on the device and in the precision of ``model``; count its tokens."""
+        if self.columns is None:
+            raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
+        trained = self.trained_model(model)
+        truncation_length = self.truncation_length
+        if self.estimator is None:
+            style, length = self.config.tbptt_style, truncation_length
+        else:
+            style, length = "disjoint", self.estimator.segment_length(truncation_length)
+        plan = plan_segment(self.cursor, length, style, self.column_length)
+        device, dtype = placement(trained)
+        self.state_batch_dim = getattr(trained, "state_batch_dim", 1)
+        inputs, targets = self.columns
+        window = slice(plan.window_start, plan.window_end)
+        scored = slice(plan.window_start + plan.output_start, plan.window_end)
+        segment_inputs, segment_targets = (
+            inputs[:, window].to(device),
+            targets[:, scored].to(device),
+        )
+        if self.estimator is not None:
+            if plan.new_pass or self.estimator_carry is None:
+                self.estimator_carry = self.estimator.start(trained, segment_inputs.size(0))
+            else:  # a carry restored from a checkpoint lives on the CPU
+                self.estimator_carry = self.estimator_carry.to(device, dtype)
+            state = self.estimator_carry.state
+            normaliser = float(segment_inputs.size(0) * truncation_length)
+        else:
+            if plan.new_pass:
+                self.carried = None
+            if self.carried is None:
+                state = trained.zero_state(segment_inputs.size(0))
+            else:  # a state restored from a checkpoint lives on the CPU, maybe in another dtype
+                state = tuple(tensor.to(device=device, dtype=dtype) for tensor in self.carried)
+            normaliser = float(segment_targets.numel())
+        processed, scored_count = segment_inputs.numel(), segment_targets.numel()
+        self.controller.record_tokens(budget_tokens(self.config, processed, scored_count))
+        self.processed_tokens += processed * self.world_size
+        self.scored_tokens += scored_count * self.world_size
+        self.update_length = truncation_length
+        self.num_segments += 1
+        return LoopSegment(
+            inputs=segment_inputs,
+            targets=segment_targets,
+            state=state,
+            output_start=plan.output_start,
+            carry_offset=plan.carry_offset,
+            truncation_length=truncation_length,
+            new_pass=plan.new_pass,
+            normaliser=normaliser,
+        )
+
+    def train(
+        self,
+        segment: LoopSegment,
+        model: RecurrentModel,
+        backward: Callable[[Tensor], Any] | None = None,
+        forward: Callable[[LoopSegment], tuple[Tensor, State]] | None = None,
+        divided_later: float = 1.0,
+        ignore_grad: bool = False,
+    ) -> Tensor:
+        """Add the gradient of the segment's summed cross-entropy / ``segment.normaliser`` to
+        ``.grad`` and carry the state on; returns the summed cross-entropy (detached).
+
+        The one training call of every estimator. ``divided_later``: the divisor the caller
+        applies to the gradient itself (fairseq divides by the sample size it is handed), taken
+        out of the normaliser here. Truncated BPTT runs ``forward`` (default: the model's
+        ``run_window`` and the summed cross-entropy; it returns the summed loss and the state
+        after ``carry_offset`` steps) and ``backward`` (default ``Tensor.backward``) on the loss;
+        the other estimators write ``.grad`` themselves. ``ignore_grad``: leave ``.grad`` as it
+        was (fairseq's dummy batches), the state still advances.
+        """
+        trained = self.trained_model(model)
+        scale = segment.normaliser / divided_later
+        if self.estimator is not None:
+            parameters = [p for p in trained.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+            # a dummy batch's gradient must not count: keep the gradients only then
+            kept = (
+                [None if p.grad is None else p.grad.clone() for p in parameters]
+                if ignore_grad
+                else []
+            )
+            mean_loss, carry = self.estimator.accumulate(
+                trained, segment.inputs, segment.targets, self.estimator_carry, scale
+            )
+            if ignore_grad:
+                for parameter, grad in zip(parameters, kept):
+                    parameter.grad = grad
+            self.estimator_carry = carry
+            return torch.tensor(mean_loss * segment.targets.numel(), dtype=torch.float64)
+        loss, carried = (forward or _window_loss(trained))(segment)
+        if ignore_grad:
+            loss *= 0
+        (backward or Tensor.backward)(loss if scale == 1.0 else loss / scale)
+        self.carry(carried)
+        return loss.detach()
+
+    def carry(self, state: State) -> None:
+        """Keep ``state`` (detached) as truncated BPTT's state for the next segment."""
+        self.carried = tuple(tensor.detach() for tensor in state)
+
+    @property
+    def carried_state(self) -> State | None:
+        """The state the next segment starts from, in the trained model's layout."""
+        if self.estimator is not None:
+            return None if self.estimator_carry is None else self.estimator_carry.state
+        return self.carried
+
+    # ------------------------------------------------------------------- retried updates
+
+    def snapshot(self) -> Snapshot:
+        """What :meth:`rewind` restores: a retried update (fairseq's ``--amp`` overflow) must
+        not advance the stream, the state, the counts or the estimator's RNG twice."""
+        return (
+            copy.deepcopy(self.cursor),
+            self.carried,
+            self.estimator_carry,
+            None if self.estimator is None else copy.deepcopy(self.estimator.state_dict()),
+            self.scored_tokens,
+            self.processed_tokens,
+            self.controller.state_dict(),
+            self.update_length,
+            self.num_segments,
+        )
+
+    def rewind(self, snapshot: Snapshot) -> None:
+        """Back to where :meth:`snapshot` was taken."""
+        (cursor, carried, estimator_carry, estimator_state, scored, processed, controller,
+         update_length, num_segments) = snapshot  # fmt: skip
+        self.cursor = copy.deepcopy(cursor)
+        self.carried, self.estimator_carry = carried, estimator_carry
+        if self.estimator is not None:
+            self.estimator.load_state_dict(copy.deepcopy(estimator_state))
+        self.scored_tokens, self.processed_tokens = scored, processed
+        self.controller.load_state_dict(controller)
+        self.update_length, self.num_segments = update_length, num_segments
+
+    # ------------------------------------------------------------------------- records
+
+    def update_record(self, update: int) -> dict[str, Any]:
+        """The figures of the update in progress, as a record (one JSON object of the metrics
+        file): K, the last estimate, the lr and clip factors, token counts, estimate time."""
+        decision = self.controller.last_decision
+        record: dict[str, Any] = {
+            "update": update,
+            "trunc_k": self.update_length,
+            "processed_tokens": self.processed_tokens,
+            "scored_tokens": self.scored_tokens,
+        }
+        if decision is not None:
+            record["bias_hat"] = decision.relative_bias
+            record["beta_hat"] = decision.decay_rate
+        if self.config.lr_scaling != "none":
+            record["lr_scale"] = self.lr_factor
+        if self.clip_threshold is not None:
+            record["clip_at"] = self.clip_threshold
+        if self.estimating:
+            record["est_sec"] = self.pending_estimate_seconds
+        return record
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Cursor, carried state, counts, controller and estimator: plain values and CPU
+        tensors, loadable with ``torch.load(weights_only=True)``."""
+        state = self.carried_state
+        carried = None if state is None else [t.detach().cpu() for t in state]
+        carry = self.estimator_carry
+        return {
+            "cursor": self.cursor.state_dict(),
+            "num_updates": self.num_segments,
+            "segment_length": self.update_length,
+            "scored_tokens": self.scored_tokens,
+            "processed_tokens": self.processed_tokens,
+            "carried_state": carried,
+            "controller": self.controller.state_dict(),
+            "config": dataclasses.asdict(self.config),
+            "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "estimator_carry": None if carry is None else carry.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where :meth:`state_dict` left off (the front end checks the data)."""
+        self.cursor = StreamCursor.from_state_dict(state["cursor"])
+        self.num_segments = int(state["num_updates"])
+        self.update_length = int(state["segment_length"])
+        self.scored_tokens = int(state["scored_tokens"])
+        self.processed_tokens = int(state["processed_tokens"])
+        carried = state["carried_state"]
+        self.carried = None if carried is None else tuple(carried)
+        self.controller.load_state_dict(state["controller"])
+        if self.estimator is not None and state.get("estimator") is not None:
+            self.estimator.load_state_dict(state["estimator"])
+        saved_carry = state.get("estimator_carry")
+        self.estimator_carry = None if saved_carry is None else Carry.from_state_dict(saved_carry)
+
+
+def _window_loss(model: RecurrentModel) -> Callable[[LoopSegment], tuple[Tensor, State]]:
+    """Truncated BPTT's forward: the summed cross-entropy of the scored positions (fp32) and
+    the state after ``carry_offset`` steps."""
+
+    def forward(segment: LoopSegment) -> tuple[Tensor, State]:
+        logits, carried = model.run_window(
+            segment.inputs, segment.state, segment.output_start, segment.carry_offset
+        )
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            segment.targets.reshape(-1),
+            reduction="sum",
+        )
+        return loss, carried
+
+    return forward
+
+
+def estimate_truncation(
+    controller: TruncationController,
+    model: RecurrentModel,
+    stream: tuple[Tensor, Tensor],
+    seed: int,
+    update: int,
+    rank: int = 0,
+    average: Callable[[list[Tensor]], None] | None = None,
+) -> TruncationDecision:
+    """One decision of ``controller`` on random windows of ``stream`` (aligned inputs and targets,
+    :func:`atbptt.aligned_stream`).
+
+    In fp32 and eval mode, without touching any parameter's ``.grad``, the carried state or the
+    global RNG. The windows depend only on ``seed``, ``update`` and ``rank``, so a resumed run
+    estimates exactly as an uninterrupted one. With several workers, ``average`` replaces the
+    measured tensors in place by their mean over all workers (an all-reduce, before any norm is
+    taken), so every worker decides the same K.
+    """
+    inputs, targets = stream
+    burnin = controller.burnin
+    length = burnin + controller.measured_steps
+    estimator = model
+    if isinstance(model, nn.Module) and any(p.dtype != torch.float32 for p in model.parameters()):
+        estimator = copy.deepcopy(model).float()
+    device, _ = placement(estimator)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + update) * 1009 + rank)
+
+    def measure() -> GradientProfile | InWindowMeasurement:
+        windows, final_targets = sample_windows(
+            inputs, targets, controller.num_sequences, length, generator
+        )
+        windows, final_targets = windows.to(device), final_targets.to(device)
+        state = estimator.zero_state(windows.size(0))
+        if burnin > 0:
+            # the fused kernel runs the burn-in, in fp32 like the window (even under autocast)
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                _, state = estimator.run_window(windows[:, :burnin], state, burnin, burnin)
+        if controller.estimate_method == "in-window":
+            measurement = measure_in_window(
+                estimator, state, windows[:, burnin:], final_targets,
+                batch_dim=estimator.state_batch_dim,
+            )  # fmt: skip
+            profile = measurement.profile
+            tensors = [profile.norms, profile.mean_gradients, measurement.readout_gradient]
+            tensors.append(measurement.bucket_gradients)
+            if average is not None:
+                average(tensors)
+            return measurement
+        profile = measure_gradient_profile(
+            lambda tokens, state: (None, estimator.advance(tokens, state)),
+            state,
+            windows[:, burnin:],
+            final_targets,
+            burnin=0,
+            batch_dim=estimator.state_batch_dim,
+            readout=estimator.readout,  # the output layer runs on the final state only
+        )
+        if average is not None:
+            average([profile.norms, profile.mean_gradients])
+        return profile
+
+    was_training = getattr(estimator, "training", None)
+    if was_training is not None:
+        estimator.eval()
+    try:
+        return controller.estimate(measure, update)
+    finally:
+        if was_training is not None:
+            estimator.train(was_training)
+
+
+def stream_identity(tokens: Tensor, targets: Tensor | None = None) -> str:
+    """sha256 of a training stream's tokens (and targets): the data a driver's state is of."""
+    digest = hashlib.sha256()
+    for tensor in (tokens, targets):
+        if tensor is not None:
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def placement(model: RecurrentModel) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's state (from its parameters when it has any)."""
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+    reference = model.zero_state(1)[0]
+    return reference.device, reference.dtype
