@@ -60,6 +60,7 @@ class LoopSegment:
     output_start: int
     carry_offset: int
     truncation_length: int  # K in force for this update (capped at the column length)
+    trained_length: int  # what trunc_k logs: K, or an estimator's segment length (ARTBP: random)
     new_pass: bool  # the state was reset: a pass over the data begins
     normaliser: float
 
@@ -98,17 +99,29 @@ class TbpttLoop:
         self.scored_tokens = 0  # target tokens of all segments, all workers
         self.processed_tokens = 0  # tokens through the model, adaptive estimates too, all workers
         self.update_length = config.truncation_length  # K applied in the update in progress
+        self.trained_length = config.truncation_length  # trunc_k of the update in progress
         self.pending_estimate_tokens = 0  # this worker's estimate tokens since the last record
         self.pending_estimate_seconds = 0.0
         self._warned_cap = False
+        self._counted_ahead = False  # the next segment's tokens were counted before a rewind
 
     # ------------------------------------------------------------------------------ data
 
-    def use_stream(self, tokens: Tensor, batch_size: int, targets: Tensor | None = None) -> None:
-        """Lay out the training stream in ``batch_size`` columns per worker (this worker's) and
-        keep it whole for the estimate windows. The cursor and carried state are kept."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def use_stream(
+        self,
+        tokens: Tensor,
+        batch_size: int,
+        targets: Tensor | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        """Lay out the training stream in ``batch_size`` columns per worker and keep this
+        worker's (``rank``/``world_size``: as given at construction unless given here); keep the
+        whole stream for the estimate windows. The cursor and carried state are kept."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of columns (got {batch_size})")
+        self.rank = self.rank if rank is None else rank
+        self.world_size = self.world_size if world_size is None else world_size
         self.columns = lay_out_columns(
             tokens, batch_size * self.world_size, targets, self.rank, self.world_size
         )
@@ -262,10 +275,13 @@ class TbpttLoop:
                 state = tuple(tensor.to(device=device, dtype=dtype) for tensor in self.carried)
             normaliser = float(segment_targets.numel())
         processed, scored_count = segment_inputs.numel(), segment_targets.numel()
-        self.controller.record_tokens(budget_tokens(self.config, processed, scored_count))
-        self.processed_tokens += processed * self.world_size
-        self.scored_tokens += scored_count * self.world_size
+        if not self._counted_ahead:  # a segment served again after a rewind counts once
+            self.controller.record_tokens(budget_tokens(self.config, processed, scored_count))
+            self.processed_tokens += processed * self.world_size
+            self.scored_tokens += scored_count * self.world_size
+        self._counted_ahead = False
         self.update_length = truncation_length
+        self.trained_length = truncation_length if self.estimator is None else length
         self.num_segments += 1
         return LoopSegment(
             inputs=segment_inputs,
@@ -274,6 +290,7 @@ class TbpttLoop:
             output_start=plan.output_start,
             carry_offset=plan.carry_offset,
             truncation_length=truncation_length,
+            trained_length=truncation_length if self.estimator is None else length,
             new_pass=plan.new_pass,
             normaliser=normaliser,
         )
@@ -338,42 +355,47 @@ class TbpttLoop:
 
     def snapshot(self) -> Snapshot:
         """What :meth:`rewind` restores: a retried update (fairseq's ``--amp`` overflow) must
-        not advance the stream, the state, the counts or the estimator's RNG twice."""
+        not advance the stream, the state or the estimator's RNG twice, nor count its tokens
+        twice (the segment served again after a rewind is not counted again)."""
         return (
             copy.deepcopy(self.cursor),
             self.carried,
             self.estimator_carry,
             None if self.estimator is None else copy.deepcopy(self.estimator.state_dict()),
-            self.scored_tokens,
-            self.processed_tokens,
-            self.controller.state_dict(),
             self.update_length,
+            self.trained_length,
             self.num_segments,
+            self.pending_estimate_tokens,
+            self.pending_estimate_seconds,
         )
 
     def rewind(self, snapshot: Snapshot) -> None:
         """Back to where :meth:`snapshot` was taken."""
-        (cursor, carried, estimator_carry, estimator_state, scored, processed, controller,
-         update_length, num_segments) = snapshot  # fmt: skip
+        (cursor, carried, estimator_carry, estimator_state, update_length, trained_length,
+         num_segments, estimate_tokens, estimate_seconds) = snapshot  # fmt: skip
         self.cursor = copy.deepcopy(cursor)
         self.carried, self.estimator_carry = carried, estimator_carry
         if self.estimator is not None:
             self.estimator.load_state_dict(copy.deepcopy(estimator_state))
-        self.scored_tokens, self.processed_tokens = scored, processed
-        self.controller.load_state_dict(controller)
-        self.update_length, self.num_segments = update_length, num_segments
+        self.update_length, self.trained_length = update_length, trained_length
+        self._counted_ahead = self._counted_ahead or self.num_segments != num_segments
+        self.num_segments = num_segments
+        self.pending_estimate_tokens = estimate_tokens
+        self.pending_estimate_seconds = estimate_seconds
 
     # ------------------------------------------------------------------------- records
 
-    def update_record(self, update: int) -> dict[str, Any]:
+    def take_update_record(self, update: int) -> dict[str, Any]:
         """The figures of the update in progress, as a record (one JSON object of the metrics
-        file): K, the last estimate, the lr and clip factors, token counts, estimate time."""
+        file): K, the last estimate, the lr and clip factors, token counts (all workers), and
+        this worker's estimate tokens and seconds since the last record (which it takes)."""
         decision = self.controller.last_decision
         record: dict[str, Any] = {
             "update": update,
-            "trunc_k": self.update_length,
+            "trunc_k": self.trained_length,
             "processed_tokens": self.processed_tokens,
             "scored_tokens": self.scored_tokens,
+            "est_tokens": self.pending_estimate_tokens,
         }
         if decision is not None:
             record["bias_hat"] = decision.relative_bias
@@ -384,6 +406,7 @@ class TbpttLoop:
             record["clip_at"] = self.clip_threshold
         if self.estimating:
             record["est_sec"] = self.pending_estimate_seconds
+        self.pending_estimate_tokens, self.pending_estimate_seconds = 0, 0.0
         return record
 
     # ------------------------------------------------------------------------ checkpoints
@@ -407,9 +430,28 @@ class TbpttLoop:
             "estimator_carry": None if carry is None else carry.state_dict(),
         }
 
+    def restore(
+        self,
+        cursor: StreamCursor,
+        carried: State | None,
+        controller: dict[str, Any],
+        scored_tokens: int,
+        processed_tokens: int,
+        estimator: dict[str, Any] | None = None,
+        estimator_carry: Carry | None = None,
+    ) -> None:
+        """Continue from the parts of a front end's own checkpoint format (fairseq's)."""
+        self.cursor, self.carried, self.estimator_carry = cursor, carried, estimator_carry
+        self._counted_ahead = False
+        self.controller.load_state_dict(controller)
+        self.scored_tokens, self.processed_tokens = int(scored_tokens), int(processed_tokens)
+        if self.estimator is not None and estimator is not None:
+            self.estimator.load_state_dict(estimator)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where :meth:`state_dict` left off (the front end checks the data)."""
         self.cursor = StreamCursor.from_state_dict(state["cursor"])
+        self._counted_ahead = False
         self.num_segments = int(state["num_updates"])
         self.update_length = int(state["segment_length"])
         self.scored_tokens = int(state["scored_tokens"])

@@ -587,7 +587,7 @@ def test_truncation_length_longer_than_a_column_logs_and_scales_the_applied_k(ti
     task = AdaptiveTbpttLmTask.setup_task(config)
     task.load_dataset("train")
     slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=4).next_epoch_itr())
-    column = task._train_columns[0].size(1)
+    column = task.loop.column_length
     assert column < 5000 and len(slots) == 1
     torch.manual_seed(0)
     model_config = TbpttLstmLmConfig(embed_dim=8, hidden_size=8, num_layers=1, dropout=0.0)

@@ -71,14 +71,14 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         iterator = task.get_batch_iterator(task.dataset("train"), max_sentences=3)
         slots = list(iterator.next_epoch_itr(shuffle=False))
         model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1))
-        inputs, targets = task._train_columns
+        inputs, targets = task.loop.columns
         reference, _ = model(inputs)
         scored_logits, scored_targets = [], []
         with torch.no_grad():
-            for slot in slots + slots[:2]:  # into the next pass
-                batch = task._training_batch(slot, torch.device("cpu"))
+            for _ in slots + slots[:2]:  # into the next pass
+                batch = training_batch(task.loop.next_segment(model))
                 logits, extra = model(**batch["net_input"])
-                task._carried_state = extra["carried_state"]
+                task.loop.carry(extra["carried_state"])
                 scored_logits.append(logits)
                 scored_targets.append(batch["target"])
         length = inputs.size(1)
@@ -89,7 +89,21 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         torch.testing.assert_close(
             second_pass, reference[:, : second_pass.size(1)], atol=1e-5, rtol=1e-5
         )
-        assert first_pass.size(1) == length and task.cursor.passes == 1
+        assert first_pass.size(1) == length and task.loop.cursor.passes == 1
+
+
+def training_batch(segment) -> dict:
+    """A loop segment as the task hands it to the criterion."""
+    return {
+        "net_input": {
+            "src_tokens": segment.inputs,
+            "state": segment.state,
+            "carry_offset": segment.carry_offset,
+            "output_start": segment.output_start,
+        },
+        "target": segment.targets,
+        "ntokens": segment.targets.numel(),
+    }
 
 
 def test_training_carries_the_state_through_return_values(tiny_corpus):
@@ -105,7 +119,7 @@ def test_training_carries_the_state_through_return_values(tiny_corpus):
     slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
     model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1))
     criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
-    batch = task._training_batch(slots[0], torch.device("cpu"))
+    batch = training_batch(task.loop.next_segment(model))
     keys = set(batch)
     loss, _, _, carried = criterion.forward_carrying_state(model, batch)
     assert set(batch) == keys
@@ -116,7 +130,7 @@ def test_training_carries_the_state_through_return_values(tiny_corpus):
     task = make_task(tiny_corpus, truncation_length=7)  # the same first segment, in train_step
     slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
     task.train_step(slots[0], model, criterion, StubOptimizer(model), 0)
-    assert all(torch.equal(a, b) for a, b in zip(task._carried_state, expected))
+    assert all(torch.equal(a, b) for a, b in zip(task.loop.carried_state, expected))
     with pytest.raises(UserInputError, match="--criterion tbptt_cross_entropy"):
         task.train_step(
             slots[1], model, CrossEntropyCriterion(task, False), StubOptimizer(model), 1
@@ -131,11 +145,11 @@ def test_each_rank_gets_its_own_columns_and_the_same_slot_count(tiny_corpus):
             task.dataset("train"), max_sentences=2, num_shards=2, shard_id=rank
         )
         counts.append(len(iterator))
-        columns.append(task._train_columns[0])
+        columns.append(task.loop.columns[0])
     single = make_task(tiny_corpus, truncation_length=5)
     single.get_batch_iterator(single.dataset("train"), max_sentences=4)
     assert counts[0] == counts[1]
-    assert torch.equal(torch.cat(columns), single._train_columns[0])
+    assert torch.equal(torch.cat(columns), single.loop.columns[0])
 
 
 def test_estimation_leaves_training_state_untouched(tiny_corpus):
@@ -149,21 +163,21 @@ def test_estimation_leaves_training_state_untouched(tiny_corpus):
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     optimizer.step()
-    task._carried_state = model.zero_state(3)
-    task._carried_state[0].normal_()
+    task.loop.carry(model.zero_state(3))
+    task.loop.carried[0].normal_()
     before = (
         [p.grad.clone() for p in model.parameters()],
         {k: v["momentum_buffer"].clone() for k, v in optimizer.state.items()},
-        [t.clone() for t in task._carried_state],
-        task.cursor.state_dict(),
+        [t.clone() for t in task.loop.carried],
+        task.loop.cursor.state_dict(),
     )
     rng_state = torch.get_rng_state()
-    task._estimate(model, update_num=10)
+    task.loop.estimate(model, update=10)
     assert model.training
     assert all(torch.equal(a, p.grad) for a, p in zip(before[0], model.parameters()))
     assert all(torch.equal(before[1][k], v["momentum_buffer"]) for k, v in optimizer.state.items())
-    assert all(torch.equal(a, b) for a, b in zip(before[2], task._carried_state))
-    assert task.cursor.state_dict() == before[3]
+    assert all(torch.equal(a, b) for a, b in zip(before[2], task.loop.carried))
+    assert task.loop.cursor.state_dict() == before[3]
     assert torch.equal(rng_state, torch.get_rng_state())  # dropout masks of training unaffected
     decision = task.controller.last_decision
     assert 2 <= decision.truncation_length <= 20 and decision.seconds > 0

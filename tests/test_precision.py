@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, TINY_TRAIN, USER_DIR, StubOptimizer, json_records, run_cli
 
 import atbptt.loop as estimator_module  # the task estimates through atbptt's
+from atbptt import TbpttLoop
 from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
@@ -39,27 +40,25 @@ def setup(data, dtype=torch.float32, **overrides):
 
 
 def state_of(task):
-    return copy.deepcopy(task.cursor), [t.clone() for t in task._carried_state]
+    return copy.deepcopy(task.loop.cursor), [t.clone() for t in task.loop.carried_state]
 
 
 def test_a_retried_update_advances_the_carried_state_once(tiny_corpus, monkeypatch):
     task, slots, model, criterion, optimizer = setup(tiny_corpus, **ADAPTIVE)
     reference = setup(tiny_corpus, **ADAPTIVE)
     estimates, batches = [], []
-    estimate = AdaptiveTbpttLmTask._estimate
+    estimate = TbpttLoop.estimate
     monkeypatch.setattr(
-        AdaptiveTbpttLmTask,
-        "_estimate",
-        lambda self, *a: (estimates.append(a[1]), estimate(self, *a)),
+        TbpttLoop, "estimate", lambda self, *a: (estimates.append(a[1]), estimate(self, *a))[1]
     )
-    training_batch = AdaptiveTbpttLmTask._training_batch
+    next_segment = TbpttLoop.next_segment
 
-    def recording_batch(self, *args):
-        batch = training_batch(self, *args)
-        batches.append((batch["net_input"]["src_tokens"], batch["net_input"]["state"]))
-        return batch
+    def recording_segment(self, *args):
+        segment = next_segment(self, *args)
+        batches.append((segment.inputs, segment.state))
+        return segment
 
-    monkeypatch.setattr(AdaptiveTbpttLmTask, "_training_batch", recording_batch)
+    monkeypatch.setattr(TbpttLoop, "next_segment", recording_segment)
     for update in range(2):
         task.train_step(slots[update], model, criterion, optimizer, update)
     after_first = state_of(task)
@@ -80,8 +79,10 @@ def test_a_retried_update_advances_the_carried_state_once(tiny_corpus, monkeypat
     for update in range(4):
         ref_task.train_step(ref_slots[update], ref_model, ref_criterion, ref_optimizer, update)
     task.train_step(slots[3], model, criterion, optimizer, 3)
-    assert task.cursor == ref_task.cursor
-    assert all(torch.equal(a, b) for a, b in zip(task._carried_state, ref_task._carried_state))
+    assert task.loop.cursor == ref_task.loop.cursor
+    assert all(
+        torch.equal(a, b) for a, b in zip(task.loop.carried_state, ref_task.loop.carried_state)
+    )
 
 
 def test_a_failed_forward_rewinds_the_stream(tiny_corpus):
@@ -95,8 +96,8 @@ def test_a_failed_forward_rewinds_the_stream(tiny_corpus):
 
     with pytest.raises(RuntimeError, match="out of memory"):
         task.train_step(slots[1], model, OutOfMemory(task, False), optimizer, 1)
-    assert task.cursor == before[0]
-    assert all(torch.equal(a, b) for a, b in zip(task._carried_state, before[1]))
+    assert task.loop.cursor == before[0]
+    assert all(torch.equal(a, b) for a, b in zip(task.loop.carried_state, before[1]))
 
 
 def spy_on_the_estimator(monkeypatch):
@@ -137,7 +138,7 @@ def test_bf16_model_trains_and_the_estimate_runs_in_fp32(tiny_corpus, monkeypatc
     for update in range(3):  # an estimate at update 2
         loss, _, _ = task.train_step(slots[update], model, criterion, optimizer, update)
         assert math.isfinite(float(loss.detach()))
-    assert all(t.dtype == torch.bfloat16 for t in task._carried_state)
+    assert all(t.dtype == torch.bfloat16 for t in task.loop.carried_state)
     assert seen and all(dtype == torch.float32 for _, dtype in seen)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the model stays bf16
     decision = task.controller.last_decision
@@ -148,7 +149,7 @@ def test_the_estimate_ignores_an_enclosing_autocast(tiny_corpus, monkeypatch):
     task, _, model, _, _ = setup(tiny_corpus, **ADAPTIVE)
     seen = spy_on_the_estimator(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        task._estimate(model, update_num=2)
+        task.loop.estimate(model, update=2)
     assert seen and all(dtype == torch.float32 for _, dtype in seen)
     assert math.isfinite(task.controller.last_decision.relative_bias)
 
@@ -161,7 +162,7 @@ def test_a_restored_fp32_state_is_cast_to_a_bf16_model(tiny_corpus):
     task.set_checkpoint_dict(saved)
     loss, _, _ = task.train_step(slots[1], model, criterion, optimizer, 1)
     assert math.isfinite(float(loss.detach()))
-    assert all(t.dtype == torch.bfloat16 for t in task._carried_state)
+    assert all(t.dtype == torch.bfloat16 for t in task.loop.carried_state)
 
 
 HYDRA_BF16 = [

@@ -6,6 +6,7 @@ estimate schedule and random state. On CPU the per-update logs and the final par
 optimizer state are bitwise equal.
 """
 
+import copy
 import os
 import re
 import signal
@@ -325,28 +326,27 @@ def test_checkpoint_dict_round_trip_restores_the_next_segment(tiny_corpus):
     restored, restored_slots = new_task()
     restored._last_call = (4, 4)  # as if it had trained: set_checkpoint_dict must forget it
     restored.set_checkpoint_dict(state)
-    assert restored.cursor == task.cursor
+    assert restored.loop.cursor == task.loop.cursor
     assert restored.controller.truncation_length == task.controller.truncation_length
-    expected = task._training_batch(slots[5], torch.device("cpu"), torch.float32)
-    got = restored._training_batch(restored_slots[5], torch.device("cpu"), torch.float32)
-    assert torch.equal(got["net_input"]["src_tokens"], expected["net_input"]["src_tokens"])
-    assert all(
-        torch.equal(a, b) for a, b in zip(got["net_input"]["state"], expected["net_input"]["state"])
-    )
-    # a restored state (on the CPU, as saved) goes to the model's device and dtype
-    assert all(t.device.type == "cpu" for t in restored._carried_state)
+    # a restored state lives on the CPU, as saved
+    assert all(t.device.type == "cpu" for t in restored.loop.carried)
+    expected = copy.deepcopy(task.loop).next_segment(model)
+    got = restored.loop.next_segment(model)
+    assert torch.equal(got.inputs, expected.inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got.state, expected.state))
+    # a restored state goes to the model's device and dtype
     restored.set_checkpoint_dict(state)
-    batch = restored._training_batch(restored_slots[5], torch.device("cpu"), torch.bfloat16)
-    assert all(t.dtype == torch.bfloat16 for t in batch["net_input"]["state"])
+    segment = restored.loop.next_segment(copy.deepcopy(model).to(torch.bfloat16))
+    assert all(t.dtype == torch.bfloat16 for t in segment.state)
     restored.set_checkpoint_dict(state)
-    batch = restored._training_batch(restored_slots[5], torch.device("meta"), torch.float32)
-    assert all(t.device.type == "meta" for t in batch["net_input"]["state"])
-    assert batch["net_input"]["src_tokens"].device.type == "meta"
+    segment = restored.loop.next_segment(copy.deepcopy(model).to("meta"))
+    assert all(t.device.type == "meta" for t in segment.state)
+    assert segment.inputs.device.type == "meta"
     # the first update after a restore is not mistaken for a retry of the last one before it
     restored.set_checkpoint_dict(state)
-    before = restored.cursor.position
+    before = restored.loop.cursor.position
     restored.train_step(restored_slots[4], model, criterion, optimizer, 4)
-    assert restored.cursor.position > before
+    assert restored.loop.cursor.position > before
 
 
 def _model_config():

@@ -96,14 +96,14 @@ def test_exact_rtrl_through_the_task_is_full_bptt(tiny_corpus):
     model = task.build_model(OmegaConf.create({"_name": "elementwise_lstm_lm_tiny"}))
     core = model.gradient_estimation_model()
     parameters = list(core.parameters())
-    inputs, targets = task._train_columns
+    inputs, targets = task.loop.columns
     for segments in (1, 2):
         task.train_step(slots[segments - 1], model, None, None, segments - 1)
         length = 5 * segments
         expected = full_gradient(core, inputs[:, :length], targets[:, :length], normaliser=1.0)
         got = torch.cat([p.grad.reshape(-1) for p in parameters])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert task._carried_state[0].shape == (1, 3, 8)  # the task's layout
+    assert task._carried_state()[0].shape == (1, 3, 8)  # the checkpoints' layout
 
 
 def test_a_model_the_method_does_not_support_is_refused():

@@ -23,7 +23,8 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
     (the model computes logits only from ``output_start`` on, so the overlap prefix is context).
 
     Normalised like fairseq's ``cross_entropy`` (loss in base 2, perplexity derived). Training
-    calls :meth:`forward_carrying_state`, which also returns the state the model carries on.
+    calls :meth:`forward_carrying_state`, which also returns the state the model carries on; the
+    task logs K and the other figures of the method (the loop's records).
     """
 
     def __init__(self, task, sentence_avg: bool) -> None:
@@ -56,9 +57,6 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
             "nsentences": target.size(0),
             "sample_size": sample_size,
         }
-        if "truncation_length" in sample:
-            logging_output["trunc_k"] = sample["truncation_length"]
-            logging_output["tbptt_parts"] = 1
         return loss, sample_size, logging_output, extra.get("carried_state")
 
     @staticmethod
@@ -73,10 +71,6 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         else:
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
-        parts = sum(log.get("tbptt_parts", 0) for log in logging_outputs)
-        if parts > 0:
-            trunc_k = sum(log.get("trunc_k", 0) for log in logging_outputs) / parts
-            metrics.log_scalar("trunc_k", trunc_k, weight=1, round=1)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

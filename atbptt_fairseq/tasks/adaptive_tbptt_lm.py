@@ -8,7 +8,6 @@ count per epoch never depends on K, and resuming only needs the cursor, the carr
 controller, which travel in the checkpoint.
 """
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -30,19 +29,15 @@ from torch import Tensor
 
 from atbptt import (
     RESUME_BREAKING_OPTIONS,
+    LoopSegment,
     StreamCursor,
     StreamTooShortError,
-    aligned_stream,
-    budget_tokens,
-    build_controller,
+    TbpttLoop,
+    TruncationController,
     describe_changes,
-    estimate_truncation,
     lay_out_columns,
-    lr_factor,
-    plan_segment,
     resume_changes,
     scaled_learning_rate,
-    segments_per_pass,
 )
 from atbptt.estimators import (
     Artbp,
@@ -55,6 +50,7 @@ from atbptt.estimators import (
     Uoro,
 )
 from atbptt.gradient_profile import State
+from atbptt.loop import Snapshot
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
 from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
@@ -130,6 +126,17 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _average_over_workers(tensors: List[Tensor]) -> None:
+    """Replace each tensor by its mean over the data-parallel workers (so that every worker
+    decides the same K); a no-op on one worker."""
+    world_size, _ = _world()
+    if world_size > 1:
+        group = distributed_utils.get_data_parallel_group()
+        for tensor in tensors:
+            distributed_utils.all_reduce(tensor, group=group)
+            tensor.div_(world_size)
+
+
 def _world() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         group = distributed_utils.get_data_parallel_group()
@@ -148,12 +155,15 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.dictionary = dictionary
         check_config(cfg)
         self.method = method_config(cfg)  # the core's options, as atbptt.TbpttDriver takes them
-        try:
-            self.controller = build_controller(self.method)
+        world_size, rank = _world()
+        try:  # the one segment loop; --gradient-estimator (not tbptt) trains through it too
+            self.loop = TbpttLoop(
+                self.method, build_gradient_estimator(cfg), rank, world_size, _average_over_workers
+            )
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
-        if self._estimating:
-            controller = self.controller
+        if self.loop.estimating:
+            controller = self.loop.controller
             schedule = (
                 f"every {controller.interval} updates"
                 if controller.interval
@@ -165,27 +175,19 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 f"sequences x {controller.burnin} + {controller.window} steps = "
                 f"{controller.estimate_tokens:,} tokens each) {schedule}"
             )
-        # --gradient-estimator other than tbptt: the estimator and what it carries across updates
-        self.estimator = build_gradient_estimator(cfg)
-        self._estimator_carry: Optional[Carry] = None
-        self.cursor = StreamCursor()
-        self._carried_state: Optional[Tuple[Tensor, Tensor]] = None
-        self._train_columns: Optional[Tuple[Tensor, Tensor]] = None
         self._train_stream: Optional[SplitStream] = None
         self._train_shard: Optional[int] = None
         self._gathered_state: Optional[Tuple[dict, List[Tensor]]] = None
-        self._last_call: Optional[Tuple[int, int]] = None
-        self._counted_call: Optional[Tuple[int, int]] = None
-        self.scored_tokens = 0  # target tokens of all training updates so far, all workers
-        self._before_last_call: Optional[Tuple[StreamCursor, Any]] = None
-        self._pending_estimate_seconds = 0.0
-        self.processed_tokens = 0  # tokens run through the model, estimates included, all workers
-        self._update_truncation_length = cfg.truncation_length  # K of the update in progress
-        self._pending_estimate_tokens = 0  # this worker's estimate tokens not yet logged
+        self._last_call: Optional[Tuple[int, int]] = None  # (update, slot) of the last train_step
+        self._snapshot: Optional[Snapshot] = None  # the loop before that call, for a retry
         self._processed_validations = 0  # validations --validate-interval-processed-tokens made
         self._update_loss: Optional[Tuple[Tensor, Any]] = None  # the last update's, and its size
-        self._warned_long_truncation = False
         self._warned_unchecked_dictionary = False
+
+    @property
+    def controller(self) -> TruncationController:
+        """The loop's controller (K and its schedule)."""
+        return self.loop.controller
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -312,8 +314,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if split == self.cfg.train_subset:
             shard = (epoch - 1) % len(paths)
             if self._train_shard is not None and shard != self._train_shard:
-                self.cursor = StreamCursor(passes=self.cursor.passes)
-                self._carried_state = None
+                self.loop.restart_pass()
             self._train_shard = shard
             self._train_stream = self.datasets[split]
         logger.info(f"{split}: {tokens.numel():,} tokens from {data_path}")
@@ -366,20 +367,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "--batch-size (columns per worker) is required; --max-tokens is not used"
             )
         try:
-            inputs, targets = lay_out_columns(
-                stream.tokens, batch_size * num_shards, stream.targets, shard_id, num_shards
-            )
-        except StreamTooShortError as error:
+            self.loop.use_stream(stream.tokens, batch_size, stream.targets, shard_id, num_shards)
+        except ValueError as error:  # too short for the columns or the estimate window
             raise UserInputError(f"training split {stream.name}: {error}") from None
-        if self._estimating:
-            self._check_estimate_fits(stream)
-        self._train_columns = (inputs, targets)
-        style = self.cfg.tbptt_style if self.estimator is None else "disjoint"
-        slots = self.cfg.updates_per_epoch or segments_per_pass(
-            self.cfg.truncation_length, style, inputs.size(1)
-        )
+        slots = self.loop.segments_per_epoch
         logger.info(
-            f"training columns: {batch_size} x {inputs.size(1):,} tokens per worker, "
+            f"training columns: {batch_size} x {self.loop.column_length:,} tokens per worker, "
             f"{slots} update slots per epoch"
         )
         return [
@@ -457,225 +450,90 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     # --------------------------------------------------------------------------- training
 
-    def _training_batch(
-        self, slot_sample: Dict[str, Any], device: torch.device, dtype: Optional[torch.dtype] = None
-    ) -> Dict[str, Any]:
-        """Turn an update slot into the next segment of the stream at the current K.
-
-        The carried state goes to ``device`` and, if given, ``dtype`` (a state restored from a
-        checkpoint lives on the CPU, possibly in another precision).
-        """
-        inputs, targets = self._train_columns
-        requested = self.controller.truncation_length
-        truncation_length = self._applied_truncation_length(requested)
-        if truncation_length < requested:
-            self._warn_long_truncation(requested, truncation_length)
-        segment = plan_segment(self.cursor, requested, self.cfg.tbptt_style, inputs.size(1))
-        if segment.new_pass:
-            self._carried_state = None
-        state = self._carried_state
-        if state is not None and (
-            state[0].device != device or (dtype is not None and state[0].dtype != dtype)
-        ):
-            state = tuple(tensor.to(device=device, dtype=dtype) for tensor in state)
-        window = slice(segment.window_start, segment.window_end)
-        scored = slice(segment.window_start + segment.output_start, segment.window_end)
-        src_tokens = inputs[:, window].to(device)  # B x T
-        target = targets[:, scored].to(device)  # B x K
-        return {
-            "id": slot_sample["id"],
-            "net_input": {
-                "src_tokens": src_tokens,
-                "state": state,
-                "carry_offset": segment.carry_offset,
-                "output_start": segment.output_start,
-            },
-            "target": target,
-            "nsentences": src_tokens.size(0),
-            "ntokens": target.numel(),
-            "truncation_length": truncation_length,
-        }
-
-    def _applied_truncation_length(self, truncation_length: int) -> int:
-        """The K a training segment really has: a K longer than a training column trains each
-        column as one segment from a zero state, i.e. with K = the column length."""
-        if self._train_columns is None:
-            return truncation_length
-        return min(truncation_length, self._train_columns[0].size(1))
-
-    def _warn_long_truncation(self, requested: int, applied: int) -> None:
-        """Say once per run that K is capped by the column length (on the first worker)."""
-        if self._warned_long_truncation:
-            return
-        self._warned_long_truncation = True
-        if _world()[1] == 0:
-            logger.warning(
-                f"K = {requested} is longer than a training column ({applied} tokens: the split "
-                "over --batch-size x workers columns), so every update trains a whole column from "
-                f"a zero state: K = {applied} applies, and trunc_k and --lr-scaling use it; lower "
-                "--truncation-length (--max-truncation-length) or --batch-size for a longer K"
-            )
-
     def train_step(
         self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs
     ):
-        """Train on the next segment; a repeated ``(update_num, slot)`` call is a retry.
+        """Train on the loop's next segment; a repeated ``(update_num, slot)`` call is a retry.
 
         fairseq calls again with the same samples after an ``--amp`` overflow (and to locate a
-        NaN): the cursor and carried state are rewound to where they were before the first call,
-        so the state advances once per update slot however often it is retried. If the forward or
-        backward pass raises (e.g. out of memory), they are rewound as well before re-raising.
+        NaN): the loop is rewound to where it was before the first call, so the state advances
+        once per update slot however often it is retried. If the forward or backward pass raises
+        (e.g. out of memory), it is rewound as well before re-raising.
         """
         core = _unwrap(model)
         call = (update_num, int(sample["slot"]))
-        retry = call == self._last_call
-        if retry:
-            self._rewind()
-        else:
+        if call == self._last_call:
+            self.loop.rewind(self._snapshot)
+        elif self._last_call is None or self._last_call[0] != update_num:
             # K changes only between updates: never before the 2nd micro-batch of --update-freq
-            first_of_update = self._last_call is None or self._last_call[0] != update_num
-            if first_of_update and self._estimating and self.controller.is_due(update_num):
-                self._estimate(core, update_num)
-        self._last_call = call
-        self._before_last_call = (
-            copy.deepcopy(self.cursor),
-            self._carried_state,
-            self._estimator_carry,
-            None if self.estimator is None else copy.deepcopy(self.estimator.state_dict()),
-        )
+            decision = self.loop.estimate_if_due(core, update_num)
+            if decision is not None:
+                self._log_decision(update_num, decision)
+        self._last_call, self._snapshot = call, self.loop.snapshot()
 
-        parameter = next(core.parameters())
-        try:
-            if self.estimator is None:
-                batch = self._training_batch(sample, parameter.device, parameter.dtype)
-                loss, sample_size, logging_output, carried_state = self._train_segment(
-                    batch, model, criterion, optimizer, update_num, ignore_grad
+        def run_window(segment: LoopSegment) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+            """Truncated BPTT's forward: the criterion's, through the (wrapped) model."""
+            forward = getattr(_unwrap(criterion), "forward_carrying_state", None)
+            if forward is None:
+                raise UserInputError(
+                    "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands "
+                    "it the recurrent state to carry into the next update; "
+                    f"{type(criterion).__name__} does not"
                 )
-            else:
-                batch = self._estimator_batch(sample, parameter.device, parameter.dtype)
-                loss, sample_size, logging_output, carried_state = self._accumulate_segment(
-                    batch, model, update_num, ignore_grad
-                )
-        except BaseException:
-            self._rewind()
-            raise
-        self._carried_state = carried_state
-        self._update_truncation_length = batch["truncation_length"]
-        self._update_loss = (torch.as_tensor(loss).detach(), sample_size)  # training_diverged
-        if call != self._counted_call:  # once per update slot, however often it is retried
-            processed = batch["net_input"]["src_tokens"].numel()
-            scored = batch["ntokens"]
-            self.controller.record_tokens(budget_tokens(self.method, processed, scored))
-            world_size = _world()[0]  # every worker runs as many tokens
-            self.scored_tokens += scored * world_size
-            self.processed_tokens += processed * world_size
-            self._counted_call = call
-            # this worker's tokens through the model in this update, its estimate included
-            logging_output["processed_tokens"] = processed + self._pending_estimate_tokens
-            self._pending_estimate_tokens = 0
-        self._add_estimate_logs(logging_output)
-        return loss, sample_size, logging_output
+            batch = {
+                "net_input": {
+                    "src_tokens": segment.inputs,
+                    "state": segment.state,
+                    "carry_offset": segment.carry_offset,
+                    "output_start": segment.output_start,
+                },
+                "target": segment.targets,
+                "ntokens": segment.targets.numel(),
+            }
+            with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                loss, _, _, carried = forward(model, batch)
+            return loss, carried
 
-    def _rewind(self) -> None:
-        """Back to the stream position, states and estimator RNG before this update's call."""
-        cursor, carried_state, estimator_carry, estimator_state = self._before_last_call
-        self.cursor = copy.deepcopy(cursor)
-        self._carried_state = carried_state
-        self._estimator_carry = estimator_carry
-        if self.estimator is not None:
-            self.estimator.load_state_dict(copy.deepcopy(estimator_state))
-
-    def _estimator_batch(
-        self, slot_sample: Dict[str, Any], device: torch.device, dtype: Optional[torch.dtype] = None
-    ) -> Dict[str, Any]:
-        """The next disjoint segment for --gradient-estimator (not tbptt), of the length the
-        estimator asks for (ARTBP: random, mean K), and the carry it starts from."""
-        inputs, targets = self._train_columns
-        nominal = self._applied_truncation_length(self.cfg.truncation_length)
-        length = self.estimator.segment_length(nominal)
-        segment = plan_segment(self.cursor, length, "disjoint", inputs.size(1))
-        carry = self._estimator_carry
-        if segment.new_pass or carry is None:
-            carry = None  # started on the model in _accumulate_segment
-        else:  # a carry restored from a checkpoint lives on the CPU
-            carry = carry.to(device, dtype)
-        window = slice(segment.window_start, segment.window_end)
-        src_tokens = inputs[:, window].to(device)  # B x L
-        target = targets[:, window].to(device)  # B x L
-        return {
-            "id": slot_sample["id"],
-            "net_input": {"src_tokens": src_tokens},
-            "target": target,
-            "carry": carry,
-            "nsentences": src_tokens.size(0),
-            "ntokens": target.numel(),
-            "truncation_length": nominal,
-        }
-
-    def _accumulate_segment(self, batch, model, update_num: int, ignore_grad: bool):
-        """Train one segment with the gradient estimator, which writes ``.grad`` itself.
-
-        fairseq divides the gradient by the returned sample size (the segment's B x L target
-        tokens); the estimator's normaliser K / L makes the step's gradient the summed
-        cross-entropy's over B x K, as the driver's ``segment.accumulate`` does, so ARTBP's random
-        lengths do not rescale the step. The loss in the logging output is summed, as the
-        criterion's is, so fairseq's loss and ppl are per target token.
-        """
-        estimated = gradient_estimation_model(_unwrap(model))  # e.g. a wrapper's core model
         model.train()
         model.set_num_updates(update_num)
-        src_tokens, target = batch["net_input"]["src_tokens"], batch["target"]
-        carry = batch["carry"]
-        if carry is None:
-            carry = self.estimator.start(estimated, src_tokens.size(0))
-        parameters = [p for p in _unwrap(model).parameters() if p.requires_grad]
-        # a dummy batch's gradient must not count: keep the gradients only then (not every update)
-        kept = (
-            [None if p.grad is None else p.grad.clone() for p in parameters] if ignore_grad else []
-        )
-        normaliser = batch["truncation_length"] / src_tokens.size(1)
-        with torch.autograd.profiler.record_function("estimator"):
-            mean_loss, carry = self.estimator.accumulate(
-                estimated, src_tokens, target, carry, normaliser
-            )
-        if ignore_grad:
-            for parameter, grad in zip(parameters, kept):
-                parameter.grad = grad
-        self._estimator_carry = carry
-        ntokens = batch["ntokens"]
-        loss = torch.tensor(mean_loss * ntokens)
+        try:
+            segment = self.loop.next_segment(core)
+            ntokens = segment.targets.numel()
+            loss = self.loop.train(
+                segment, core, lambda loss: optimizer.backward(loss), run_window, ntokens,
+                ignore_grad,
+            )  # fmt: skip
+        except BaseException:
+            self.loop.rewind(self._snapshot)
+            raise
+        loss = loss.float()
+        self._update_loss = (loss, ntokens)  # training_diverged
+        record = self.loop.take_update_record(update_num)
         logging_output = {
             "loss": loss,
             "ntokens": ntokens,
-            "nsentences": batch["nsentences"],
+            "nsentences": segment.inputs.size(0),
             "sample_size": ntokens,
-            "trunc_k": src_tokens.size(1),  # the segment's length (ARTBP: random)
-            "tbptt_parts": 1,
+            "trunc_k": record["trunc_k"],
+            "tbptt_parts": 1,  # identical on every worker: the reduction divides by their count
+            # this worker's tokens through the model in this update, its estimate included
+            "processed_tokens": segment.inputs.numel() + record["est_tokens"],
         }
-        return loss, ntokens, logging_output, task_layout(carry.state, estimated.state_batch_dim)
+        for key in ("bias_hat", "beta_hat", "lr_scale"):
+            if key in record:
+                logging_output[key] = record[key]
+        if "est_sec" in record:
+            logging_output["est_sec"] = record["est_sec"] / self.loop.world_size
+        return loss, ntokens, logging_output
 
-    @staticmethod
-    def _train_segment(batch, model, criterion, optimizer, update_num: int, ignore_grad: bool):
-        """``FairseqTask.train_step`` on one segment, through the criterion's forward that also
-        returns the state to carry into the next segment (fairseq's criterion interface returns
-        only the loss, sample size and logging output)."""
-        forward = getattr(_unwrap(criterion), "forward_carrying_state", None)
-        if forward is None:
-            raise UserInputError(
-                "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands it the "
-                f"recurrent state to carry into the next update; {type(criterion).__name__} "
-                "does not"
-            )
-        model.train()
-        model.set_num_updates(update_num)
-        with torch.autograd.profiler.record_function("forward"):
-            with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, sample_size, logging_output, carried_state = forward(model, batch)
-        if ignore_grad:
-            loss *= 0
-        with torch.autograd.profiler.record_function("backward"):
-            optimizer.backward(loss)
-        return loss, sample_size, logging_output, carried_state
+    def _log_decision(self, update_num: int, decision) -> None:
+        logger.info(
+            f"update {update_num}: K = {decision.truncation_length} "
+            f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
+            f"{decision.seconds:.2f}s): {decision.reason}"
+        )
+        record = {"update": update_num, **dataclasses.asdict(decision)}
+        logger.info(f"{DECISION_RECORD} {json.dumps(record)}")
 
     def training_diverged(self, num_updates: int) -> Optional[str]:
         """Why the last update's training loss has diverged, in one line; None while it has not
@@ -694,20 +552,18 @@ class AdaptiveTbpttLmTask(FairseqTask):
             return None
         return (
             f"training diverged at update {num_updates}: the training loss is {value:.4g} bits "
-            f"per token at K = {self._update_truncation_length} (perplexity overflows)"
+            f"per token at K = {self.loop.update_length} (perplexity overflows)"
         )
 
     def training_budget_reached(self) -> Optional[str]:
         """Which training budget is spent, in words for the log; None if none (same on every
         worker)."""
-        if 0 < self.cfg.max_train_tokens <= self.scored_tokens:
+        scored, processed = self.loop.scored_tokens, self.loop.processed_tokens
+        if 0 < self.cfg.max_train_tokens <= scored:
+            return f"scored tokens: {scored:,} >= max_train_tokens: {self.cfg.max_train_tokens:,}"
+        if 0 < self.cfg.max_processed_tokens <= processed:
             return (
-                f"scored tokens: {self.scored_tokens:,} >= max_train_tokens: "
-                f"{self.cfg.max_train_tokens:,}"
-            )
-        if 0 < self.cfg.max_processed_tokens <= self.processed_tokens:
-            return (
-                f"processed tokens: {self.processed_tokens:,} >= max_processed_tokens: "
+                f"processed tokens: {processed:,} >= max_processed_tokens: "
                 f"{self.cfg.max_processed_tokens:,}"
             )
         return None
@@ -715,20 +571,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def processed_validation_due(self) -> bool:
         """Whether --validate-interval-processed-tokens asks for a validation after this update."""
         interval = self.cfg.validate_interval_processed_tokens
-        return interval > 0 and self.processed_tokens // interval > self._processed_validations
+        return interval > 0 and self.loop.processed_tokens // interval > self._processed_validations
 
     def processed_validation_done(self) -> None:
         interval = self.cfg.validate_interval_processed_tokens
-        self._processed_validations = self.processed_tokens // interval
-
-    @property
-    def _estimating(self) -> bool:
-        return self.controller.adaptive or self.cfg.monitor_bias
-
-    def _lr_factor(self) -> float:
-        """The paper's learning-rate scaling with K, relative to K0 or --lr-scaling-reference."""
-        initial = self._applied_truncation_length(self.cfg.truncation_length)
-        return lr_factor(self.method, self._update_truncation_length, initial)
+        self._processed_validations = self.loop.processed_tokens // interval
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
         """Clip at --truncation-clip-norm / K and step at the scheduler's lr times factor(K).
@@ -737,78 +584,20 @@ class AdaptiveTbpttLmTask(FairseqTask):
         fairseq logs and checkpoints) stays unscaled: a reduce-on-plateau shrink is never applied
         to an lr that already carries the factor.
         """
-        if self.cfg.truncation_clip_norm > 0:
-            threshold = self.cfg.truncation_clip_norm / self._update_truncation_length
+        threshold = self.loop.clip_threshold
+        if threshold is not None:
             optimizer.clip_grad_norm(threshold)
             metrics.log_scalar("clip_at", threshold, weight=0)
-        with scaled_learning_rate(optimizer.param_groups, self._lr_factor()):
+        with scaled_learning_rate(optimizer.param_groups, self.loop.lr_factor):
             optimizer.step()
-
-    # ------------------------------------------------------------------------- estimation
-
-    def _check_estimate_fits(self, stream: SplitStream) -> None:
-        """Fail at start-up, not at the first estimate, if no estimate window fits in the split."""
-        inputs, _ = aligned_stream(stream.tokens, stream.targets)
-        length = self.controller.burnin + self.controller.measured_steps
-        if inputs.numel() < length + 1:
-            raise UserInputError(
-                f"the training split {stream.name} has {inputs.numel()} tokens, fewer than the "
-                f"burn-in plus estimate window ({length}); lower --estimate-window (and "
-                "--max-truncation-length) or --estimate-burnin, or use more data"
-            )
-
-    def _estimate(self, model: torch.nn.Module, update_num: int) -> None:
-        stream = self._train_stream
-        self._check_estimate_fits(stream)
-        world_size, rank = _world()
-
-        def average_over_workers(tensors: List[Tensor]) -> None:
-            if world_size > 1:  # every worker then decides the same K
-                group = distributed_utils.get_data_parallel_group()
-                for tensor in tensors:
-                    distributed_utils.all_reduce(tensor, group=group)
-                    tensor.div_(world_size)
-
-        decision = estimate_truncation(
-            self.controller,
-            model,
-            aligned_stream(stream.tokens, stream.targets),
-            self.cfg.seed,
-            update_num,
-            rank=rank,
-            average=average_over_workers,
-        )
-        self._pending_estimate_seconds += decision.seconds
-        if self.controller.adaptive:  # a fixed K's monitoring is an observer, not its compute
-            self.processed_tokens += self.controller.estimate_tokens * world_size
-            self._pending_estimate_tokens += self.controller.estimate_tokens
-        logger.info(
-            f"update {update_num}: K = {decision.truncation_length} "
-            f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
-            f"{decision.seconds:.2f}s): {decision.reason}"
-        )
-        # the same decision as a structured record, which sweeps and the demo read
-        record = {"update": update_num, **dataclasses.asdict(decision)}
-        logger.info(f"{DECISION_RECORD} {json.dumps(record)}")
-
-    def _add_estimate_logs(self, logging_output: Dict[str, Any]) -> None:
-        """Identical on every worker and micro-batch: the reduction divides by ``tbptt_parts``."""
-        decision = self.controller.last_decision
-        if decision is not None:
-            logging_output["bias_hat"] = decision.relative_bias
-            logging_output["beta_hat"] = decision.decay_rate
-        if self._estimating:
-            world_size, _ = _world()
-            logging_output["est_sec"] = self._pending_estimate_seconds / world_size
-            self._pending_estimate_seconds = 0.0
-        if self.cfg.lr_scaling != "none":
-            logging_output["lr_scale"] = self._lr_factor()
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         super().reduce_metrics(logging_outputs, criterion)
         parts = sum(log.get("tbptt_parts", 0) for log in logging_outputs)
         if parts == 0:
             return
+        trunc_k = sum(log.get("trunc_k", 0) for log in logging_outputs) / parts
+        metrics.log_scalar("trunc_k", trunc_k, weight=1, round=1)
         for key in ("bias_hat", "beta_hat"):
             if any(key in log for log in logging_outputs):
                 value = sum(log.get(key, 0.0) for log in logging_outputs) / parts
@@ -833,6 +622,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     # ------------------------------------------------------------------------ checkpoints
 
+    def _carried_state(self) -> Optional[Tuple[Tensor, ...]]:
+        """The loop's carried state in the checkpoints' layout (batch along dim 1)."""
+        state = self.loop.carried_state
+        return None if state is None else task_layout(state, self.loop.state_batch_dim)
+
     def gather_checkpoint_state(self) -> None:
         """Collect every rank's carried state before rank 0 writes a checkpoint.
 
@@ -842,55 +636,53 @@ class AdaptiveTbpttLmTask(FairseqTask):
         global layout (columns x layers x hidden), which each rank slices again on resume.
         """
         world_size, _ = _world()
+        carried = self._carried_state()
         self._gathered_state = None
-        if world_size == 1 or self._carried_state is None:
+        if world_size == 1 or carried is None:
             return  # the cursor, and so a None state, is the same on every rank
         group = distributed_utils.get_data_parallel_group()
         gathered = [
             torch.cat(distributed_utils.all_gather(tensor.detach().contiguous(), group), dim=1)
-            for tensor in self._carried_state
+            for tensor in carried
         ]
-        self._gathered_state = (self.cursor.state_dict(), gathered)
+        self._gathered_state = (self.loop.cursor.state_dict(), gathered)
 
     def get_checkpoint_dict(self) -> Dict[str, Any]:
-        state = None
+        state, carried, cursor = None, self._carried_state(), self.loop.cursor.state_dict()
         world_size, _ = _world()
         if world_size == 1:
-            if self._carried_state is not None:
-                state = [tensor.detach().cpu() for tensor in self._carried_state]
-        elif (
-            self._gathered_state is not None and self._gathered_state[0] == self.cursor.state_dict()
-        ):
+            if carried is not None:
+                state = [tensor.detach().cpu() for tensor in carried]
+        elif self._gathered_state is not None and self._gathered_state[0] == cursor:
             state = [tensor.cpu() for tensor in self._gathered_state[1]]
-        elif self._carried_state is not None:
+        elif carried is not None:
             logger.warning(
                 "no carried state in this checkpoint: it was not gathered from all ranks"
             )
+        estimator, carry = self.loop.estimator, self.loop.estimator_carry
         return {
             type(self).__name__: {
-                "cursor": self.cursor.state_dict(),
+                "cursor": cursor,
                 "carried_state": state,
                 "train_shard": self._train_shard,
                 "controller": self.controller.state_dict(),
-                "scored_tokens": self.scored_tokens,
-                "processed_tokens": self.processed_tokens,
+                "scored_tokens": self.loop.scored_tokens,
+                "processed_tokens": self.loop.processed_tokens,
                 "processed_validations": self._processed_validations,
                 "dictionary": dictionary_identity(self.dictionary),
                 "method": dataclasses.asdict(self.method),  # compared on resume
-                **self._estimator_checkpoint(),
-            }
-        }
-
-    def _estimator_checkpoint(self) -> Dict[str, Any]:
-        """--gradient-estimator (not tbptt): its name, RNG and carry, sensitivities included."""
-        if self.estimator is None:
-            return {}
-        carry = self._estimator_carry
-        return {
-            "gradient_estimator": {
-                "name": self.estimator.name,
-                "state": self.estimator.state_dict(),
-                "carry": None if carry is None else carry.state_dict(),
+                # --gradient-estimator (not tbptt): its name, RNG and carry (sensitivities too)
+                **(
+                    {}
+                    if estimator is None
+                    else {
+                        "gradient_estimator": {
+                            "name": estimator.name,
+                            "state": estimator.state_dict(),
+                            "carry": None if carry is None else carry.state_dict(),
+                        }
+                    }
+                ),
             }
         }
 
@@ -949,24 +741,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "fairseq-preprocess --srcdict <that dict.txt>"
             )
 
-    def _restore_estimator(self, saved: Optional[Dict[str, Any]]) -> None:
-        """Restore the estimator's RNG and carry; a carry that does not continue the restored
-        stream (a new pass or shard: no carried state) or another method's is dropped."""
-        self._estimator_carry = None
-        if self.estimator is None:
-            return
-        if saved is None or saved.get("name") != self.estimator.name:
-            logger.warning(
-                f"the checkpoint holds no {self.estimator.name} state (it was trained with "
-                f"another --gradient-estimator): the estimator starts afresh at a new pass"
-            )
-            self.cursor = StreamCursor(passes=self.cursor.passes + 1)
-            self._carried_state = None
-            return
-        self.estimator.load_state_dict(saved["state"])
-        if saved.get("carry") is not None and self._carried_state is not None:
-            self._estimator_carry = Carry.from_state_dict(saved["carry"])
-
     def _check_resumed_options(self, saved: Optional[Dict[str, Any]]) -> None:
         """Say in one line which method options differ from the checkpoint's; refuse those that
         would give the carried state another meaning (checkpoints before this check: none)."""
@@ -996,7 +770,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         carried = state.get("carried_state")
         saved_shard = state.get("train_shard")
         world_size, rank = _world()
-        columns = self._train_columns[0].size(0) if self._train_columns is not None else None
+        columns = self.loop.column_count or None
         saved_columns = None if carried is None else carried[0].size(1)
         if (
             saved_columns is not None
@@ -1008,25 +782,39 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 f"trains {columns * world_size} (--batch-size x workers): starting a new pass over "
                 "the training data from a zero state"
             )
-            self.cursor = StreamCursor(passes=cursor.passes + 1)
-            self._carried_state = None
+            cursor, carried = StreamCursor(passes=cursor.passes + 1), None
         elif saved_shard is not None and self._train_shard not in (None, saved_shard):
-            self.cursor = StreamCursor(passes=cursor.passes)
-            self._carried_state = None
+            cursor, carried = StreamCursor(passes=cursor.passes), None
         else:
-            self.cursor = cursor
-            self._carried_state = None
             if carried is not None:
                 rows = slice(rank * columns, (rank + 1) * columns) if columns else slice(None)
-                self._carried_state = tuple(tensor[:, rows].contiguous() for tensor in carried)
+                carried = tuple(tensor[:, rows].contiguous() for tensor in carried)
             if saved_shard is not None:
                 self._train_shard = saved_shard
-        self._last_call = self._before_last_call = None
-        self._restore_estimator(state.get("gradient_estimator"))
-        self.controller.load_state_dict(state["controller"])
-        self.scored_tokens = int(state.get("scored_tokens", 0))
-        # checkpoints before the processed-token budget: estimates not counted, windows are
-        self.processed_tokens = int(state.get("processed_tokens", 0))
+        estimator, saved = self.loop.estimator, state.get("gradient_estimator")
+        estimator_state, carry = None, None
+        if estimator is not None and (saved is None or saved.get("name") != estimator.name):
+            logger.warning(
+                f"the checkpoint holds no {estimator.name} state (it was trained with "
+                f"another --gradient-estimator): the estimator starts afresh at a new pass"
+            )
+            cursor, carried = StreamCursor(passes=cursor.passes + 1), None
+        elif estimator is not None:
+            estimator_state = saved["state"]
+            # a carry that does not continue the restored stream (a new pass or shard) is dropped
+            if saved.get("carry") is not None and carried is not None:
+                carry = Carry.from_state_dict(saved["carry"])
+        self._last_call = self._snapshot = None
+        self.loop.restore(
+            cursor,
+            carried,
+            state["controller"],
+            # checkpoints before the processed-token budget: estimates not counted, windows are
+            state.get("scored_tokens", 0),
+            state.get("processed_tokens", 0),
+            estimator_state,
+            carry,
+        )
         self._processed_validations = int(state.get("processed_validations", 0))
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
 
