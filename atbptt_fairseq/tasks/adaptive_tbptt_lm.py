@@ -9,20 +9,16 @@ controller, which travel in the checkpoint.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from fairseq import metrics, utils
-from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
-from fairseq.data.indexed_dataset import MMapIndexedDataset
+from fairseq.data import Dictionary, iterators
 from fairseq.distributed import utils as distributed_utils
-from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from torch import Tensor
@@ -31,25 +27,13 @@ from atbptt import (
     RESUME_BREAKING_OPTIONS,
     LoopSegment,
     StreamCursor,
-    StreamTooShortError,
     TbpttLoop,
     TruncationController,
     describe_changes,
-    lay_out_columns,
     resume_changes,
     scaled_learning_rate,
 )
-from atbptt.estimators import (
-    Artbp,
-    Carry,
-    ElementwiseLstm,
-    ExactRtrl,
-    GradientEstimator,
-    KfRtrl,
-    TanhRnn,
-    Uoro,
-)
-from atbptt.gradient_profile import State
+from atbptt.estimators import Carry
 from atbptt.loop import Snapshot
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
@@ -61,6 +45,22 @@ from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig'
     check_precision,
     method_config,
 )
+from atbptt_fairseq.tasks.estimators import (  # noqa: F401  (their home before)
+    build_gradient_estimator,
+    check_estimator_model,
+    gradient_estimation_model,
+    task_layout,
+)
+from atbptt_fairseq.tasks.streams import (  # noqa: F401  (their home before)
+    SlotDataset,
+    SplitStream,
+    check_checkpoint_targets,
+    check_dictionary_identity,
+    dictionary_identity,
+    evaluation_chunks,
+    load_dictionary,
+    read_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,54 +70,6 @@ DIVERGED_BITS_PER_TOKEN = 1024.0
 
 # prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
 DECISION_RECORD = "k_decision"
-
-
-class SplitStream(FairseqDataset):
-    """A whole split as a 1-D token stream, with an optional token-aligned target stream.
-
-    Batched only by this task's ``get_batch_iterator``, which lays it out in columns.
-    """
-
-    def __init__(self, name: str, tokens: Tensor, targets: Optional[Tensor] = None) -> None:
-        super().__init__()
-        self.name = name
-        self.tokens = tokens  # N
-        self.targets = targets  # N, or None: the target is the next token
-
-    def __len__(self) -> int:
-        return self.tokens.numel()
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.tokens[index]
-
-
-class SlotDataset(FairseqDataset):
-    """A fixed number of items that index update slots (training) or prebuilt batches (evaluation)."""
-
-    def __init__(self, items: List[Dict[str, Any]]) -> None:
-        super().__init__()
-        self.items = items
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        return self.items[index]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-        assert len(samples) == 1, "every item is a whole batch"
-        return samples[0]
-
-
-def dictionary_identity(dictionary: Dictionary) -> Dict[str, Any]:
-    """What a checkpoint records of the dictionary it was trained with: the sha256 of its symbols
-    in id order (the meaning of every token id; counts left out) and, for messages, its size.
-
-    Sizes match easily (fairseq pads a dictionary to a multiple of 8), so only the hash tells two
-    corpora's dictionaries apart.
-    """
-    joined = "\n".join(dictionary.symbols).encode("utf-8")
-    return {"sha256": hashlib.sha256(joined).hexdigest(), "types": len(dictionary)}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -196,60 +148,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if not kwargs.get("from_checkpoint", False):  # a stored config may come from a GPU run
             check_gradient_estimator(cfg)  # before check_precision: its --fp16 line says less
             check_precision(cfg)
-        paths = utils.split_paths(cfg.data or "")
-        if not paths or not paths[0]:
-            raise UserInputError(
-                "no data directory given; pass the fairseq-preprocess --only-source output "
-                "directory"
-            )
-        for path in paths:
-            if not os.path.isdir(path):
-                raise UserInputError(
-                    f"data directory {path} does not exist; run fairseq-preprocess --only-source "
-                    "--destdir there first, or fix the path"
-                )
-        dict_path = os.path.join(paths[0], "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise UserInputError(
-                f"{dict_path} is missing; the data directory must be fairseq-preprocess output "
-                "(it writes dict.txt next to the .bin/.idx files)"
-            )
-        try:
-            dictionary = Dictionary.load(dict_path)
-        except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
-            raise UserInputError(
-                f"{dict_path} is not a fairseq dictionary ({error}); regenerate it with "
-                "fairseq-preprocess"
-            ) from None
-        if cfg.target_dir:
-            cls._check_target_dictionary(dict_path, dictionary, paths[0], cfg.target_dir)
+        dictionary = load_dictionary(cfg.data, cfg.target_dir)
         logger.info(f"dictionary: {len(dictionary)} types")
         return cls(cfg, dictionary)
-
-    @staticmethod
-    def _check_target_dictionary(
-        dict_path: str, dictionary: Dictionary, data_path: str, target_dir: str
-    ) -> None:
-        """The target stream is read with the input dictionary: refuse one binarized with
-        another (its own dict.txt, when it has one, must be the same)."""
-        target_dict_path = os.path.join(data_path, target_dir, "dict.txt")
-        if not os.path.isfile(target_dict_path):
-            return
-        try:
-            target_dictionary = Dictionary.load(target_dict_path)
-        except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
-            raise UserInputError(
-                f"{target_dict_path} is not a fairseq dictionary ({error}); regenerate it with "
-                "fairseq-preprocess"
-            ) from None
-        inputs, targets = dictionary_identity(dictionary), dictionary_identity(target_dictionary)
-        if inputs["sha256"] != targets["sha256"]:
-            raise UserInputError(
-                f"{target_dict_path} ({targets['types']} types, sha256 "
-                f"{targets['sha256'][:12]}) is not {dict_path} ({inputs['types']} types, sha256 "
-                f"{inputs['sha256'][:12]}): --target-dir {target_dir} is read with the input "
-                f"dictionary; binarize the targets with fairseq-preprocess --srcdict {dict_path}"
-            )
 
     @property
     def source_dictionary(self) -> Dictionary:
@@ -262,62 +163,17 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def max_positions(self):
         return None
 
-    def _read_stream(self, split_path: str, combine: bool) -> Tensor:
-        if os.path.isfile(split_path + ".bin") and os.path.getsize(split_path + ".bin") == 0:
-            # fairseq cannot even open it (mmap of an empty file)
-            raise UserInputError(
-                f"split {split_path} is empty (fairseq-preprocess got an empty text file); give "
-                "it some text and binarize it again"
-            )
-        data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
-        if data is None:
-            raise UserInputError(
-                f"split {split_path}.bin/.idx not found; binarize it with fairseq-preprocess "
-                "(--trainpref/--validpref/--testpref) or choose another split"
-            )
-        if isinstance(data, MMapIndexedDataset):
-            buffer = np.frombuffer(data._bin_buffer, dtype=data._index.dtype)
-            tokens = torch.from_numpy(buffer.astype(np.int64))
-        else:
-            pieces = [data[i].long() for i in range(len(data))]
-            tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        if tokens.numel() and int(tokens.max()) >= len(self.dictionary):
-            raise UserInputError(
-                f"{split_path} holds token ids up to {int(tokens.max())} but dict.txt has "
-                f"{len(self.dictionary)} entries: the split was binarized with another "
-                "dictionary; binarize it again with fairseq-preprocess --srcdict <this dict.txt>"
-            )
-        return tokens
-
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
         paths = utils.split_paths(self.cfg.data)
         data_path = paths[(epoch - 1) % len(paths)]
-        tokens = self._read_stream(os.path.join(data_path, split), combine)
-        targets = None
-        if self.cfg.target_dir:
-            targets = self._read_stream(
-                os.path.join(data_path, self.cfg.target_dir, split), combine
-            )
-            if targets.numel() != tokens.numel():
-                raise UserInputError(
-                    f"{split}: the target stream has {targets.numel()} tokens, the input stream "
-                    f"{tokens.numel()}; binarize token-aligned inputs and targets"
-                )
-        if tokens.numel() < 2:
-            raise UserInputError(
-                f"split {split} in {data_path} holds {tokens.numel()} tokens; give it some text "
-                "and binarize it again"
-            )
-        self.datasets[split] = SplitStream(
-            name=f"{data_path}:{split}", tokens=tokens, targets=targets
-        )
+        self.datasets[split] = read_split(data_path, split, self.dictionary, self.cfg.target_dir)
         if split == self.cfg.train_subset:
             shard = (epoch - 1) % len(paths)
             if self._train_shard is not None and shard != self._train_shard:
                 self.loop.restart_pass()
             self._train_shard = shard
             self._train_stream = self.datasets[split]
-        logger.info(f"{split}: {tokens.numel():,} tokens from {data_path}")
+        logger.info(f"{split}: {len(self.datasets[split]):,} tokens from {data_path}")
 
     # --------------------------------------------------------------------------- batching
 
@@ -349,7 +205,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if dataset is self._train_stream:
             items = self._training_slots(dataset, max_sentences, num_shards, shard_id)
         else:
-            items = self._evaluation_chunks(dataset, num_shards, shard_id)
+            items = evaluation_chunks(
+                dataset, self.cfg.eval_batch_size, self.cfg.eval_chunk_length, num_shards, shard_id
+            )
         return iterators.EpochBatchIterator(
             dataset=SlotDataset(items),
             collate_fn=lambda samples: samples[0],
@@ -379,36 +237,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
             {"id": torch.tensor([i]), "slot": i, "nsentences": batch_size} for i in range(slots)
         ]
 
-    def _evaluation_chunks(self, stream: SplitStream, num_shards: int, shard_id: int):
-        columns = self.cfg.eval_batch_size
-        try:
-            inputs, targets = lay_out_columns(
-                stream.tokens, columns * num_shards, stream.targets, shard_id, num_shards
-            )
-        except StreamTooShortError as error:
-            raise UserInputError(
-                f"evaluation split {stream.name}: {error} (--eval-batch-size)"
-            ) from None
-        chunk = self.cfg.eval_chunk_length
-        items = []
-        for index, start in enumerate(range(0, inputs.size(1), chunk)):
-            src = inputs[:, start : start + chunk]  # B x T
-            items.append(
-                {
-                    "id": torch.arange(columns),
-                    "net_input": {
-                        "src_tokens": src,
-                        "src_lengths": torch.full((columns,), src.size(1)),
-                        "stream": stream.name,
-                        "start_of_stream": index == 0,
-                    },
-                    "target": targets[:, start : start + chunk],
-                    "nsentences": columns,
-                    "ntokens": src.numel(),
-                }
-            )
-        return items
-
     def eval_lm_dataloader(
         self, dataset, num_shards: int = 1, shard_id: int = 0, context_window: int = 0, **unused
     ):
@@ -428,25 +256,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 )
         check_estimator_model(self.cfg, model)
         return model
-
-    def check_checkpoint_targets(self, trained_dir: Optional[str]) -> None:
-        """Refuse to score a checkpoint on other targets than it learned (``trained_dir``: its
-        ``--target-dir``): a copy-task model evaluated without ``--target-dir`` would be scored
-        on predicting its next input."""
-        target_dir = self.cfg.target_dir
-        if trained_dir == target_dir:
-            return
-        if target_dir is None:
-            raise UserInputError(
-                f"the checkpoint was trained to predict the targets in --target-dir "
-                f"{trained_dir}; pass --target-dir {trained_dir} to score it on them"
-            )
-        learned = f"--target-dir {trained_dir}" if trained_dir else "the next token"
-        raise UserInputError(
-            f"the checkpoint was trained to predict {learned}, not the targets in --target-dir "
-            f"{target_dir}; use the --target-dir it was trained with"
-            + ("" if trained_dir else " (none: leave the option out)")
-        )
 
     # --------------------------------------------------------------------------- training
 
@@ -702,7 +511,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         state_dict = dict(state_dict)
         self.check_checkpoint_dictionary(state_dict.pop("dictionary_identity", None))
         if "target_dir" in state_dict:  # absent: a checkpoint of another task
-            self.check_checkpoint_targets(state_dict.pop("target_dir"))
+            check_checkpoint_targets(state_dict.pop("target_dir"), self.cfg.target_dir)
         super().load_state_dict(state_dict)
 
     @staticmethod
@@ -732,14 +541,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                     f"version of the plugin): cannot check that it was trained with {dict_path}"
                 )
             return
-        if trained["sha256"] != own["sha256"]:
-            raise UserInputError(
-                f"the checkpoint was trained with a dictionary of {trained.get('types', '?')} "
-                f"types (sha256 {trained['sha256'][:12]}), not this data directory's {dict_path} "
-                f"({own['types']} types, sha256 {own['sha256'][:12]}): evaluate or resume with "
-                "the data directory (dict.txt) it was trained on, or binarize your text with "
-                "fairseq-preprocess --srcdict <that dict.txt>"
-            )
+        check_dictionary_identity(trained, own, dict_path)
 
     def _check_resumed_options(self, saved: Optional[Dict[str, Any]]) -> None:
         """Say in one line which method options differ from the checkpoint's; refuse those that
@@ -821,57 +623,3 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-ESTIMATORS = {"artbp": Artbp, "uoro": Uoro, "kf-rtrl": KfRtrl, "exact-rtrl": ExactRtrl}
-# the core model class the methods built for one recurrence need (docs/alternatives.md says why)
-ESTIMATOR_MODELS = {"kf-rtrl": TanhRnn, "exact-rtrl": ElementwiseLstm}
-
-
-def build_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> Optional[GradientEstimator]:
-    """The estimator of --gradient-estimator, seeded with --seed; None for the task's TBPTT."""
-    method = getattr(cfg, "gradient_estimator", "tbptt")
-    seed = cfg.seed if isinstance(cfg.seed, int) else 0
-    estimator = ESTIMATORS.get(method)
-    return None if estimator is None else estimator(seed=seed)
-
-
-def gradient_estimation_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module --gradient-estimator trains: the one the model hands over with
-    ``gradient_estimation_model()`` (the one-hot models' core ``TanhRnn`` / ``ElementwiseLstm``,
-    whose parameters are the model's), else the model itself."""
-    handed_over = getattr(model, "gradient_estimation_model", None)
-    return model if handed_over is None else handed_over()
-
-
-def task_layout(state: State, batch_dim: int) -> Tuple[Tensor, ...]:
-    """A state with its batch along dim 1, the layout in which the task carries and checkpoints
-    states (``nn.LSTM``'s layers x B x H): a batch-first state, such as a core model's B x H,
-    gets a leading dim of 1, the 1 x B x H its fairseq wrapper shows."""
-    if batch_dim == 1:
-        return tuple(state)
-    return tuple(tensor.movedim(batch_dim, 0).unsqueeze(0) for tensor in state)
-
-
-def architectures_around(core_class: type) -> List[str]:
-    """The --arch names of the fairseq models that wrap a ``core_class`` model (``core_class``
-    attribute, as the one-hot models of ``atbptt_fairseq.models`` have)."""
-    return sorted(
-        name
-        for name, model in ARCH_MODEL_REGISTRY.items()
-        if issubclass(getattr(model, "core_class", type(None)), core_class)
-    )
-
-
-def check_estimator_model(cfg: AdaptiveTbpttLmConfig, model: torch.nn.Module) -> None:
-    """Refuse a model that --gradient-estimator cannot train (KF-RTRL and exact RTRL are built
-    for one recurrence each), naming the architectures that work."""
-    method = getattr(cfg, "gradient_estimator", "tbptt")
-    required = ESTIMATOR_MODELS.get(method)
-    if required is None or isinstance(gradient_estimation_model(model), required):
-        return
-    raise UserInputError(
-        f"--gradient-estimator {method} trains only models around atbptt.estimators."
-        f"{required.__name__} (--arch {', '.join(architectures_around(required))}; "
-        f"docs/alternatives.md says why), not {type(model).__name__}"
-    )
