@@ -15,7 +15,6 @@ from .bias import (
     raw_truncation_length,
 )
 from .checkpoint import CheckpointError, load_checkpoint
-from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .config import (
     RESUME_BREAKING_OPTIONS,
     TbpttConfig,
@@ -25,6 +24,7 @@ from .config import (
     lr_factor,
     resume_changes,
 )
+from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
 from .driver import TbpttDriver, TrainingSegment, evaluate_stream
 from .gradient_profile import (
     GradientProfile,

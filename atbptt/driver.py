@@ -19,6 +19,7 @@ backward pass (see ``examples/copy_task.py`` and ``docs/front_ends.md``)::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ from .loop import (  # noqa: F401  (re-exported)
     stream_identity,
 )
 from .protocol import RecurrentModel
+from .records import MetricsFile, decision_record
 from .token_stream import StreamCursor, lay_out_columns
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class TrainingSegment:
     ``output_start`` on against ``targets``, carry the state after ``carry_offset`` steps.
 
     Call :meth:`loss` (or run the model yourself and call :meth:`carry`; with a gradient
-    estimator, :meth:`accumulate`) exactly once.
+    estimator, :meth:`accumulate`) exactly once. ``records``: the update's figures and the
+    decision on K that ran before it, as the metrics file holds them (:mod:`atbptt.records`).
     """
 
     inputs: Tensor  # B x T, on the model's device
@@ -71,6 +74,8 @@ class TrainingSegment:
     truncation_length: int  # K in force for this update
     decision: TruncationDecision | None  # the estimate that ran just before this segment
     new_pass: bool  # the state was reset: a pass over the data begins
+    # the loop's records of this update (and of the decision before it): atbptt.records
+    records: list[dict[str, Any]] = field(repr=False)
     _driver: TbpttDriver = field(repr=False)
     _planned: LoopSegment = field(repr=False)
 
@@ -123,8 +128,11 @@ class TbpttDriver:
         config: TbpttConfig,
         targets: Tensor | None = None,
         estimator: GradientEstimator | None = None,
+        metrics_dir: str | os.PathLike | None = None,
     ) -> None:
         self.loop = TbpttLoop(config, estimator)
+        # also write every segment's records to atbptt_metrics.jsonl there
+        self.metrics = None if metrics_dir is None else MetricsFile(metrics_dir)
         self.loop.use_stream(tokens, batch_size, targets)
         self.config = config
         self.estimator = estimator
@@ -228,8 +236,14 @@ class TbpttDriver:
                 "lr_scaling and truncation_clip_norm act in the optimizer's step: call "
                 "driver.attach_optimizer(optimizer) before training"
             )
-        decision = self.loop.estimate_if_due(model, self.num_updates)
+        update = self.num_updates
+        decision = self.loop.estimate_if_due(model, update)
         planned = self.loop.next_segment(model)
+        records = [] if decision is None else [decision_record(update, decision)]
+        records.append(self.loop.update_record(update))
+        self.loop.take_estimate_cost()  # the record holds it
+        if self.metrics is not None:
+            self.metrics.write(*records)
         segment = TrainingSegment(
             inputs=planned.inputs,
             targets=planned.targets,
@@ -239,6 +253,7 @@ class TbpttDriver:
             truncation_length=planned.truncation_length,
             decision=decision,
             new_pass=planned.new_pass,
+            records=records,
             _driver=self,
             _planned=planned,
         )
@@ -334,6 +349,8 @@ class TbpttDriver:
             logger.warning(f"resuming with changed options: {describe_changes(changes, str)}")
         self.loop.load_state_dict(state)
         self._pending = None
+        if self.metrics is not None:
+            self.metrics.resume_at(self.num_updates)
 
 
 def evaluate_stream(

@@ -215,6 +215,21 @@ class TbpttLoop:
 
     # ------------------------------------------------------------------------- estimates
 
+    def describe_schedule(self) -> str:
+        """What an estimate costs and when it runs, in words for the log."""
+        controller = self.controller
+        schedule = (
+            f"every {controller.interval} updates"
+            if controller.interval
+            else f"every {controller.tokens_between_estimates:,} training tokens "
+            f"(estimate budget {controller.budget})"
+        )
+        return (
+            f"truncation estimates ({controller.num_estimates} x {controller.num_sequences} "
+            f"sequences x {controller.burnin} + {controller.window} steps = "
+            f"{controller.estimate_tokens:,} tokens each) {schedule}"
+        )
+
     def estimate_if_due(self, model: RecurrentModel, update: int) -> TruncationDecision | None:
         """Estimate K before ``update`` if the schedule says so (adaptive K or monitoring)."""
         if self.estimating and self.controller.is_due(update):
@@ -318,7 +333,7 @@ class TbpttLoop:
         trained = self.trained_model(model)
         scale = segment.normaliser / divided_later
         if self.estimator is not None:
-            parameters = [p for p in trained.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+            parameters = [p for p in trained.parameters() if p.requires_grad]  # type: ignore
             # a dummy batch's gradient must not count: keep the gradients only then
             kept = (
                 [None if p.grad is None else p.grad.clone() for p in parameters]
@@ -383,19 +398,32 @@ class TbpttLoop:
         self.pending_estimate_tokens = estimate_tokens
         self.pending_estimate_seconds = estimate_seconds
 
+    def budget_spent(self, max_train_tokens: int, max_processed_tokens: int) -> str | None:
+        """Which budget of scored or processed tokens (0: none) is spent, in words; None if
+        none is."""
+        scored, processed = self.scored_tokens, self.processed_tokens
+        if 0 < max_train_tokens <= scored:
+            return f"scored tokens: {scored:,} >= max_train_tokens: {max_train_tokens:,}"
+        if 0 < max_processed_tokens <= processed:
+            return (
+                f"processed tokens: {processed:,} >= max_processed_tokens: {max_processed_tokens:,}"
+            )
+        return None
+
     # ------------------------------------------------------------------------- records
 
-    def take_update_record(self, update: int) -> dict[str, Any]:
+    def update_record(self, update: int) -> dict[str, Any]:
         """The figures of the update in progress, as a record (one JSON object of the metrics
-        file): K, the last estimate, the lr and clip factors, token counts (all workers), and
-        this worker's estimate tokens and seconds since the last record (which it takes)."""
+        file, :mod:`atbptt.records`): K as trained, the last estimate, the lr and clip factors,
+        the token counts of all workers, and the seconds of this worker's estimates not yet
+        taken by :meth:`take_estimate_cost`."""
         decision = self.controller.last_decision
         record: dict[str, Any] = {
+            "kind": "update",
             "update": update,
             "trunc_k": self.trained_length,
             "processed_tokens": self.processed_tokens,
             "scored_tokens": self.scored_tokens,
-            "est_tokens": self.pending_estimate_tokens,
         }
         if decision is not None:
             record["bias_hat"] = decision.relative_bias
@@ -406,8 +434,13 @@ class TbpttLoop:
             record["clip_at"] = self.clip_threshold
         if self.estimating:
             record["est_sec"] = self.pending_estimate_seconds
-        self.pending_estimate_tokens, self.pending_estimate_seconds = 0, 0.0
         return record
+
+    def take_estimate_cost(self) -> tuple[int, float]:
+        """This worker's estimate tokens and seconds since the last call (for per-update logs)."""
+        cost = (self.pending_estimate_tokens, self.pending_estimate_seconds)
+        self.pending_estimate_tokens, self.pending_estimate_seconds = 0, 0.0
+        return cost
 
     # ------------------------------------------------------------------------ checkpoints
 

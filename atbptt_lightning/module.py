@@ -16,8 +16,11 @@ import lightning
 from torch import Tensor, nn
 
 from atbptt import TbpttDriver, TrainingSegment
+from atbptt.records import MetricsFile
 
 CHECKPOINT_KEY = "atbptt_driver"
+# the figures of an update's record logged besides trunc_k (atbptt.records)
+LOGGED_FIGURES = ("bias_hat", "beta_hat", "lr_scale", "clip_at", "processed_tokens", "est_sec")
 
 
 class SegmentSlots:
@@ -50,8 +53,10 @@ class TbpttModule(lightning.LightningModule):
     Subclass it and define ``configure_optimizers`` (one optimizer; step any scheduler yourself,
     e.g. in ``on_train_epoch_end``). With ``lr_scaling`` in the driver's config the optimizer's
     lr is scaled with K inside each step. ``clip_norm``: clip the gradient norm before each step
-    (Lightning's ``gradient_clip_val`` does not apply to manual optimization). Logs ``train_loss``,
-    ``trunc_k`` and, once K has been estimated, ``bias_hat`` and ``beta_hat``. One process only.
+    (Lightning's ``gradient_clip_val`` does not apply to manual optimization). Logs ``train_loss``
+    and the figures of the loop's update record (``trunc_k``; once K has been estimated,
+    ``bias_hat`` and ``beta_hat``; ...), and writes the records to ``atbptt_metrics.jsonl`` in the
+    trainer's log dir. One process only.
     Give the ``Trainer`` ``plugins=[SafeCheckpointIO()]`` so that a resume verifies its file.
     """
 
@@ -63,6 +68,7 @@ class TbpttModule(lightning.LightningModule):
         self.model = model
         self.tbptt = driver
         self.clip_norm = clip_norm
+        self._metrics: MetricsFile | None = None
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
@@ -76,6 +82,10 @@ class TbpttModule(lightning.LightningModule):
 
     def on_train_start(self) -> None:
         self.tbptt.attach_optimizer(self._optimizer().optimizer)
+        log_dir = self.trainer.log_dir
+        if log_dir is not None and self.trainer.is_global_zero:
+            self._metrics = MetricsFile(log_dir)
+            self._metrics.resume_at(self.tbptt.num_updates)  # a resumed fit writes them again
 
     def training_step(self, batch: int, batch_idx: int) -> Tensor:
         optimizer = self._optimizer()
@@ -100,13 +110,16 @@ class TbpttModule(lightning.LightningModule):
         return optimizer
 
     def _log_segment(self, loss: Tensor, segment: TrainingSegment) -> None:
+        """``self.log`` the loss and the update's record; the records also go to
+        ``atbptt_metrics.jsonl`` in the trainer's log dir."""
         options = {"on_step": True, "on_epoch": False, "batch_size": segment.inputs.size(0)}
         self.log("train_loss", loss, prog_bar=True, **options)
-        self.log("trunc_k", float(segment.truncation_length), prog_bar=True, **options)
-        decision = self.tbptt.controller.last_decision
-        if decision is not None:
-            self.log("bias_hat", decision.relative_bias, **options)
-            self.log("beta_hat", decision.decay_rate, **options)
+        update = segment.records[-1]
+        for key in ("trunc_k", *LOGGED_FIGURES):
+            if key in update:
+                self.log(key, float(update[key]), prog_bar=key == "trunc_k", **options)
+        if self._metrics is not None:
+            self._metrics.write(*segment.records)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.tbptt.state_dict()

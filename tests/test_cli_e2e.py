@@ -2,7 +2,6 @@
 
 import ast
 import math
-import json
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 
 import atbptt_fairseq  # noqa: F401  (registers the plugin for in-process loading)
+from atbptt.records import METRICS_FILE, read_records
 
 pytestmark = pytest.mark.e2e
 
@@ -170,6 +170,10 @@ def test_max_train_tokens_stops_training_and_survives_resume(tiny_corpus, tmp_pa
     resumed = train(60)
     assert "scored tokens: 64 >= max_train_tokens: 60" in resumed
     assert [r["num_updates"] for r in json_records(resumed, "train_inner")] == ["5", "6", "7", "8"]
+    # the metrics records go on across the resume, one per update
+    updates = read_records(tmp_path / METRICS_FILE, "update")
+    assert [r["update"] for r in updates] == list(range(8))
+    assert [r["scored_tokens"] for r in updates] == [8 * (u + 1) for u in range(8)]
 
 
 def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path):
@@ -190,9 +194,13 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     records = json_records(output, "train_inner")
     assert [r["num_updates"] for r in records] == ["1", "2", "3"]
     assert [float(r["ppb"]) for r in records] == [8, 8, 24]  # logged per update, for sweeps
-    decisions = [json.loads(line.split("k_decision ", 1)[1]) for line in output.splitlines()
-                 if "| k_decision {" in line]  # fmt: skip
+    decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
     assert [(d["update"], d["truncation_length"]) for d in decisions] == [(2, 4)]
+    updates = read_records(tmp_path / METRICS_FILE, "update")
+    assert [r["processed_tokens"] for r in updates] == [8, 16, 40]
+    for logged, record in zip(records, updates):  # the log shows the records' values
+        assert float(logged["trunc_k"]) == float(logged["trunc_k_last"]) == record["trunc_k"]
+    assert float(records[-1]["bias_hat"]) == pytest.approx(updates[-1]["bias_hat"], rel=1e-5)
     fields = {"relative_bias", "decay_rate", "seconds", "changed", "fallback", "raw_choice"}
     assert fields <= decisions[0].keys()
     assert decisions[0]["reason"].startswith("mean of 1 smallest K with bias_hat < 0.5")

@@ -15,6 +15,7 @@ from conftest import REPO, PickledCommand, flip_bit_in_member, load_example
 from fairseq.data import Dictionary
 
 from atbptt import RecurrentModel, TbpttConfig, TbpttDriver, evaluate_stream
+from atbptt.records import METRICS_FILE, MetricsFile, read_records
 from atbptt_fairseq.models.tbptt_lstm_lm import (
     TbpttLstmDecoder,
     TbpttLstmLanguageModel,
@@ -302,6 +303,37 @@ def test_resume_from_a_state_dict_continues_exactly():
     )
 
 
+def test_records_are_returned_and_written_once_per_update_across_a_resume(tmp_path):
+    """Every segment hands out its records (the decision before it, then the update's); with a
+    metrics dir they go to atbptt_metrics.jsonl, and a resume drops those after its update."""
+    driver, model, optimizer = make_run(seed=0)
+    driver.metrics = MetricsFile(tmp_path)
+    train(driver, model, optimizer, until=13)
+    saved = driver.state_dict()
+    segment = driver.next_segment(model)
+    kinds = [record["kind"] for record in segment.records]
+    assert kinds == (["k_decision"] if segment.decision else []) + ["update"]
+    update = segment.records[-1]
+    assert update["update"] == 13 and update["trunc_k"] == segment.truncation_length
+    assert update["lr_scale"] == pytest.approx(math.sqrt(segment.truncation_length))
+    assert update["clip_at"] == pytest.approx(2.0 / segment.truncation_length)
+    assert update["processed_tokens"] == driver.processed_tokens
+    segment.loss(model)
+    train(driver, model, optimizer, until=20)
+    resumed, resumed_model, resumed_optimizer = make_run(seed=0)
+    resumed.metrics = MetricsFile(tmp_path)
+    resumed.load_state_dict(saved)
+    assert [r["update"] for r in read_records(tmp_path / METRICS_FILE, "update")] == list(
+        range(13)
+    )
+    train(resumed, resumed_model, resumed_optimizer, until=20)
+    updates = read_records(tmp_path / METRICS_FILE, "update")
+    assert [r["update"] for r in updates] == list(range(20))
+    decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
+    assert [d["update"] for d in decisions] == list(range(3, 20, 3))
+    assert all(d["reason"] and "raw_choice" in d for d in decisions)
+
+
 def test_evaluate_stream_is_one_stateful_pass():
     tokens, targets = copy_task.copy_stream(150, 2, 4, seed=2)
     model = copy_model().train()
@@ -319,7 +351,7 @@ def test_config_defaults_match_the_fairseq_task():
     fairseq_only = {
         "_name", "data", "target_dir", "max_train_tokens", "max_processed_tokens",
         "validate_interval_processed_tokens", "eval_chunk_length", "eval_batch_size",
-        "seed", "train_subset", "cpu", "fp16", "amp", "tpu", "distributed_world_size",
+        "seed", "save_dir", "train_subset", "cpu", "fp16", "amp", "tpu", "distributed_world_size",
         "gradient_estimator",  # the driver takes an estimator object (TbpttDriver(estimator=...))
     }  # fmt: skip
     driver_fields = {f.name: f.default for f in dataclasses.fields(TbpttConfig)}
@@ -398,8 +430,13 @@ def test_copy_task_example_resumes_and_refuses_bad_checkpoints(tmp_path):
 
 def test_core_helpers_the_fairseq_task_shares():
     """lr_factor, budget_tokens and estimate_truncation: what the task and the driver both use."""
-    from atbptt import aligned_stream, budget_tokens, build_controller, estimate_truncation
-    from atbptt import lr_factor
+    from atbptt import (
+        aligned_stream,
+        budget_tokens,
+        build_controller,
+        estimate_truncation,
+        lr_factor,
+    )
 
     config = TbpttConfig(truncation_length=4, lr_scaling="sqrt")
     assert lr_factor(config, 16) == pytest.approx(2.0)

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from atbptt import CheckpointError, TbpttConfig, TbpttDriver
+from atbptt.records import METRICS_FILE, read_records
 from atbptt_lightning import SafeCheckpointIO, TbpttModule
 
 copy_task = load_example("copy_task")
@@ -74,6 +75,10 @@ def test_lightning_trains_with_adaptive_k_and_resumes_exactly(tmp_path):
     biases = [float(row["bias_hat"]) for row in rows if row.get("bias_hat")]
     assert len(lengths) == TOTAL_STEPS and lengths[0] == 5 and len(set(lengths)) > 1, lengths
     assert len(biases) == TOTAL_STEPS - 4 and all(math.isfinite(b) for b in biases)
+    (metrics_file,) = (tmp_path / "full").glob(f"version_*/{METRICS_FILE}")  # the same records
+    assert [r["trunc_k"] for r in read_records(metrics_file, "update")] == lengths
+    decisions = read_records(metrics_file, "k_decision")
+    assert [d["update"] for d in decisions] == list(range(4, TOTAL_STEPS, 4))
 
     resumed = make_module(seed=1)  # other initial weights: everything must come from the file
     (checkpoint,) = (tmp_path / "checkpoints").glob(f"*step={RESUME_STEP}.ckpt")

@@ -349,6 +349,51 @@ def test_checkpoint_dict_round_trip_restores_the_next_segment(tiny_corpus):
     assert restored.loop.cursor.position > before
 
 
+def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus, tmp_path):
+    """train_step and optimizer_step write one update record per update (a retry writes none)
+    to atbptt_metrics.jsonl in the save dir; a resume drops the records after its update."""
+    from atbptt.records import METRICS_FILE, read_records
+
+    def new_task():
+        config = AdaptiveTbpttLmConfig(
+            data=str(tiny_corpus), seed=1, train_subset="train", truncation_length=6,
+            target_bias=0.5, min_truncation_length=2, max_truncation_length=12,
+            estimate_window=12, estimate_interval=2, estimate_sequences=2, estimate_repeats=1,
+            save_dir=str(tmp_path),
+        )  # fmt: skip
+        task = AdaptiveTbpttLmTask.setup_task(config)
+        task.load_dataset("train")
+        slots = list(
+            task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr()
+        )
+        return task, slots
+
+    task, slots = new_task()
+    torch.manual_seed(0)
+    model = TbpttLstmLanguageModel.build_model(_model_config(), task)
+    criterion, optimizer = _criterion(task), StubOptimizer(model)
+    optimizer.clip_grad_norm = lambda threshold: None
+    optimizer.param_groups = optimizer.optimizer.param_groups
+    optimizer.step = optimizer.optimizer.step
+    state = None
+    for update in range(6):
+        for _ in range(1 + (update == 3)):  # update 3 is retried
+            task.train_step(slots[update], model, criterion, optimizer, update)
+            task.optimizer_step(optimizer, model, update)
+        if update == 3:
+            state = task.get_checkpoint_dict()["AdaptiveTbpttLmTask"]
+    path = tmp_path / METRICS_FILE
+    updates = read_records(path, "update")
+    assert [r["update"] for r in updates] == list(range(6))
+    assert [d["update"] for d in read_records(path, "k_decision")] == [2, 4]
+    assert updates[-1]["scored_tokens"] == task.loop.scored_tokens
+    assert updates[2]["est_sec"] > 0 and updates[3]["est_sec"] == 0
+    restored, _ = new_task()
+    restored.set_checkpoint_dict(state)
+    assert [r["update"] for r in read_records(path, "update")] == list(range(4))
+    assert [d["update"] for d in read_records(path, "k_decision")] == [2]
+
+
 def _model_config():
     from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLmConfig
 

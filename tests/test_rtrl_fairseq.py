@@ -36,6 +36,7 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
     AdaptiveTbpttLmTask,
     check_estimator_model,
 )
+from atbptt_fairseq.tasks.checkpoint_state import checkpoint_layout
 
 TINY_ARCH = {"kf-rtrl": "tanh_rnn_lm_tiny", "exact-rtrl": "elementwise_lstm_lm_tiny"}
 TOTAL_UPDATES = 6
@@ -103,7 +104,7 @@ def test_exact_rtrl_through_the_task_is_full_bptt(tiny_corpus):
         expected = full_gradient(core, inputs[:, :length], targets[:, :length], normaliser=1.0)
         got = torch.cat([p.grad.reshape(-1) for p in parameters])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert task._carried_state()[0].shape == (1, 3, 8)  # the checkpoints' layout
+    assert checkpoint_layout(task.loop)[0].shape == (1, 3, 8)  # the checkpoints' layout
 
 
 def test_a_model_the_method_does_not_support_is_refused():

@@ -4,12 +4,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 from torch import Tensor
+
+from atbptt import LoopSegment
+from atbptt_fairseq.errors import UserInputError
 
 
 @dataclass
@@ -75,3 +79,32 @@ class TbpttCrossEntropyCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def segment_forward(
+    criterion: Any, model: Any, segment: LoopSegment, amp: bool
+) -> Tuple[Tensor, Optional[Tuple[Tensor, ...]]]:
+    """Truncated BPTT's forward for :meth:`atbptt.TbpttLoop.train`: the summed loss of a loop
+    segment and the state after ``carry_offset`` steps, by ``criterion`` through ``model`` (the
+    wrapped model, so that DDP sees the forward), under CUDA autocast with ``amp``."""
+    while hasattr(criterion, "module"):
+        criterion = criterion.module
+    forward = getattr(criterion, "forward_carrying_state", None)
+    if forward is None:
+        raise UserInputError(
+            "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands it the "
+            f"recurrent state to carry into the next update; {type(criterion).__name__} does not"
+        )
+    batch = {
+        "net_input": {
+            "src_tokens": segment.inputs,
+            "state": segment.state,
+            "carry_offset": segment.carry_offset,
+            "output_start": segment.output_start,
+        },
+        "target": segment.targets,
+        "ntokens": segment.targets.numel(),
+    }
+    with torch.amp.autocast("cuda", enabled=amp):
+        loss, _, _, carried = forward(model, batch)
+    return loss, carried

@@ -23,35 +23,28 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from torch import Tensor
 
-from atbptt import (
-    RESUME_BREAKING_OPTIONS,
-    LoopSegment,
-    StreamCursor,
-    TbpttLoop,
-    TruncationController,
-    describe_changes,
-    resume_changes,
-    scaled_learning_rate,
-)
-from atbptt.estimators import Carry
+from atbptt import TbpttLoop, TruncationController, scaled_learning_rate
 from atbptt.loop import Snapshot
+from atbptt.records import MetricsFile, decision_record
+from atbptt_fairseq.criterions.tbptt_cross_entropy import segment_forward
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
-from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
-    METHOD_DEFAULTS,
+from atbptt_fairseq.tasks.checkpoint_state import (
+    check_resumed_options,
+    checkpoint_layout,
+    loop_checkpoint,
+    restore_loop,
+)
+from atbptt_fairseq.tasks.config import (
     AdaptiveTbpttLmConfig,
     check_config,
     check_gradient_estimator,
     check_precision,
     method_config,
 )
-from atbptt_fairseq.tasks.estimators import (  # noqa: F401  (their home before)
-    build_gradient_estimator,
-    check_estimator_model,
-    gradient_estimation_model,
-    task_layout,
-)
-from atbptt_fairseq.tasks.streams import (  # noqa: F401  (their home before)
+from atbptt_fairseq.tasks.estimators import build_gradient_estimator, check_estimator_model
+from atbptt_fairseq.tasks.method_metrics import reduce_method_metrics
+from atbptt_fairseq.tasks.streams import (
     SlotDataset,
     SplitStream,
     check_checkpoint_targets,
@@ -61,6 +54,7 @@ from atbptt_fairseq.tasks.streams import (  # noqa: F401  (their home before)
     load_dictionary,
     read_split,
 )
+from atbptt_fairseq.tasks.workers import average_over_workers, gather_columns, unwrap, world
 
 logger = logging.getLogger(__name__)
 
@@ -70,30 +64,6 @@ DIVERGED_BITS_PER_TOKEN = 1024.0
 
 # prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
 DECISION_RECORD = "k_decision"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _average_over_workers(tensors: List[Tensor]) -> None:
-    """Replace each tensor by its mean over the data-parallel workers (so that every worker
-    decides the same K); a no-op on one worker."""
-    world_size, _ = _world()
-    if world_size > 1:
-        group = distributed_utils.get_data_parallel_group()
-        for tensor in tensors:
-            distributed_utils.all_reduce(tensor, group=group)
-            tensor.div_(world_size)
-
-
-def _world() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        group = distributed_utils.get_data_parallel_group()
-        return distributed_utils.get_world_size(group), distributed_utils.get_rank(group)
-    return 1, 0
 
 
 @register_task("adaptive_tbptt_lm", dataclass=AdaptiveTbpttLmConfig)
@@ -107,26 +77,15 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self.dictionary = dictionary
         check_config(cfg)
         self.method = method_config(cfg)  # the core's options, as atbptt.TbpttDriver takes them
-        world_size, rank = _world()
+        world_size, rank = world()
         try:  # the one segment loop; --gradient-estimator (not tbptt) trains through it too
             self.loop = TbpttLoop(
-                self.method, build_gradient_estimator(cfg), rank, world_size, _average_over_workers
+                self.method, build_gradient_estimator(cfg), rank, world_size, average_over_workers
             )
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
         if self.loop.estimating:
-            controller = self.loop.controller
-            schedule = (
-                f"every {controller.interval} updates"
-                if controller.interval
-                else f"every {controller.tokens_between_estimates:,} training tokens "
-                f"(--estimate-budget {controller.budget})"
-            )
-            logger.info(
-                f"truncation estimates ({controller.num_estimates} x {controller.num_sequences} "
-                f"sequences x {controller.burnin} + {controller.window} steps = "
-                f"{controller.estimate_tokens:,} tokens each) {schedule}"
-            )
+            logger.info(self.loop.describe_schedule())
         self._train_stream: Optional[SplitStream] = None
         self._train_shard: Optional[int] = None
         self._gathered_state: Optional[Tuple[dict, List[Tensor]]] = None
@@ -135,6 +94,11 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._processed_validations = 0  # validations --validate-interval-processed-tokens made
         self._update_loss: Optional[Tuple[Tensor, Any]] = None  # the last update's, and its size
         self._warned_unchecked_dictionary = False
+        self._updates_trained = 0  # updates whose record is written
+        self._estimate_seconds = 0.0  # of this update's estimate, for its record
+        save_dir = getattr(cfg, "save_dir", None)  # unresolved outside fairseq-train: no file
+        resolved = isinstance(save_dir, str) and "${" not in save_dir
+        self._metrics = MetricsFile(save_dir) if resolved and rank == 0 else None
 
     @property
     def controller(self) -> TruncationController:
@@ -269,7 +233,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         once per update slot however often it is retried. If the forward or backward pass raises
         (e.g. out of memory), it is rewound as well before re-raising.
         """
-        core = _unwrap(model)
+        core = unwrap(model)
         call = (update_num, int(sample["slot"]))
         if call == self._last_call:
             self.loop.rewind(self._snapshot)
@@ -280,44 +244,28 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 self._log_decision(update_num, decision)
         self._last_call, self._snapshot = call, self.loop.snapshot()
 
-        def run_window(segment: LoopSegment) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-            """Truncated BPTT's forward: the criterion's, through the (wrapped) model."""
-            forward = getattr(_unwrap(criterion), "forward_carrying_state", None)
-            if forward is None:
-                raise UserInputError(
-                    "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands "
-                    "it the recurrent state to carry into the next update; "
-                    f"{type(criterion).__name__} does not"
-                )
-            batch = {
-                "net_input": {
-                    "src_tokens": segment.inputs,
-                    "state": segment.state,
-                    "carry_offset": segment.carry_offset,
-                    "output_start": segment.output_start,
-                },
-                "target": segment.targets,
-                "ntokens": segment.targets.numel(),
-            }
-            with torch.amp.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, _, _, carried = forward(model, batch)
-            return loss, carried
-
+        amp = isinstance(optimizer, AMPOptimizer)
         model.train()
         model.set_num_updates(update_num)
         try:
             segment = self.loop.next_segment(core)
             ntokens = segment.targets.numel()
             loss = self.loop.train(
-                segment, core, lambda loss: optimizer.backward(loss), run_window, ntokens,
+                segment,
+                core,
+                lambda loss: optimizer.backward(loss),
+                lambda segment: segment_forward(criterion, model, segment, amp),
+                ntokens,
                 ignore_grad,
-            )  # fmt: skip
+            )
         except BaseException:
             self.loop.rewind(self._snapshot)
             raise
         loss = loss.float()
         self._update_loss = (loss, ntokens)  # training_diverged
-        record = self.loop.take_update_record(update_num)
+        record = self.loop.update_record(update_num)
+        estimate_tokens, estimate_seconds = self.loop.take_estimate_cost()
+        self._estimate_seconds = estimate_seconds or self._estimate_seconds  # for the record
         logging_output = {
             "loss": loss,
             "ntokens": ntokens,
@@ -326,13 +274,13 @@ class AdaptiveTbpttLmTask(FairseqTask):
             "trunc_k": record["trunc_k"],
             "tbptt_parts": 1,  # identical on every worker: the reduction divides by their count
             # this worker's tokens through the model in this update, its estimate included
-            "processed_tokens": segment.inputs.numel() + record["est_tokens"],
+            "processed_tokens": segment.inputs.numel() + estimate_tokens,
         }
         for key in ("bias_hat", "beta_hat", "lr_scale"):
             if key in record:
                 logging_output[key] = record[key]
         if "est_sec" in record:
-            logging_output["est_sec"] = record["est_sec"] / self.loop.world_size
+            logging_output["est_sec"] = estimate_seconds / self.loop.world_size
         return loss, ntokens, logging_output
 
     def _log_decision(self, update_num: int, decision) -> None:
@@ -341,8 +289,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
             f"(bias_hat {decision.relative_bias:.4g}, beta_hat {decision.decay_rate:.4g}, "
             f"{decision.seconds:.2f}s): {decision.reason}"
         )
-        record = {"update": update_num, **dataclasses.asdict(decision)}
+        record = decision_record(update_num, decision)
         logger.info(f"{DECISION_RECORD} {json.dumps(record)}")
+        if self._metrics is not None:
+            self._metrics.write(record)
 
     def training_diverged(self, num_updates: int) -> Optional[str]:
         """Why the last update's training loss has diverged, in one line; None while it has not
@@ -353,7 +303,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._update_loss = None
         bits = (loss.float() / max(float(sample_size), 1.0) / math.log(2)).reshape(1)
         bits = torch.where(torch.isnan(bits), torch.full_like(bits, math.inf), bits)
-        if _world()[0] > 1:
+        if world()[0] > 1:
             group = distributed_utils.get_data_parallel_group()
             bits = distributed_utils.all_reduce(bits, group, op="max")
         value = float(bits)
@@ -367,15 +317,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def training_budget_reached(self) -> Optional[str]:
         """Which training budget is spent, in words for the log; None if none (same on every
         worker)."""
-        scored, processed = self.loop.scored_tokens, self.loop.processed_tokens
-        if 0 < self.cfg.max_train_tokens <= scored:
-            return f"scored tokens: {scored:,} >= max_train_tokens: {self.cfg.max_train_tokens:,}"
-        if 0 < self.cfg.max_processed_tokens <= processed:
-            return (
-                f"processed tokens: {processed:,} >= max_processed_tokens: "
-                f"{self.cfg.max_processed_tokens:,}"
-            )
-        return None
+        return self.loop.budget_spent(self.cfg.max_train_tokens, self.cfg.max_processed_tokens)
 
     def processed_validation_due(self) -> bool:
         """Whether --validate-interval-processed-tokens asks for a validation after this update."""
@@ -397,44 +339,26 @@ class AdaptiveTbpttLmTask(FairseqTask):
         if threshold is not None:
             optimizer.clip_grad_norm(threshold)
             metrics.log_scalar("clip_at", threshold, weight=0)
+        if update_num >= self._updates_trained:  # once per update, not again on a retry
+            record = self.loop.update_record(update_num)
+            if "est_sec" in record:
+                record["est_sec"], self._estimate_seconds = self._estimate_seconds, 0.0
+            if self._metrics is not None:
+                self._metrics.write(record)
+            self._updates_trained = update_num + 1
         with scaled_learning_rate(optimizer.param_groups, self.loop.lr_factor):
             optimizer.step()
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         super().reduce_metrics(logging_outputs, criterion)
-        parts = sum(log.get("tbptt_parts", 0) for log in logging_outputs)
-        if parts == 0:
-            return
-        trunc_k = sum(log.get("trunc_k", 0) for log in logging_outputs) / parts
-        metrics.log_scalar("trunc_k", trunc_k, weight=1, round=1)
-        for key in ("bias_hat", "beta_hat"):
-            if any(key in log for log in logging_outputs):
-                value = sum(log.get(key, 0.0) for log in logging_outputs) / parts
-                # unrounded: fairseq prints 6 significant digits, so a bias of 1e-6 or a decay
-                # rate of 0.99993 stays readable
-                metrics.log_scalar(key, value)
-        if any("lr_scale" in log for log in logging_outputs):
-            value = sum(log.get("lr_scale", 0.0) for log in logging_outputs) / parts
-            metrics.log_scalar("lr_scale", value, round=3)
-        if any("processed_tokens" in log for log in logging_outputs):
-            # per update, like fairseq's wpb: sweeps cumulate it into processed tokens
-            processed = sum(log.get("processed_tokens", 0) for log in logging_outputs)
-            metrics.log_scalar("ppb", processed, round=1)
-        if any("est_sec" in log for log in logging_outputs):
-            seconds = sum(log.get("est_sec", 0.0) for log in logging_outputs)
-            metrics.log_scalar_sum("est_sec", seconds, round=2)
+        reduce_method_metrics(logging_outputs)
 
     # ------------------------------------------------------------------------- evaluation
 
     def begin_valid_epoch(self, epoch: int, model) -> None:
-        _unwrap(model).reset_streams()
+        unwrap(model).reset_streams()
 
     # ------------------------------------------------------------------------ checkpoints
-
-    def _carried_state(self) -> Optional[Tuple[Tensor, ...]]:
-        """The loop's carried state in the checkpoints' layout (batch along dim 1)."""
-        state = self.loop.carried_state
-        return None if state is None else task_layout(state, self.loop.state_batch_dim)
 
     def gather_checkpoint_state(self) -> None:
         """Collect every rank's carried state before rank 0 writes a checkpoint.
@@ -444,54 +368,20 @@ class AdaptiveTbpttLmTask(FairseqTask):
         :meth:`get_checkpoint_dict`. The checkpoint then holds the state of all columns in the
         global layout (columns x layers x hidden), which each rank slices again on resume.
         """
-        world_size, _ = _world()
-        carried = self._carried_state()
+        carried = checkpoint_layout(self.loop)
         self._gathered_state = None
-        if world_size == 1 or carried is None:
-            return  # the cursor, and so a None state, is the same on every rank
-        group = distributed_utils.get_data_parallel_group()
-        gathered = [
-            torch.cat(distributed_utils.all_gather(tensor.detach().contiguous(), group), dim=1)
-            for tensor in carried
-        ]
-        self._gathered_state = (self.loop.cursor.state_dict(), gathered)
+        if world()[0] > 1 and carried is not None:  # else the same on every rank, or None
+            self._gathered_state = (self.loop.cursor.state_dict(), gather_columns(carried))
 
     def get_checkpoint_dict(self) -> Dict[str, Any]:
-        state, carried, cursor = None, self._carried_state(), self.loop.cursor.state_dict()
-        world_size, _ = _world()
-        if world_size == 1:
-            if carried is not None:
-                state = [tensor.detach().cpu() for tensor in carried]
-        elif self._gathered_state is not None and self._gathered_state[0] == cursor:
-            state = [tensor.cpu() for tensor in self._gathered_state[1]]
-        elif carried is not None:
-            logger.warning(
-                "no carried state in this checkpoint: it was not gathered from all ranks"
-            )
-        estimator, carry = self.loop.estimator, self.loop.estimator_carry
         return {
             type(self).__name__: {
-                "cursor": cursor,
-                "carried_state": state,
+                **loop_checkpoint(self.loop, world()[0], self._gathered_state),
                 "train_shard": self._train_shard,
-                "controller": self.controller.state_dict(),
-                "scored_tokens": self.loop.scored_tokens,
-                "processed_tokens": self.loop.processed_tokens,
                 "processed_validations": self._processed_validations,
                 "dictionary": dictionary_identity(self.dictionary),
                 "method": dataclasses.asdict(self.method),  # compared on resume
-                # --gradient-estimator (not tbptt): its name, RNG and carry (sensitivities too)
-                **(
-                    {}
-                    if estimator is None
-                    else {
-                        "gradient_estimator": {
-                            "name": estimator.name,
-                            "state": estimator.state_dict(),
-                            "carry": None if carry is None else carry.state_dict(),
-                        }
-                    }
-                ),
+                "num_updates": self._updates_trained,  # the metrics records kept on resume
             }
         }
 
@@ -531,95 +421,27 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def check_checkpoint_dictionary(self, trained: Optional[Dict[str, Any]]) -> None:
         """Refuse a checkpoint trained with another dictionary than this data directory's (its
         token ids would mean other words); warn once for one that recorded none."""
-        own = dictionary_identity(self.dictionary)
         dict_path = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
-        if not trained or "sha256" not in trained:
-            if not self._warned_unchecked_dictionary:
-                self._warned_unchecked_dictionary = True
-                logger.warning(
-                    "the checkpoint records no dictionary identity (it was written by an older "
-                    f"version of the plugin): cannot check that it was trained with {dict_path}"
-                )
-            return
-        check_dictionary_identity(trained, own, dict_path)
-
-    def _check_resumed_options(self, saved: Optional[Dict[str, Any]]) -> None:
-        """Say in one line which method options differ from the checkpoint's; refuse those that
-        would give the carried state another meaning (checkpoints before this check: none)."""
-        changes = resume_changes(saved, self.method)
-        breaking = [change for change in changes if change[0] in RESUME_BREAKING_OPTIONS]
-        if breaking:
-            raise UserInputError(
-                f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "
-                "state belongs to the saved value; resume with it, or start a new run "
-                "(another --save-dir, or --reset-dataloader to start a new pass)"
+        checked = check_dictionary_identity(
+            trained, dictionary_identity(self.dictionary), dict_path
+        )
+        if not checked and not self._warned_unchecked_dictionary:
+            self._warned_unchecked_dictionary = True
+            logger.warning(
+                "the checkpoint records no dictionary identity (it was written by an older "
+                f"version of the plugin): cannot check that it was trained with {dict_path}"
             )
-        if changes:
-            logger.warning(f"resuming with changed options: {describe_changes(changes, _flag)}")
 
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
-        """Restore the stream position, carried state, controller, token count and lr scaling.
-
-        fairseq has already loaded the training data of the epoch it resumes (and built its
-        iterator). The stored carried state covers all columns; this rank keeps its own. A
-        checkpoint written at the end of an epoch on another data shard (colon-separated data
-        paths) starts that shard from its beginning with a zero state, as an uninterrupted run does
-        when it moves to the next shard. A checkpoint of another global batch size (columns =
-        --batch-size x workers) starts a new pass over the data, as the columns differ.
-        """
-        self._check_resumed_options(state.get("method"))
-        cursor = StreamCursor.from_state_dict(state["cursor"])
-        carried = state.get("carried_state")
-        saved_shard = state.get("train_shard")
-        world_size, rank = _world()
-        columns = self.loop.column_count or None
-        saved_columns = None if carried is None else carried[0].size(1)
-        if (
-            saved_columns is not None
-            and columns is not None
-            and saved_columns != columns * world_size
-        ):
-            logger.warning(
-                f"the checkpoint's carried state covers {saved_columns} columns but this run "
-                f"trains {columns * world_size} (--batch-size x workers): starting a new pass over "
-                "the training data from a zero state"
-            )
-            cursor, carried = StreamCursor(passes=cursor.passes + 1), None
-        elif saved_shard is not None and self._train_shard not in (None, saved_shard):
-            cursor, carried = StreamCursor(passes=cursor.passes), None
-        else:
-            if carried is not None:
-                rows = slice(rank * columns, (rank + 1) * columns) if columns else slice(None)
-                carried = tuple(tensor[:, rows].contiguous() for tensor in carried)
-            if saved_shard is not None:
-                self._train_shard = saved_shard
-        estimator, saved = self.loop.estimator, state.get("gradient_estimator")
-        estimator_state, carry = None, None
-        if estimator is not None and (saved is None or saved.get("name") != estimator.name):
-            logger.warning(
-                f"the checkpoint holds no {estimator.name} state (it was trained with "
-                f"another --gradient-estimator): the estimator starts afresh at a new pass"
-            )
-            cursor, carried = StreamCursor(passes=cursor.passes + 1), None
-        elif estimator is not None:
-            estimator_state = saved["state"]
-            # a carry that does not continue the restored stream (a new pass or shard) is dropped
-            if saved.get("carry") is not None and carried is not None:
-                carry = Carry.from_state_dict(saved["carry"])
+        """Restore the loop (:func:`restore_loop`) and the validation count; fairseq has already
+        loaded the training data of the epoch it resumes (and built its iterator)."""
+        check_resumed_options(state.get("method"), self.method)
+        world_size, rank = world()
+        self._train_shard = restore_loop(self.loop, state, world_size, rank, self._train_shard)
         self._last_call = self._snapshot = None
-        self.loop.restore(
-            cursor,
-            carried,
-            state["controller"],
-            # checkpoints before the processed-token budget: estimates not counted, windows are
-            state.get("scored_tokens", 0),
-            state.get("processed_tokens", 0),
-            estimator_state,
-            carry,
-        )
         self._processed_validations = int(state.get("processed_validations", 0))
+        if "num_updates" in state:  # the records of updates after the checkpoint come again
+            self._updates_trained = int(state["num_updates"])
+            if self._metrics is not None:
+                self._metrics.resume_at(self._updates_trained)
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")

@@ -242,6 +242,7 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         },
     )
     seed: int = II("common.seed")
+    save_dir: str = II("checkpoint.save_dir")  # where atbptt_metrics.jsonl is written
     train_subset: str = II("dataset.train_subset")
     cpu: bool = II("common.cpu")
     fp16: bool = II("common.fp16")

@@ -227,9 +227,13 @@ def check_checkpoint_targets(trained_dir: Optional[str], target_dir: Optional[st
     )
 
 
-def check_dictionary_identity(trained: Dict[str, Any], own: Dict[str, Any], dict_path: str) -> None:
+def check_dictionary_identity(
+    trained: Optional[Dict[str, Any]], own: Dict[str, Any], dict_path: str
+) -> bool:
     """Refuse a checkpoint trained with another dictionary than ``dict_path``'s (its token ids
-    would mean other words)."""
+    would mean other words); False when the checkpoint recorded none (an older plugin's)."""
+    if not trained or "sha256" not in trained:
+        return False
     if trained["sha256"] != own["sha256"]:
         raise UserInputError(
             f"the checkpoint was trained with a dictionary of {trained.get('types', '?')} "
@@ -238,3 +242,4 @@ def check_dictionary_identity(trained: Dict[str, Any], own: Dict[str, Any], dict
             "the data directory (dict.txt) it was trained on, or binarize your text with "
             "fairseq-preprocess --srcdict <that dict.txt>"
         )
+    return True
