@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .bias import BiasEstimate, estimate_bias
+from .bucketed_run import BucketedRun
 from .gradient_profile import GradientProfile, State
-from .ground_truth import BucketedRun
 
 EDGE_GROWTH = 1.25  # bucket edges grow geometrically beyond the first few lags
 

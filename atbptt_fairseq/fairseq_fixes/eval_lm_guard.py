@@ -32,10 +32,11 @@ def check_context_window(context_window: int) -> None:
 
 
 def _uses_plugin_task(cfg) -> bool:
-    from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmTask
-
+    """Whether the task is one of this plugin's (told by its module: the task imports this
+    guard, so the guard does not import the task)."""
     task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
-    return isinstance(task_class, type) and issubclass(task_class, AdaptiveTbpttLmTask)
+    module = getattr(task_class, "__module__", "")
+    return isinstance(task_class, type) and module.startswith("atbptt_fairseq.")
 
 
 _original_main = eval_lm_cli.main
