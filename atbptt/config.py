@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .controller import TruncationController
+from .bias import CUMULATIVE_MODES
+from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController
 from .learning_rate import LR_SCALINGS, learning_rate_factor
 
 TBPTT_STYLES = ("overlap", "disjoint")
@@ -22,35 +23,202 @@ BUDGET_COUNTS = ("processed", "scored")
 
 @dataclass
 class TbpttConfig:
-    """Options of the method, named and defaulting as the fairseq task's (a test keeps them equal).
+    """The method's options: the one place of their names, defaults, help texts (``help`` in
+    each field's metadata; ``choices`` where the value is one of a few) and, in
+    :func:`check_config`, checks. The fairseq task's ``AdaptiveTbpttLmConfig`` is derived from
+    it (``atbptt_fairseq/tasks/config.py``), so a default or a check cannot diverge."""
 
-    See ``AdaptiveTbpttLmConfig`` in ``atbptt_fairseq/tasks/config.py`` for the help
-    text of each option.
-    """
-
-    truncation_length: int = 35  # fixed K, or K0 when target_bias is set
-    tbptt_style: str = "overlap"  # overlap (the paper's) or disjoint
-    updates_per_epoch: int = 0  # segments per epoch; 0: one pass over the columns at K0
-    target_bias: float | None = None  # delta in (0, 1); None: K stays fixed
-    min_truncation_length: int = 10
-    max_truncation_length: int = 300
-    max_truncation_change: float = 0.0  # one decision moves K at most by this factor; 0: free
-    estimate_window: int = 400  # W
-    estimate_burnin: int = -1  # -1: W // 10
-    estimate_sequences: int = 32  # S
-    estimate_repeats: int = 5  # R
-    estimate_interval: int = 0  # every this many updates; 0: on the token budget below
-    estimate_budget: float = 0.03  # share of the training tokens an estimate may cost
-    estimate_budget_counts: str = "processed"  # training tokens: processed (inputs) or scored
-    estimate_lag_origin: str = "final"  # lag 0: final (the paper's formula) or previous
-    estimate_tail_anchor: int = -1  # tau; -1: W - W // 10 - 1
-    estimate_method: str = "norms"  # norms (the paper's bound) or in-window (docs/bias_check.md)
-    estimate_cumulative: str = "approx"  # approx or exact
-    monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
-    lr_scaling: str = "none"  # none, sqrt or linear in K
-    truncation_clip_norm: float = 0.0  # clip the mean loss's gradient norm at this / K; 0: off
-    lr_scaling_reference: int = 0  # the K at which the lr applies unscaled; 0: K0
-    seed: int = 1  # seeds the estimate windows (with the update number)
+    truncation_length: int = field(
+        default=35,
+        metadata={
+            "help": ("truncation length K: fixed K, or the initial K0 when --target-bias is set"),
+        },
+    )
+    tbptt_style: str = field(
+        default="overlap",
+        metadata={
+            "help": (
+                "overlap: window 2K-1 from the carried state, loss on the last K positions, stride K "
+                "(the paper's); disjoint: window K, loss on all K, stride K"
+            ),
+            "choices": TBPTT_STYLES,
+        },
+    )
+    updates_per_epoch: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "update slots in one fairseq epoch; 0: one pass over the training columns at K0. The "
+                "stream position carries across epochs and wraps with a state reset"
+            ),
+        },
+    )
+    target_bias: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "tolerable relative gradient bias delta in (0, 1); K adapts to keep the estimated "
+                "bias below it. Unset: K stays fixed at --truncation-length"
+            ),
+        },
+    )
+    min_truncation_length: int = field(
+        default=10,
+        metadata={
+            "help": ("smallest K the adaptive rule may choose (K_min)"),
+        },
+    )
+    max_truncation_length: int = field(
+        default=300,
+        metadata={
+            "help": ("largest K the adaptive rule may choose (K_max)"),
+        },
+    )
+    max_truncation_change: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "bound on how far one decision moves K: to [K / f, K x f] around the K in force, "
+                "before the [K_min, K_max] clip (f > 1); 0: unbounded, as in the paper. A first "
+                "estimate on a barely trained model can otherwise cut K tenfold, and with --lr- "
+                "scaling and --truncation-clip-norm change the step as much"
+            ),
+        },
+    )
+    estimate_window: int = field(
+        default=400,
+        metadata={
+            "help": ("lags W over which state-gradient norms are measured (>= K_max)"),
+        },
+    )
+    estimate_burnin: int = field(
+        default=-1,
+        metadata={
+            "help": ("steps run without gradient before the window; -1: W // 10"),
+        },
+    )
+    estimate_sequences: int = field(
+        default=32,
+        metadata={
+            "help": ("sequences S drawn from the training stream per estimate"),
+        },
+    )
+    estimate_repeats: int = field(
+        default=5,
+        metadata={
+            "help": ("estimates R averaged into one choice of K"),
+        },
+    )
+    estimate_interval: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "re-estimate K every this many updates; 0: on the compute budget of --estimate-budget "
+                "instead. Counts of updates or tokens, never time, so runs are reproducible"
+            ),
+        },
+    )
+    estimate_budget: float = field(
+        default=0.03,
+        metadata={
+            "help": (
+                "with --estimate-interval 0, the share of training compute spent on estimates, "
+                "counted in tokens run through the model: one estimate runs R x S x (burn-in + W) "
+                "tokens, and the next comes once training has run that many divided by this budget "
+                "(the inputs of every training window) since the last one"
+            ),
+        },
+    )
+    estimate_budget_counts: str = field(
+        default="processed",
+        metadata={
+            "help": (
+                "what --estimate-budget counts as training: processed, the inputs of every window "
+                "(compute); scored, the target tokens (the authors' copy-task schedule of one "
+                "estimate per 320k scored tokens)"
+            ),
+            "choices": BUDGET_COUNTS,
+        },
+    )
+    estimate_lag_origin: str = field(
+        default="final",
+        metadata={
+            "help": (
+                "lag 0 of the gradient profile: final, the state the final loss reads (the paper's "
+                "formula); previous, the state before it (the authors' code, which leaves the readout "
+                "gradient out of the bias's denominator and picks a larger K)"
+            ),
+            "choices": LAG_ORIGINS,
+        },
+    )
+    estimate_tail_anchor: int = field(
+        default=-1,
+        metadata={
+            "help": (
+                "lag tau where the geometric tail of the bias starts; -1: W - W // 10 - 1 (the "
+                "authors used W - 20 on the copy task)"
+            ),
+        },
+    )
+    estimate_method: str = field(
+        default="norms",
+        metadata={
+            "help": (
+                "norms: the paper's bias bound from state-gradient norms; in-window: the parameter "
+                "gradient's bias measured inside the window (one backward, lags in buckets) plus the "
+                "norms' geometric tail beyond it (docs/bias_check.md)"
+            ),
+            "choices": ESTIMATE_METHODS,
+        },
+    )
+    estimate_cumulative: str = field(
+        default="approx",
+        metadata={
+            "help": (
+                "full-gradient norm lower bound: approx sums per-lag norms (the paper's choice for "
+                "language models), exact takes the norm of the summed gradients"
+            ),
+            "choices": CUMULATIVE_MODES,
+        },
+    )
+    monitor_bias: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "with a fixed K, still estimate and log the relative bias at K on the --estimate- "
+                "interval schedule"
+            ),
+        },
+    )
+    lr_scaling: str = field(
+        default="none",
+        metadata={
+            "help": ("scale the learning rate with K relative to K0: none, sqrt or linear"),
+            "choices": LR_SCALINGS,
+        },
+    )
+    truncation_clip_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "clip the norm of the per-token mean loss's gradient at this value divided by the K "
+                "in force, as the paper did (clip 1.0 means 1/K); 0: off. Use instead of --clip-norm, "
+                "which cannot follow K"
+            ),
+        },
+    )
+    lr_scaling_reference: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "the K at which --lr applies unscaled under --lr-scaling; 0: K0. With 1, --lr 1.0 "
+                "--lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
+            ),
+        },
+    )
+    seed: int = field(
+        default=1, metadata={"help": "seeds the estimate windows (with the update number)"}
+    )
 
 
 def build_controller(config: TbpttConfig) -> TruncationController:
@@ -114,29 +282,75 @@ def describe_changes(changes: list[tuple[str, Any, Any]], flag: Callable[[str], 
     return ", ".join(f"{flag(name)} {old!r} -> {new!r}" for name, old, new in changes)
 
 
-def check_config(config: TbpttConfig) -> None:
-    """Reject the options the controller does not check itself."""
-    if config.tbptt_style not in TBPTT_STYLES:
-        raise ValueError(f"tbptt_style must be one of {TBPTT_STYLES} (got {config.tbptt_style!r})")
-    if config.lr_scaling not in LR_SCALINGS:
-        raise ValueError(f"lr_scaling must be one of {LR_SCALINGS} (got {config.lr_scaling!r})")
-    if config.estimate_budget_counts not in BUDGET_COUNTS:
-        raise ValueError(
-            f"estimate_budget_counts must be one of {BUDGET_COUNTS} "
-            f"(got {config.estimate_budget_counts!r})"
-        )
+def check_config(config: TbpttConfig, flag: Callable[[str], str] = str) -> None:
+    """Refuse inconsistent options with a ``ValueError`` of one line, naming each option by
+    ``flag(name)`` (the fairseq task passes its command-line flags)."""
+    for option in dataclasses.fields(config):
+        choices = option.metadata.get("choices")
+        value = getattr(config, option.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{flag(option.name)} must be one of {choices} (got {value!r})")
     for name in ("truncation_clip_norm", "estimate_budget", "target_bias", "max_truncation_change"):
         value = getattr(config, name)
         if value is not None and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number (got {value})")
+            raise ValueError(f"{flag(name)} must be a finite number (got {value})")
     for name, least in (
         ("truncation_length", 1),
         ("updates_per_epoch", 0),
-        ("estimate_burnin", -1),
         ("estimate_tail_anchor", -1),
-        ("truncation_clip_norm", 0),
+        ("estimate_sequences", 1),
+        ("estimate_repeats", 1),
+        ("estimate_interval", 0),
+        ("estimate_burnin", -1),
         ("lr_scaling_reference", 0),
+        ("truncation_clip_norm", 0),
     ):
         value = getattr(config, name)
         if value < least:
-            raise ValueError(f"{name} must be at least {least} (got {value})")
+            raise ValueError(f"{flag(name)} must be at least {least} (got {value})")
+    change = config.max_truncation_change
+    if not (change == 0 or change > 1):
+        raise ValueError(
+            f"{flag('max_truncation_change')} must be 0 (K moves freely) or a factor above 1 "
+            f"(got {change})"
+        )
+    if config.estimate_method == "in-window" and config.estimate_lag_origin != "final":
+        raise ValueError(
+            f"{flag('estimate_method')} in-window measures the bias at K steps directly and has "
+            f"no lag origin to choose: leave out {flag('estimate_lag_origin')} previous"
+        )
+    if config.estimate_interval == 0 and not 0.0 < config.estimate_budget <= 1.0:
+        raise ValueError(
+            f"{flag('estimate_budget')} (the share of training compute spent on estimates) must "
+            f"lie in (0, 1] (got {config.estimate_budget}); or set {flag('estimate_interval')} N "
+            "to estimate every N updates"
+        )
+    if config.target_bias is None:
+        return
+    if not 0.0 < config.target_bias < 1.0:
+        raise ValueError(
+            f"{flag('target_bias')} (the tolerated relative gradient bias delta) must lie strictly "
+            f"between 0 and 1 (got {config.target_bias}); omit it to train with a fixed "
+            f"{flag('truncation_length')}"
+        )
+    k_min, k0, k_max = (
+        config.min_truncation_length,
+        config.truncation_length,
+        config.max_truncation_length,
+    )
+    low, high = flag("min_truncation_length"), flag("max_truncation_length")
+    if k_min < 1:
+        raise ValueError(f"{low} must be at least 1 (got {k_min})")
+    if k_min > k_max:
+        raise ValueError(f"{low} ({k_min}) is larger than {high} ({k_max}); swap or fix them")
+    if not k_min <= k0 <= k_max:
+        raise ValueError(
+            f"{flag('truncation_length')} (the initial K0 = {k0}) lies outside [{low}, {high}] = "
+            f"[{k_min}, {k_max}]; choose K0 inside that range"
+        )
+    if config.estimate_window < k_max:
+        raise ValueError(
+            f"{flag('estimate_window')} ({config.estimate_window}) is shorter than {high} "
+            f"({k_max}): the bias can only be estimated for K up to the window; raise "
+            f"{flag('estimate_window')} or lower {high}"
+        )

@@ -72,7 +72,8 @@ class TbpttLoop:
     :mod:`atbptt.estimators` (ARTBP, UORO, KF-RTRL, exact RTRL); None trains by (adaptive)
     truncated BPTT at the controller's K. ``rank``/``world_size``: this worker's share of the
     columns (``batch_size`` columns each); ``average`` all-reduces the measured gradient profile
-    of an estimate in place, so that every worker decides the same K. Give the training stream
+    of an estimate in place, so that every worker decides the same K. ``flag`` names an option
+    in messages (the fairseq task: ``--estimate-window``). Give the training stream
     with :meth:`use_stream` before the first segment.
     """
 
@@ -83,8 +84,10 @@ class TbpttLoop:
         rank: int = 0,
         world_size: int = 1,
         average: Callable[[list[Tensor]], None] | None = None,
+        flag: Callable[[str], str] = str,
     ) -> None:
-        check_config(config)
+        check_config(config, flag)
+        self.flag = flag  # how the messages name an option (the fairseq task: its flags)
         self.config = config
         self.estimator = estimator
         self.rank, self.world_size, self.average = rank, world_size, average
@@ -104,6 +107,7 @@ class TbpttLoop:
         self.pending_estimate_seconds = 0.0
         self._warned_cap = False
         self._counted_ahead = False  # the next segment's tokens were counted before a rewind
+        self._checked_model: int | None = None  # id of the model check_model accepted
 
     # ------------------------------------------------------------------------------ data
 
@@ -131,8 +135,9 @@ class TbpttLoop:
             if self.stream[0].numel() < length:
                 raise ValueError(
                     f"the training stream has {self.stream[0].numel()} positions, fewer than "
-                    f"the burn-in plus estimate window ({length}); lower estimate_window (and "
-                    "max_truncation_length) or estimate_burnin, or use more data"
+                    f"the burn-in plus estimate window ({length}); lower "
+                    f"{self.flag('estimate_window')} (and {self.flag('max_truncation_length')}) or "
+                    f"{self.flag('estimate_burnin')}, or use more data"
                 )
 
     def restart_pass(self, count_pass: bool = False) -> None:
@@ -207,6 +212,24 @@ class TbpttLoop:
             return None
         return self.config.truncation_clip_norm / self.update_length
 
+    def check_model(self, model: Any) -> None:
+        """Refuse, in one line, a model that lacks what this loop calls: ``zero_state``,
+        ``run_window`` and ``state_batch_dim`` of :class:`atbptt.RecurrentModel`, and ``advance``
+        and ``readout`` when K is estimated (checked once per model)."""
+        if id(model) == self._checked_model:
+            return
+        required = ["zero_state", "run_window", "state_batch_dim"]
+        if self.estimating:
+            required += ["advance", "readout"]
+        missing = [name for name in required if not hasattr(model, name)]
+        if missing:
+            purpose = " (K is estimated by stepping it)" if "advance" in missing else ""
+            raise TypeError(
+                f"{type(model).__name__} is not an atbptt.RecurrentModel: it has no "
+                f"{', '.join(missing)}{purpose}; see docs/front_ends.md, 'The model protocol'"
+            )
+        self._checked_model = id(model)
+
     def trained_model(self, model: RecurrentModel) -> RecurrentModel:
         """The module the gradient is taken of: an estimator's (a model may hand over its core
         recurrence with ``gradient_estimation_model()``), else the model itself."""
@@ -241,6 +264,7 @@ class TbpttLoop:
         (:func:`estimate_truncation`). Counts an adaptive K's estimate as processed tokens."""
         if self.stream is None:
             raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
+        self.check_model(model)
         controller = self.controller
         decision = estimate_truncation(
             controller, model, self.stream, self.config.seed, update, self.rank, self.average
@@ -259,6 +283,7 @@ class TbpttLoop:
         if self.columns is None:
             raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
         trained = self.trained_model(model)
+        self.check_model(trained)
         truncation_length = self.truncation_length
         if self.estimator is None:
             style, length = self.config.tbptt_style, truncation_length

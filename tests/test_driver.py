@@ -323,15 +323,40 @@ def test_records_are_returned_and_written_once_per_update_across_a_resume(tmp_pa
     resumed, resumed_model, resumed_optimizer = make_run(seed=0)
     resumed.metrics = MetricsFile(tmp_path)
     resumed.load_state_dict(saved)
-    assert [r["update"] for r in read_records(tmp_path / METRICS_FILE, "update")] == list(
-        range(13)
-    )
+    assert [r["update"] for r in read_records(tmp_path / METRICS_FILE, "update")] == list(range(13))
     train(resumed, resumed_model, resumed_optimizer, until=20)
     updates = read_records(tmp_path / METRICS_FILE, "update")
     assert [r["update"] for r in updates] == list(range(20))
     decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
     assert [d["update"] for d in decisions] == list(range(3, 20, 3))
     assert all(d["reason"] and "raw_choice" in d for d in decisions)
+
+
+def test_bad_batch_sizes_and_models_are_refused_in_one_line():
+    tokens, targets = copy_task.copy_stream(200, 2, 4, seed=1)
+    for batch_size in (0, -2):
+        with pytest.raises(ValueError, match="batch_size must be a positive number of columns"):
+            TbpttDriver(tokens, batch_size, TbpttConfig(truncation_length=5), targets=targets)
+
+    class WindowOnly(torch.nn.Module):  # runs windows, cannot be stepped
+        def __init__(self):
+            super().__init__()
+            self.inner = copy_model()
+            self.state_batch_dim = self.inner.state_batch_dim
+
+        def zero_state(self, batch_size):
+            return self.inner.zero_state(batch_size)
+
+        def run_window(self, *args):
+            return self.inner.run_window(*args)
+
+    fixed = TbpttDriver(tokens, 4, TbpttConfig(truncation_length=5), targets=targets)
+    with pytest.raises(TypeError, match="LSTM is not an atbptt.RecurrentModel: it has no zero_s"):
+        fixed.next_segment(torch.nn.LSTM(4, 4))
+    fixed.next_segment(WindowOnly())  # enough for a fixed K
+    adaptive = TbpttDriver(tokens, 4, TbpttConfig(**TINY_ADAPTIVE), targets=targets)
+    with pytest.raises(TypeError, match="no advance, readout .K is estimated by stepping it."):
+        adaptive.next_segment(WindowOnly())
 
 
 def test_evaluate_stream_is_one_stateful_pass():

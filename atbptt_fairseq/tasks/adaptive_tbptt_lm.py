@@ -80,8 +80,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
         world_size, rank = world()
         try:  # the one segment loop; --gradient-estimator (not tbptt) trains through it too
             self.loop = TbpttLoop(
-                self.method, build_gradient_estimator(cfg), rank, world_size, average_over_workers
-            )
+                self.method, build_gradient_estimator(cfg), rank, world_size, average_over_workers,
+                flag=lambda name: "--" + name.replace("_", "-"),
+            )  # fmt: skip
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None
         if self.loop.estimating:

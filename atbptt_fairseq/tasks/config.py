@@ -1,14 +1,15 @@
-"""Options of the ``adaptive_tbptt_lm`` task: the config dataclass (the one place their defaults
-and help texts live) and the checks of their values, in terms of the command-line flags.
+"""Options of the ``adaptive_tbptt_lm`` task and the checks of their values, in terms of the
+command-line flags.
 
-The method's options default as ``atbptt.TbpttConfig`` does (:data:`METHOD_DEFAULTS`), and
-:func:`method_config` hands them to the core under the same names.
+The method's options are derived from ``atbptt.TbpttConfig`` (names, defaults, help, choices) and
+checked by the core's one check; the fields here are fairseq's own. :func:`method_config` hands
+the method's options back to the core under the same names.
 """
 
 import dataclasses
 import enum
 import logging
-import math
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,25 +17,21 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from atbptt import ESTIMATE_METHODS, LAG_ORIGINS, LR_SCALINGS, TbpttConfig
+from atbptt import TbpttConfig
+from atbptt.config import check_config as check_method_config
 from atbptt_fairseq.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-# the method's options default as in the plain-PyTorch driver: one source of truth
-METHOD_DEFAULTS = TbpttConfig()
-TBPTT_STYLE_CHOICES = ChoiceEnum(["overlap", "disjoint"])
-LR_SCALING_CHOICES = ChoiceEnum(list(LR_SCALINGS))
-LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
-ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
-BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
-CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
 # tbptt: the task's own (adaptive) truncated BPTT; the others are atbptt.estimators' methods
 GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro", "kf-rtrl", "exact-rtrl"])
 
 
 @dataclass
-class AdaptiveTbpttLmConfig(FairseqDataclass):
+class FairseqOnlyOptions(FairseqDataclass):
+    """The task's options that are fairseq's alone (data, evaluation, budgets of fairseq-train,
+    --gradient-estimator); the method's come from ``atbptt.TbpttConfig``."""
+
     data: Optional[str] = field(
         default=None,
         metadata={
@@ -47,26 +44,6 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         metadata={
             "help": "subdirectory of the data path holding a token-aligned target stream (same "
             "dict.txt), for tasks such as the copy task; unset: the target is the next token"
-        },
-    )
-    truncation_length: int = field(
-        default=METHOD_DEFAULTS.truncation_length,
-        metadata={
-            "help": "truncation length K: fixed K, or the initial K0 when --target-bias is set"
-        },
-    )
-    tbptt_style: TBPTT_STYLE_CHOICES = field(
-        default=METHOD_DEFAULTS.tbptt_style,
-        metadata={
-            "help": "overlap: window 2K-1 from the carried state, loss on the last K positions, "
-            "stride K (the paper's); disjoint: window K, loss on all K, stride K"
-        },
-    )
-    updates_per_epoch: int = field(
-        default=METHOD_DEFAULTS.updates_per_epoch,
-        metadata={
-            "help": "update slots in one fairseq epoch; 0: one pass over the training columns at "
-            "K0. The stream position carries across epochs and wraps with a state reset"
         },
     )
     max_train_tokens: int = field(
@@ -108,127 +85,6 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "a zero state (exact), more columns are faster but each column starts from zero"
         },
     )
-    target_bias: Optional[float] = field(
-        default=METHOD_DEFAULTS.target_bias,
-        metadata={
-            "help": "tolerable relative gradient bias delta in (0, 1); K adapts to keep the "
-            "estimated bias below it. Unset: K stays fixed at --truncation-length"
-        },
-    )
-    min_truncation_length: int = field(
-        default=METHOD_DEFAULTS.min_truncation_length,
-        metadata={"help": "smallest K the adaptive rule may choose (K_min)"},
-    )
-    max_truncation_length: int = field(
-        default=METHOD_DEFAULTS.max_truncation_length,
-        metadata={"help": "largest K the adaptive rule may choose (K_max)"},
-    )
-    max_truncation_change: float = field(
-        default=METHOD_DEFAULTS.max_truncation_change,
-        metadata={
-            "help": "bound on how far one decision moves K: to [K / f, K x f] around the K in "
-            "force, before the [K_min, K_max] clip (f > 1); 0: unbounded, as in the paper. A "
-            "first estimate on a barely trained model can otherwise cut K tenfold, and with "
-            "--lr-scaling and --truncation-clip-norm change the step as much"
-        },
-    )
-    estimate_window: int = field(
-        default=METHOD_DEFAULTS.estimate_window,
-        metadata={"help": "lags W over which state-gradient norms are measured (>= K_max)"},
-    )
-    estimate_burnin: int = field(
-        default=METHOD_DEFAULTS.estimate_burnin,
-        metadata={"help": "steps run without gradient before the window; -1: W // 10"},
-    )
-    estimate_sequences: int = field(
-        default=METHOD_DEFAULTS.estimate_sequences,
-        metadata={"help": "sequences S drawn from the training stream per estimate"},
-    )
-    estimate_repeats: int = field(
-        default=METHOD_DEFAULTS.estimate_repeats,
-        metadata={"help": "estimates R averaged into one choice of K"},
-    )
-    estimate_interval: int = field(
-        default=METHOD_DEFAULTS.estimate_interval,
-        metadata={
-            "help": "re-estimate K every this many updates; 0: on the compute budget of "
-            "--estimate-budget instead. Counts of updates or tokens, never time, so runs are "
-            "reproducible"
-        },
-    )
-    estimate_budget: float = field(
-        default=METHOD_DEFAULTS.estimate_budget,
-        metadata={
-            "help": "with --estimate-interval 0, the share of training compute spent on "
-            "estimates, counted in tokens run through the model: one estimate runs R x S x "
-            "(burn-in + W) tokens, and the next comes once training has run that many divided "
-            "by this budget (the inputs of every training window) since the last one"
-        },
-    )
-    estimate_budget_counts: BUDGET_COUNT_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_budget_counts,
-        metadata={
-            "help": "what --estimate-budget counts as training: processed, the inputs of every "
-            "window (compute); scored, the target tokens (the authors' copy-task schedule of one "
-            "estimate per 320k scored tokens)"
-        },
-    )
-    estimate_lag_origin: LAG_ORIGIN_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_lag_origin,
-        metadata={
-            "help": "lag 0 of the gradient profile: final, the state the final loss reads (the "
-            "paper's formula); previous, the state before it (the authors' code, which leaves the "
-            "readout gradient out of the bias's denominator and picks a larger K)"
-        },
-    )
-    estimate_tail_anchor: int = field(
-        default=METHOD_DEFAULTS.estimate_tail_anchor,
-        metadata={
-            "help": "lag tau where the geometric tail of the bias starts; -1: W - W // 10 - 1 "
-            "(the authors used W - 20 on the copy task)"
-        },
-    )
-    estimate_method: ESTIMATE_METHOD_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_method,
-        metadata={
-            "help": "norms: the paper's bias bound from state-gradient norms; in-window: the "
-            "parameter gradient's bias measured inside the window (one backward, lags in "
-            "buckets) plus the norms' geometric tail beyond it (docs/bias_check.md)"
-        },
-    )
-    estimate_cumulative: CUMULATIVE_NORM_CHOICES = field(
-        default=METHOD_DEFAULTS.estimate_cumulative,
-        metadata={
-            "help": "full-gradient norm lower bound: approx sums per-lag norms (the paper's "
-            "choice for language models), exact takes the norm of the summed gradients"
-        },
-    )
-    monitor_bias: bool = field(
-        default=METHOD_DEFAULTS.monitor_bias,
-        metadata={
-            "help": "with a fixed K, still estimate and log the relative bias at K on the "
-            "--estimate-interval schedule"
-        },
-    )
-    lr_scaling: LR_SCALING_CHOICES = field(
-        default=METHOD_DEFAULTS.lr_scaling,
-        metadata={"help": "scale the learning rate with K relative to K0: none, sqrt or linear"},
-    )
-    truncation_clip_norm: float = field(
-        default=METHOD_DEFAULTS.truncation_clip_norm,
-        metadata={
-            "help": "clip the norm of the per-token mean loss's gradient at this value divided "
-            "by the K in force, as the paper did (clip 1.0 means 1/K); 0: off. Use instead of "
-            "--clip-norm, which cannot follow K"
-        },
-    )
-    lr_scaling_reference: int = field(
-        default=METHOD_DEFAULTS.lr_scaling_reference,
-        metadata={
-            "help": "the K at which --lr applies unscaled under --lr-scaling; 0: K0. With 1, "
-            "--lr 1.0 --lr-scaling sqrt trains at lr 1.0 * sqrt(K), the paper's copy setting"
-        },
-    )
     gradient_estimator: GRADIENT_ESTIMATOR_CHOICES = field(
         default="tbptt",
         metadata={
@@ -249,6 +105,36 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
     amp: bool = II("common.amp")
     tpu: bool = II("common.tpu")
     distributed_world_size: int = II("distributed_training.distributed_world_size")
+
+
+def _method_field(option: dataclasses.Field, hints: dict) -> tuple:
+    """The task's field of a ``TbpttConfig`` option: its default and help, its choices as a
+    fairseq ChoiceEnum (argparse choices), ``X | None`` as ``Optional[X]``."""
+    kind = hints[option.name]
+    if option.metadata.get("choices") is not None:
+        kind = ChoiceEnum(list(option.metadata["choices"]))
+    elif type(None) in typing.get_args(kind):
+        (inner,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        kind = Optional[inner]
+    return (
+        option.name,
+        kind,
+        field(default=option.default, metadata={"help": option.metadata["help"]}),
+    )
+
+
+# the method's options, derived from the core's config: one source of names, defaults and help
+AdaptiveTbpttLmConfig = dataclasses.make_dataclass(
+    "AdaptiveTbpttLmConfig",
+    [
+        _method_field(option, typing.get_type_hints(TbpttConfig))
+        for option in dataclasses.fields(TbpttConfig)
+        if option.name != "seed"  # fairseq's --seed (common.seed)
+    ],
+    bases=(FairseqOnlyOptions,),
+)
+AdaptiveTbpttLmConfig.__module__ = __name__
+AdaptiveTbpttLmConfig.__doc__ = "Options of the adaptive_tbptt_lm task: the method's and fairseq's."
 
 
 def check_precision(cfg: AdaptiveTbpttLmConfig) -> None:
@@ -303,82 +189,27 @@ def check_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> None:
 
 
 def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
-    """Reject inconsistent options with a message in terms of the command-line flags."""
+    """Reject inconsistent options with a message in terms of the command-line flags: the
+    method's by the core's one check (:func:`atbptt.config.check_config`), then fairseq's own."""
     check_gradient_estimator(cfg)
-    if cfg.truncation_length < 1:
-        raise UserInputError(
-            f"--truncation-length must be at least 1 (got {cfg.truncation_length})"
-        )
-    for name, value, least in (
-        ("--eval-batch-size", cfg.eval_batch_size, 1),
-        ("--eval-chunk-length", cfg.eval_chunk_length, 1),
-        ("--updates-per-epoch", cfg.updates_per_epoch, 0),
-        ("--max-train-tokens", cfg.max_train_tokens, 0),
-        ("--max-processed-tokens", cfg.max_processed_tokens, 0),
-        ("--validate-interval-processed-tokens", cfg.validate_interval_processed_tokens, 0),
-        ("--estimate-tail-anchor", cfg.estimate_tail_anchor, -1),
-        ("--estimate-sequences", cfg.estimate_sequences, 1),
-        ("--estimate-repeats", cfg.estimate_repeats, 1),
-        ("--estimate-interval", cfg.estimate_interval, 0),
-        ("--estimate-burnin", cfg.estimate_burnin, -1),
-        ("--lr-scaling-reference", cfg.lr_scaling_reference, 0),
+    try:
+        check_method_config(method_config(cfg), flag=_flag)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    for name in (
+        "eval_batch_size",
+        "eval_chunk_length",
+        "max_train_tokens",
+        "max_processed_tokens",
+        "validate_interval_processed_tokens",
     ):
+        value, least = getattr(cfg, name), 1 if name.startswith("eval") else 0
         if value < least:
-            raise UserInputError(f"{name} must be at least {least} (got {value})")
-    for name, value in (
-        ("--truncation-clip-norm", cfg.truncation_clip_norm),
-        ("--estimate-budget", cfg.estimate_budget),
-        ("--target-bias", cfg.target_bias),
-        ("--max-truncation-change", cfg.max_truncation_change),
-    ):
-        if value is not None and not math.isfinite(value):
-            raise UserInputError(f"{name} must be a finite number (got {value})")
-    if cfg.truncation_clip_norm < 0:
-        raise UserInputError(
-            f"--truncation-clip-norm must be at least 0 (got {cfg.truncation_clip_norm})"
-        )
-    if not (cfg.max_truncation_change == 0 or cfg.max_truncation_change > 1):
-        raise UserInputError(
-            "--max-truncation-change must be 0 (K moves freely) or a factor above 1 "
-            f"(got {cfg.max_truncation_change})"
-        )
-    if cfg.estimate_method == "in-window" and cfg.estimate_lag_origin != "final":
-        raise UserInputError(
-            "--estimate-method in-window measures the bias at K steps directly and has no lag "
-            "origin to choose: leave out --estimate-lag-origin previous"
-        )
-    if cfg.estimate_interval == 0 and not 0.0 < cfg.estimate_budget <= 1.0:
-        raise UserInputError(
-            f"--estimate-budget (the share of training compute spent on estimates) must lie in "
-            f"(0, 1] (got {cfg.estimate_budget}); or set --estimate-interval N to estimate every "
-            "N updates"
-        )
-    if cfg.target_bias is None:
-        return
-    if not 0.0 < cfg.target_bias < 1.0:
-        raise UserInputError(
-            f"--target-bias (the tolerated relative gradient bias delta) must lie strictly between "
-            f"0 and 1 (got {cfg.target_bias}); omit it to train with a fixed --truncation-length"
-        )
-    k_min, k0, k_max = cfg.min_truncation_length, cfg.truncation_length, cfg.max_truncation_length
-    if k_min < 1:
-        raise UserInputError(f"--min-truncation-length must be at least 1 (got {k_min})")
-    if k_min > k_max:
-        raise UserInputError(
-            f"--min-truncation-length ({k_min}) is larger than --max-truncation-length ({k_max}); "
-            "swap or fix them"
-        )
-    if not k_min <= k0 <= k_max:
-        raise UserInputError(
-            f"--truncation-length (the initial K0 = {k0}) lies outside [--min-truncation-length, "
-            f"--max-truncation-length] = [{k_min}, {k_max}]; choose K0 inside that range"
-        )
-    if cfg.estimate_window < k_max:
-        raise UserInputError(
-            f"--estimate-window ({cfg.estimate_window}) is shorter than --max-truncation-length "
-            f"({k_max}): the bias can only be estimated for K up to the window; raise "
-            "--estimate-window or lower --max-truncation-length"
-        )
+            raise UserInputError(f"{_flag(name)} must be at least {least} (got {value})")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def method_config(cfg: AdaptiveTbpttLmConfig) -> TbpttConfig:
