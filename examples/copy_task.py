@@ -3,7 +3,7 @@
     python examples/copy_task.py --updates 2000
     python examples/copy_task.py --updates 4000 --resume copy.pt --save copy.pt
 
-The paper's copy-task model and settings (atbptt_fairseq/configs/copy_adaptive.yaml): a 2-layer LSTM of 50 units,
+The paper's copy-task model and settings (configs/copy_adaptive.yaml): a 2-layer LSTM of 50 units,
 SGD at lr 1.0 x sqrt(K), weight decay 1e-5, gradient clipped at 1.0 / K, K0 = 15, W = 100, K in
 [2, 100], delta 0.1. ``--save PATH`` writes model, optimizer and driver after every pass,
 ``--resume PATH`` continues from such a file exactly; it is verified before it is unpickled

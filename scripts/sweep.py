@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 from common import PLUGIN_DIR, REPO, child_env, json_record  # noqa: F401  (sweep.child_env: demo)
 
-CONFIG_DIR = REPO / "atbptt_fairseq" / "configs"
+CONFIG_DIR = REPO / "configs"
 
 TRAJECTORY_COLUMNS = (
     "num_updates",
@@ -140,7 +140,7 @@ CONFIG_NAME_FLAGS = {
 
 
 def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
-    """Turn a hydra config of ``atbptt_fairseq/configs/`` into fairseq-train options."""
+    """Turn a hydra config of ``configs/`` into fairseq-train options."""
     config = yaml.safe_load(path.read_text())
     args: list[str] = []
     for group, values in config.items():
@@ -168,7 +168,7 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
 
 
 def config_grid(path: Path, key: str) -> str:
-    """The grid a hydra config of ``atbptt_fairseq/configs/`` sweeps with ``-m``
+    """The grid a hydra config of ``configs/`` sweeps with ``-m``
     (``hydra.sweeper.params``)."""
     config = yaml.safe_load(path.read_text())
     return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
@@ -181,7 +181,7 @@ def _config_preset(corpus: str) -> Preset:
         adaptive_args=config_args(adaptive),
         fixed_grid=config_grid(fixed, "task.truncation_length"),
         delta_grid=config_grid(adaptive, "task.target_bias"),
-        description=f"atbptt_fairseq/configs/{corpus}_fixed.yaml and _adaptive.yaml",
+        description=f"configs/{corpus}_fixed.yaml and _adaptive.yaml",
     )
 
 
@@ -1359,7 +1359,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRESETS,
         default=None,
         help="training settings: copy, ptb, wiki2 (the paper's, from "
-        "atbptt_fairseq/configs/*.yaml) or "
+        "configs/*.yaml) or "
         "bible-small (1 x 128 tied LSTM that trains in minutes on 2 CPU cores)",
     )
     parser.add_argument(

@@ -118,7 +118,7 @@ def test_eval_lm_equals_validation_and_a_single_pass(trained):
 
 def test_disjoint_style_and_hydra_config(tiny_corpus, tmp_path):
     output = run_cli(
-        "fairseq-hydra-train", "--config-dir", str(REPO / "atbptt_fairseq" / "configs"), "--config-name", "tiny",
+        "fairseq-hydra-train", "--config-dir", str(REPO / "configs"), "--config-name", "tiny",
         f"task.data={tiny_corpus}", f"checkpoint.save_dir={tmp_path}",
         f"common.user_dir={USER_DIR}", "+task.tbptt_style=disjoint", "optimization.max_epoch=1",
         cwd=tmp_path,  # hydra writes its .hydra/ run files into the working directory
@@ -292,7 +292,7 @@ def test_legacy_fairseq_checkpoints_load_with_the_plugin(tiny_corpus, tmp_path):
 
 
 def test_a_paper_config_runs_its_grid_with_hydra_multirun(tmp_path):
-    """``fairseq-hydra-train -m`` runs the grid of atbptt_fairseq/configs/copy_fixed.yaml (narrowed here to two
+    """``fairseq-hydra-train -m`` runs the grid of configs/copy_fixed.yaml (narrowed here to two
     values of K), each run in its own checkpoint directory, with the paper's lr 1.0 * sqrt(K)."""
     data = tmp_path / "copy"
     subprocess.run(
@@ -302,7 +302,7 @@ def test_a_paper_config_runs_its_grid_with_hydra_multirun(tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     output = run_cli(
-        "fairseq-hydra-train", "-m", "--config-dir", str(REPO / "atbptt_fairseq" / "configs"),
+        "fairseq-hydra-train", "-m", "--config-dir", str(REPO / "configs"),
         "--config-name", "copy_fixed", f"task.data={data}", f"common.user_dir={USER_DIR}",
         "task.truncation_length=4,9", "dataset.batch_size=2", "optimization.max_update=2",
         "common.log_interval=1", "common.cpu=true",

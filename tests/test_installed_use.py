@@ -101,7 +101,7 @@ def test_options_given_win_and_the_paths_are_printed(tmp_path):
     ]
     assert run_module(["user-dir"], tmp_path).strip().splitlines()[-1] == cli.PACKAGE_DIR
     assert sorted(os.listdir(cli.CONFIG_DIR)) == sorted(
-        p.name for p in (REPO / "atbptt_fairseq" / "configs").glob("*.yaml")
+        p.name for p in (REPO / "configs").glob("*.yaml")
     )
 
 
@@ -116,7 +116,7 @@ def test_the_wheel_ships_the_configs_and_the_scripts(tmp_path):
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
-    configs = {p.name for p in (REPO / "atbptt_fairseq" / "configs").glob("*.yaml")}
+    configs = {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert configs and {f"atbptt_fairseq/configs/{name}" for name in configs} <= set(names)
     for script, function in (
         ("atbptt-train", "train"), ("atbptt-eval-lm", "eval_lm"),

@@ -166,7 +166,7 @@ def test_a_restored_fp32_state_is_cast_to_a_bf16_model(tiny_corpus):
 
 
 HYDRA_BF16 = [
-    "--config-dir", str(REPO / "atbptt_fairseq" / "configs"), "--config-name", "tiny",
+    "--config-dir", str(REPO / "configs"), "--config-name", "tiny",
     "common.bf16=true", "common.log_interval=1", "optimization.max_update=6",
     "+task.target_bias=0.3", "+task.min_truncation_length=2", "+task.max_truncation_length=12",
     "+task.estimate_window=12", "+task.estimate_interval=3", "+task.estimate_sequences=2",
