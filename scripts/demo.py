@@ -54,8 +54,9 @@ def k_summary(run: plot.RunData, sweep_dir: Path) -> str:
     """``10 -> 100 (62..100 over 5 estimates)``: K0, the last K and the range of the estimates."""
     if run.fixed:
         return f"{run.result['k']:g} (fixed)"
-    log = sweep_dir / "runs" / run.result["run"] / "train.log"
-    estimates = [e["trunc_k"] for e in sweep.parse_log(log.read_text()).estimates]
+    estimates = [
+        e["trunc_k"] for e in sweep.parse_run(sweep_dir / "runs" / run.result["run"]).estimates
+    ]
     first = run.train[0]["trunc_k"] if run.train else math.nan
     if not estimates:
         return f"{first:g} (no estimate)"
@@ -92,8 +93,7 @@ def fallback_lines(runs: Sequence[plot.RunData], sweep_dir: Path) -> list[str]:
     or K kept on a non-finite profile), with why: such a K is not the estimator's choice."""
     lines = []
     for run in runs:
-        log = sweep_dir / "runs" / run.result["run"] / "train.log"
-        for estimate in sweep.parse_log(log.read_text()).estimates:
+        for estimate in sweep.parse_run(sweep_dir / "runs" / run.result["run"]).estimates:
             if estimate.get("fallback"):
                 lines.append(
                     f"  {run.result['run']}, update {estimate['num_updates']}: "

@@ -648,12 +648,12 @@ def move_aside(run_dir: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------- log parsing
 
 TIMESTAMP = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
-# the task's structured record of every decision on K (DECISION_RECORD), and the free-text line
-# that logs before it wrote records (read for old logs only)
+# runs before atbptt_metrics.jsonl (atbptt.records) logged each decision on K as a k_decision JSON
+# line, and before that as free text: read for their old logs only
 DECISION_LINE = re.compile(r"\| k_decision (\{.*\})\s*$")
 ESTIMATE_LINE = re.compile(r"update (\d+): K = (\d+) \(bias_hat ([^,\s]+), beta_hat ([^,\s]+)")
 LOADED_LINE = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
-# the task's exact count where a token budget stopped the run (the log lines only sample it)
+# the task's exact count where a token budget stopped the run, in logs without records
 BUDGET_STOP_LINE = re.compile(r"Stopping training due to (scored|processed) tokens: ([\d,]+) >=")
 DONE_LINE = "fairseq_cli.train | done training in "
 EVAL_LINE = re.compile(r"Loss \(base 2\): ([0-9.eE+-]+), Perplexity: ([0-9.eE+-]+|inf)")
@@ -752,12 +752,24 @@ def _exact_estimates(rows: list[dict[str, float]], estimates: dict[int, dict[str
             row["beta_hat"] = estimates[made[index]]["beta_hat"]
 
 
-def parse_log(text: str) -> ParsedLog:
+def parse_run(run_dir: Path) -> ParsedLog:
+    """:func:`parse_log` of a run directory's train.log and its metrics records."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from atbptt.records import METRICS_FILE, read_records
+
+    records = read_records(run_dir / "checkpoints" / METRICS_FILE)
+    return parse_log((run_dir / "train.log").read_text(), records)
+
+
+def parse_log(text: str, records: Sequence[dict[str, Any]] = ()) -> ParsedLog:
     """Parse fairseq-train output, possibly several appended attempts of a resumed run.
 
     A resumed attempt (``Loaded checkpoint ... @ N updates``) drops the records after update N
     that the interrupted attempt logged, and logs them anew. Tokens (``wpb`` x updates per
     train_inner interval) and estimation seconds are cumulated over the train_inner records.
+    ``records``: the run's atbptt_metrics.jsonl (:mod:`atbptt.records`), where the decisions on
+    K and the exact token counts come from; logs of runs from before it are parsed instead.
     """
     state = _LogState()
     exact_at_stop: dict[str, float] = {}
@@ -807,6 +819,24 @@ def parse_log(text: str) -> ParsedLog:
             state.inner[int(_float(record, "num_updates"))] = record
             state.last = (record["_wall"], stamp)
 
+    decisions = [record for record in records if record.get("kind") == "k_decision"]
+    if records:  # the run's own records replace what its log text said
+        state.estimates = {
+            int(record["update"]): {
+                "num_updates": int(record["update"]),
+                "trunc_k": float(record["truncation_length"]),
+                "bias_hat": float(record["relative_bias"]),
+                "beta_hat": float(record["decay_rate"]),
+                "fallback": record.get("fallback", ""),
+            }
+            for record in decisions
+        }
+        last = [record for record in records if record.get("kind") == "update"][-1:]
+        if last:
+            exact_at_stop = {
+                "scored": float(last[0]["scored_tokens"]),
+                "processed": float(last[0]["processed_tokens"]),
+            }
     tokens, processed, est, previous = {}, {}, {}, 0
     total_tokens = total_processed = total_est = 0.0
     for update in sorted(state.inner):
@@ -1204,7 +1234,7 @@ def run_one(
                 children,
             )
             write_json(done_path, {"command": cmd})
-        parsed = parse_log((run_dir / "train.log").read_text())
+        parsed = parse_run(run_dir)
         write_trajectories(run_dir, parsed)
         best = run_dir / "checkpoints" / "checkpoint_best.pt"
         if not best.is_file():

@@ -317,7 +317,31 @@ def test_processed_tokens_cumulate_from_the_ppb_log_key():
     assert sweep.parse_log(text + "\n" + stop).processed_tokens == 1234
 
 
-def test_decisions_are_read_from_structured_records():
+def test_decisions_and_token_counts_are_read_from_the_metrics_records(tmp_path):
+    """A run's atbptt_metrics.jsonl, not its log text, gives the decisions on K and the exact
+    token counts (the log text below says otherwise and is not read for them)."""
+    from atbptt.records import METRICS_FILE, append_records
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    line = '{"epoch": 1, "num_updates": "2", "wpb": "10", "ppb": "30", "wall": "1", "loss": "2"}'
+    (run_dir / "train.log").write_text(
+        f"[2026-12-01 07:00:00] | INFO | train_inner | {line}\n"
+        "[2026-12-01 07:00:00] | INFO | x | update 1: K = 7 (bias_hat 0.5, beta_hat 0.9, 1.00s)\n"
+    )
+    decision = {"kind": "k_decision", "update": 1, "truncation_length": 12,
+                "relative_bias": 0.04, "decay_rate": 0.8, "seconds": 0.5, "changed": True,
+                "fallback": "", "raw_choice": 12, "reason": "mean of 1 smallest K"}  # fmt: skip
+    updates = [{"kind": "update", "update": u, "trunc_k": 12, "processed_tokens": 31 * (u + 1),
+                "scored_tokens": 9 * (u + 1)} for u in range(2)]  # fmt: skip
+    append_records(run_dir / "checkpoints" / METRICS_FILE, [updates[0], decision, updates[1]])
+    parsed = sweep.parse_run(run_dir)
+    assert [(e["num_updates"], e["trunc_k"]) for e in parsed.estimates] == [(1, 12)]
+    assert parsed.train[0]["bias_hat"] == 0.04
+    assert parsed.tokens == 18 and parsed.processed_tokens == 62
+
+
+def test_decisions_are_read_from_the_k_decision_lines_of_old_logs():
     record = {"update": 40, "truncation_length": 100, "relative_bias": float("inf"),
               "decay_rate": 0.99, "seconds": 1.5, "changed": True,
               "fallback": "5 of 5 estimates: gradient norms do not decay; K_max 100 stood in"}  # fmt: skip

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sweep import parse_log
+from sweep import parse_run
 
 grid, dest = Path(sys.argv[1]), Path(sys.argv[2])
 marks = [1.2e6 * i for i in range(1, 11)]
@@ -31,7 +31,7 @@ for sweep in ("sweep", "sweep_inwindow"):
         log = run / "train.log"
         if not log.is_file():
             continue
-        parsed = parse_log(log.read_text())
+        parsed = parse_run(run)
         name = run.name + (" (in-window)" if sweep == "sweep_inwindow" else "")
         valid = [(r["processed_tokens"], r["valid_ppl"]) for r in parsed.valid]
         valid.sort()
