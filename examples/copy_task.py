@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--save", default=None, help="checkpoint written after every pass")
     parser.add_argument("--resume", default=None, help="a --save checkpoint to continue from")
+    parser.add_argument(
+        "--metrics-dir", default=None, help="write the records to atbptt_metrics.jsonl there"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     train = copy_stream(args.train_tokens, 5, 10, seed=args.seed)
@@ -124,7 +127,9 @@ def main(argv: list[str] | None = None) -> float:
     model = CopyLstm(hidden=args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=1e-5)
     try:
-        driver = TbpttDriver(train[0], args.batch_size, config, targets=train[1])
+        driver = TbpttDriver(
+            train[0], args.batch_size, config, targets=train[1], metrics_dir=args.metrics_dir
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     driver.attach_optimizer(optimizer)  # every step: clip at 1.0 / K, lr 1.0 x sqrt(K)

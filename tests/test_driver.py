@@ -388,19 +388,21 @@ def test_config_defaults_match_the_fairseq_task():
 
 
 @pytest.mark.e2e
-def test_copy_task_example_adapts_k_and_learns():
+def test_copy_task_example_adapts_k_and_learns(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [
             sys.executable, str(REPO / "examples" / "copy_task.py"), "--updates", "120",
             "--batch-size", "8", "--train-tokens", "8000", "--valid-tokens", "2000",
             "--hidden", "16", "--estimate-interval", "30", "--log-interval", "30",
+            "--metrics-dir", str(tmp_path),
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    decisions = re.findall(r"update (\d+): K = (\d+) \(bias_hat", result.stdout)
-    assert [int(update) for update, _ in decisions] == [30, 60, 90], result.stdout
+    decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
+    assert [d["update"] for d in decisions] == [30, 60, 90], result.stdout
+    assert len(read_records(tmp_path / METRICS_FILE, "update")) == 120
     losses = [float(x) for x in re.findall(r"train loss ([\d.]+)", result.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, result.stdout
     ppl = [float(x) for x in re.findall(r"valid ppl ([\d.]+)", result.stdout)]

@@ -1,7 +1,6 @@
 """The in-window bias estimate (atbptt/in_window.py) against the ground truth."""
 
 import math
-import re
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from atbptt import (
     sample_windows,
 )
 from atbptt.in_window import bucket_edges, estimate_bias_in_window, measure_in_window
+from atbptt.records import METRICS_FILE, read_records
 
 
 def burned_in_windows(model, inputs, targets, sequences, burnin, window, seed):
@@ -117,17 +117,19 @@ def test_controller_chooses_from_the_in_window_estimate():
 
 
 @pytest.mark.e2e
-def test_fairseq_train_with_the_in_window_estimate(tiny_corpus):
+def test_fairseq_train_with_the_in_window_estimate(tiny_corpus, tmp_path):
     common = [
         "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--cpu", "--batch-size", "4",
         "--truncation-length", "6", "--target-bias", "0.5", "--min-truncation-length", "2",
         "--max-truncation-length", "12", "--estimate-window", "12", "--estimate-interval", "3",
         "--estimate-sequences", "4", "--estimate-repeats", "1", "--estimate-method", "in-window",
-        "--max-update", "7", "--no-save",
+        "--max-update", "7", "--no-save", "--save-dir", str(tmp_path),
     ]  # fmt: skip
-    output = run_cli(*common)
-    decisions = re.findall(r"update (\d+): K = (\d+) \(bias_hat ([0-9.e+-]+)", output)
-    assert [int(update) for update, _, _ in decisions] == [3, 6]
-    assert all(2 <= int(k) <= 12 and math.isfinite(float(b)) for _, k, b in decisions)
+    run_cli(*common)
+    decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
+    assert [d["update"] for d in decisions] == [3, 6]
+    assert all(
+        2 <= d["truncation_length"] <= 12 and math.isfinite(d["relative_bias"]) for d in decisions
+    )
     output = run_cli(*common, "--estimate-lag-origin", "previous", check=False)
     assert output.strip().splitlines()[-1].startswith("atbptt_fairseq: error: --estimate-method")
