@@ -14,7 +14,13 @@ from .bias import (
     raw_truncation_length,
 )
 from .checkpoint import CheckpointError, load_checkpoint
-from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
+from .controller import (
+    BIAS_REFERENCES,
+    ESTIMATE_METHODS,
+    LAG_ORIGINS,
+    TruncationController,
+    TruncationDecision,
+)
 from .driver import (
     RESUME_BREAKING_OPTIONS,
     TbpttConfig,
@@ -53,6 +59,7 @@ from .in_window import (
 )
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
 from .protocol import RecurrentModel
+from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 from .token_stream import (
     Segment,
     StreamCursor,
@@ -64,6 +71,7 @@ from .token_stream import (
 )
 
 __all__ = [
+    "BIAS_REFERENCES",
     "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
@@ -85,6 +93,8 @@ __all__ = [
     "TrueBias",
     "TruncationController",
     "TruncationDecision",
+    "UpdateNoise",
+    "UpdateNoiseAccumulator",
     "aligned_stream",
     "bucket_edges",
     "budget_tokens",
