@@ -59,7 +59,6 @@ from .in_window import (
 )
 from .learning_rate import LR_SCALINGS, learning_rate_factor, scaled_learning_rate
 from .protocol import RecurrentModel
-from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 from .token_stream import (
     Segment,
     StreamCursor,
@@ -69,6 +68,7 @@ from .token_stream import (
     plan_segment,
     segments_per_pass,
 )
+from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 
 __all__ = [
     "BIAS_REFERENCES",
