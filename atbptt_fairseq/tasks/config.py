@@ -214,6 +214,14 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "docs/pays_for_itself)"
         },
     )
+    estimate_at_start: bool = field(
+        default=METHOD_DEFAULTS.estimate_at_start,
+        metadata={
+            "help": "also estimate before the first update, so training starts at the K the "
+            "estimate chooses; otherwise (the paper) it trains at K0 until the first estimate "
+            "is due"
+        },
+    )
     monitor_bias: bool = field(
         default=METHOD_DEFAULTS.monitor_bias,
         metadata={

@@ -1,12 +1,13 @@
 """The issue-28 grid's tables, from each finished run's records (result.json, validation.csv, the
 k_decision lines of train.log, eval_test_last.log where test_at_last.sh wrote it).
 
-    python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] > table.md
+    python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] [--plots DIR] > table.md
 
 A GRID_DIR holds CORPUS/CONFIGURATION/runs/RUN. Two tables: one row per run, then mean ± sample
 std over seeds per corpus and configuration. Time to target: processed tokens a run needs to reach
 the best validation perplexity of the best fixed K (the fixed K with the lowest mean best
-validation perplexity) of the same seed, as a multiple of what that fixed-K run needed.
+validation perplexity) of the same seed, as a multiple of what that fixed-K run needed. With
+--plots, DIR/CORPUS.png draws K (steps) and validation perplexity against processed tokens.
 """
 
 import csv
@@ -52,6 +53,7 @@ def read_runs(grids: list[Path]) -> list[dict]:
                     "test_last": last_test_ppl(run),
                     "ks": [d["truncation_length"] for d in decisions(run)] if adaptive else [],
                     "final_k": record["final_k"],
+                    "trajectory": list(csv.DictReader((run / "trajectory.csv").open())),
                 }
             )
     return runs
@@ -132,5 +134,52 @@ def main(grids: list[Path]) -> None:
             )
 
 
+def plot(runs: list[dict], out: Path) -> None:
+    """K and validation perplexity against processed tokens, every run of a corpus in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    for corpus in sorted({run["corpus"] for run in runs}):
+        mine = sorted(
+            (r for r in runs if r["corpus"] == corpus),
+            key=lambda r: (r["configuration"], r["seed"]),
+        )
+        names = sorted({r["configuration"] for r in mine})
+        colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+        figure, (k_axis, ppl_axis) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        for run in mine:
+            label = f"{run['configuration']} s{run['seed']}"
+            style = {"color": colours[run["configuration"]], "alpha": 0.8, "label": label}
+            # K as logged per update interval, extended to the end of the run (a jump is a step)
+            points = [
+                (float(row["processed_tokens"]), float(row["trunc_k"])) for row in run["trajectory"]
+            ]
+            points.append((run["curve"][-1][0], points[-1][1]))
+            k_axis.plot(*zip(*points), drawstyle="steps-post", **style)
+            ppl_axis.plot(*zip(*run["curve"]), marker=".", **style)
+        k_axis.set_ylabel("K")
+        k_axis.set_yscale("log")
+        k_axis.legend(fontsize=7, ncol=2)
+        ppl_axis.set_ylabel("validation perplexity")
+        ppl_axis.set_yscale("log")
+        ppl_axis.set_xlabel("processed tokens")
+        figure.suptitle(f"{corpus}: K and validation perplexity at equal processed tokens")
+        figure.tight_layout()
+        figure.savefig(out / f"{corpus}.png", dpi=110)
+        plt.close(figure)
+
+
 if __name__ == "__main__":
-    main([Path(argument) for argument in sys.argv[1:]])
+    arguments = sys.argv[1:]
+    plots = None
+    if "--plots" in arguments:
+        index = arguments.index("--plots")
+        plots = Path(arguments[index + 1])
+        del arguments[index : index + 2]
+    grids = [Path(argument) for argument in arguments]
+    main(grids)
+    if plots is not None:
+        plot(read_runs(grids), plots)
