@@ -365,7 +365,10 @@ class TruncationController:
         return length, reason
 
     def _raw_choice(self, estimate: BiasEstimate) -> int | None:
-        return raw_truncation_length(estimate, self.target_bias or 0.0)
+        # the bias relative to the update is not monotone in K (a short K's update is noisier,
+        # so its bias looks smaller): search from K_min, where the choice must hold
+        first = self.min_length if self.bias_relative_to == "update" else 1
+        return raw_truncation_length(estimate, self.target_bias or 0.0, first)
 
     def _decide(
         self,

@@ -9,10 +9,12 @@ import torch
 from conftest import TINY_TRAIN, run_cli
 
 from atbptt import (
+    BiasEstimate,
     GradientProfile,
     InWindowMeasurement,
     TruncationController,
     UpdateNoiseAccumulator,
+    raw_truncation_length,
 )
 
 EDGES = [1, 2, 3, 4, 6, 8]
@@ -154,3 +156,13 @@ def test_fairseq_train_chooses_k_against_the_update(tiny_corpus):
     output = run_cli(*norms, check=False)
     assert output.strip().splitlines()[-1].startswith("atbptt_fairseq: error: "), output[-2000:]
     assert "in-window" in output.strip().splitlines()[-1]
+
+
+def test_against_the_update_k_is_searched_from_k_min():
+    """A noisy short update hides the bias (relative bias small at K = 1, 2), so the smallest K
+    overall may not hold at K_min: the choice starts at K_min."""
+    relative = torch.tensor([0.05, 0.08, 0.3, 0.2, 0.09, 0.05], dtype=torch.float64)
+    estimate = BiasEstimate(0.5, 5, relative, relative, 1.0, relative)
+    assert raw_truncation_length(estimate, 0.1) == 1
+    assert raw_truncation_length(estimate, 0.1, first_length=3) == 5
+    assert raw_truncation_length(estimate, 0.01, first_length=3) == 6  # none: W
