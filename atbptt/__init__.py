@@ -24,7 +24,13 @@ from .config import (
     lr_factor,
     resume_changes,
 )
-from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
+from .controller import (
+    BIAS_REFERENCES,
+    ESTIMATE_METHODS,
+    LAG_ORIGINS,
+    TruncationController,
+    TruncationDecision,
+)
 from .driver import TbpttDriver, TrainingSegment, evaluate_stream
 from .gradient_profile import (
     GradientProfile,
@@ -60,8 +66,10 @@ from .token_stream import (
     plan_segment,
     segments_per_pass,
 )
+from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 
 __all__ = [
+    "BIAS_REFERENCES",
     "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
@@ -85,6 +93,8 @@ __all__ = [
     "TrueBias",
     "TruncationController",
     "TruncationDecision",
+    "UpdateNoise",
+    "UpdateNoiseAccumulator",
     "aligned_stream",
     "bucket_edges",
     "budget_tokens",

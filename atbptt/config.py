@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bias import CUMULATIVE_MODES
-from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController
+from .controller import BIAS_REFERENCES, ESTIMATE_METHODS, LAG_ORIGINS, TruncationController
 from .learning_rate import LR_SCALINGS, learning_rate_factor
 
 TBPTT_STYLES = ("overlap", "disjoint")
@@ -181,6 +181,29 @@ class TbpttConfig:
             "choices": CUMULATIVE_MODES,
         },
     )
+    bias_relative_to: str = field(
+        default="gradient",
+        metadata={
+            "help": (
+                "what --target-bias is relative to: gradient, the full gradient's norm (the "
+                "paper's delta); update, the expected norm of an update's minibatch gradient at "
+                "K, signal plus the noise of its columns x K scored tokens, measured from the "
+                "spread of the R estimates (needs --estimate-method in-window and "
+                "--estimate-repeats >= 2; docs/pays_for_itself)"
+            ),
+            "choices": BIAS_REFERENCES,
+        },
+    )
+    estimate_at_start: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also estimate before the first update, so training starts at the K the "
+                "estimate chooses; otherwise (the paper) it trains at K0 until the first "
+                "estimate is due"
+            )
+        },
+    )
     monitor_bias: bool = field(
         default=False,
         metadata={
@@ -245,6 +268,8 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
         estimate_method=config.estimate_method,
         max_change=config.max_truncation_change,
+        bias_relative_to=config.bias_relative_to,
+        estimate_at_start=config.estimate_at_start,
     )
 
 

@@ -267,7 +267,15 @@ class TbpttLoop:
         self.check_model(model)
         controller = self.controller
         decision = estimate_truncation(
-            controller, model, self.stream, self.config.seed, update, self.rank, self.average
+            controller,
+            model,
+            self.stream,
+            self.config.seed,
+            update,
+            self.rank,
+            self.average,
+            update_columns=self.column_count * self.world_size,
+            workers=self.world_size,
         )
         self.pending_estimate_seconds += decision.seconds
         if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
@@ -549,6 +557,8 @@ def estimate_truncation(
     update: int,
     rank: int = 0,
     average: Callable[[list[Tensor]], None] | None = None,
+    update_columns: int = 0,
+    workers: int = 1,
 ) -> TruncationDecision:
     """One decision of ``controller`` on random windows of ``stream`` (aligned inputs and targets,
     :func:`atbptt.aligned_stream`).
@@ -557,7 +567,8 @@ def estimate_truncation(
     global RNG. The windows depend only on ``seed``, ``update`` and ``rank``, so a resumed run
     estimates exactly as an uninterrupted one. With several workers, ``average`` replaces the
     measured tensors in place by their mean over all workers (an all-reduce, before any norm is
-    taken), so every worker decides the same K.
+    taken), so every worker decides the same K. ``update_columns`` (all workers' columns of one
+    update) and ``workers`` size the update's noise for ``bias_relative_to`` "update".
     """
     inputs, targets = stream
     burnin = controller.burnin
@@ -606,7 +617,7 @@ def estimate_truncation(
     if was_training is not None:
         estimator.eval()
     try:
-        return controller.estimate(measure, update)
+        return controller.estimate(measure, update, update_columns, workers)
     finally:
         if was_training is not None:
             estimator.train(was_training)
