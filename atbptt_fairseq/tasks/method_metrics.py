@@ -3,6 +3,10 @@
 from typing import Any, Dict, List
 
 from fairseq import metrics
+from fairseq.logging.meters import AverageMeter
+
+# fairseq-train's aggregator of a whole epoch (its "train" log line)
+EPOCH_AGGREGATOR = "train"
 
 
 def reduce_method_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
@@ -15,7 +19,7 @@ def reduce_method_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
         return
     trunc_k = sum(log.get("trunc_k", 0) for log in logging_outputs) / parts
     metrics.log_scalar("trunc_k", trunc_k, weight=1, round=1)
-    metrics.log_scalar("trunc_k_last", trunc_k, weight=0, round=1)  # weight 0: the last value
+    log_epoch_last("trunc_k_last", trunc_k, round=1)
     for key in ("bias_hat", "beta_hat"):
         if any(key in log for log in logging_outputs):
             value = sum(log.get(key, 0.0) for log in logging_outputs) / parts
@@ -32,3 +36,15 @@ def reduce_method_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
     if any("est_sec" in log for log in logging_outputs):
         seconds = sum(log.get("est_sec", 0.0) for log in logging_outputs)
         metrics.log_scalar_sum("est_sec", seconds, round=2)
+
+
+def log_epoch_last(key: str, value: float, round: int) -> None:
+    """Log ``value`` as the epoch's last value of ``key``: in the epoch's line only (a
+    train_inner line's K is its interval's mean, ``trunc_k``), weight 0, so the meter shows the
+    last update's value rather than a mean."""
+    meters = metrics.get_meters(EPOCH_AGGREGATOR)
+    if meters is None:
+        return
+    if key not in meters:
+        meters.add_meter(key, AverageMeter(round=round), priority=50)
+    meters[key].update(value, 0)

@@ -161,7 +161,7 @@ def read_split(
     tokens = read_stream(os.path.join(data_path, split), dictionary, combine)
     targets = None
     if target_dir:
-        targets = read_stream(os.path.join(data_path, target_dir, split), combine)
+        targets = read_stream(os.path.join(data_path, target_dir, split), dictionary, combine)
         if targets.numel() != tokens.numel():
             raise UserInputError(
                 f"{split}: the target stream has {targets.numel()} tokens, the input stream "
