@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from conftest import USER_DIR
 from fairseq.data import Dictionary
 
+from atbptt_fairseq.criterions.tbptt_cross_entropy import segment_sample
 from atbptt_fairseq.models.tbptt_lstm_lm import (
     TbpttLstmDecoder,
     TbpttLstmLanguageModel,
     TbpttLstmLmConfig,
 )
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
-from conftest import USER_DIR
 
 
 def make_decoder(vocabulary: int = 30, layers: int = 2) -> TbpttLstmDecoder:
@@ -76,7 +77,7 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         scored_logits, scored_targets = [], []
         with torch.no_grad():
             for _ in slots + slots[:2]:  # into the next pass
-                batch = training_batch(task.loop.next_segment(model))
+                batch = segment_sample(task.loop.next_segment(model))
                 logits, extra = model(**batch["net_input"])
                 task.loop.carry(extra["carried_state"])
                 scored_logits.append(logits)
@@ -92,34 +93,20 @@ def test_training_segments_carry_the_state_exactly(tiny_corpus):
         assert first_pass.size(1) == length and task.loop.cursor.passes == 1
 
 
-def training_batch(segment) -> dict:
-    """A loop segment as the task hands it to the criterion."""
-    return {
-        "net_input": {
-            "src_tokens": segment.inputs,
-            "state": segment.state,
-            "carry_offset": segment.carry_offset,
-            "output_start": segment.output_start,
-        },
-        "target": segment.targets,
-        "ntokens": segment.targets.numel(),
-    }
-
-
 def test_training_carries_the_state_through_return_values(tiny_corpus):
     """The criterion returns the carried state; nothing is written into the sample. A criterion
     without that return is refused in one line rather than silently training from zero states."""
+    from conftest import StubOptimizer
     from fairseq.criterions.cross_entropy import CrossEntropyCriterion
 
     from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
     from atbptt_fairseq.errors import UserInputError
-    from conftest import StubOptimizer
 
     task = make_task(tiny_corpus, truncation_length=7)
     slots = list(task.get_batch_iterator(task.dataset("train"), max_sentences=3).next_epoch_itr())
     model = TbpttLstmLanguageModel(make_decoder(len(task.dictionary), layers=1))
     criterion = TbpttCrossEntropyCriterion(task, sentence_avg=False)
-    batch = training_batch(task.loop.next_segment(model))
+    batch = segment_sample(task.loop.next_segment(model))
     keys = set(batch)
     loss, _, _, carried = criterion.forward_carrying_state(model, batch)
     assert set(batch) == keys

@@ -95,7 +95,14 @@ def segment_forward(
             "adaptive_tbptt_lm trains with --criterion tbptt_cross_entropy, which hands it the "
             f"recurrent state to carry into the next update; {type(criterion).__name__} does not"
         )
-    batch = {
+    with torch.amp.autocast("cuda", enabled=amp):
+        loss, _, _, carried = forward(model, segment_sample(segment))
+    return loss, carried
+
+
+def segment_sample(segment: LoopSegment) -> Dict[str, Any]:
+    """A loop segment as the criterion's sample: the model's inputs and the scored targets."""
+    return {
         "net_input": {
             "src_tokens": segment.inputs,
             "state": segment.state,
@@ -105,6 +112,3 @@ def segment_forward(
         "target": segment.targets,
         "ntokens": segment.targets.numel(),
     }
-    with torch.amp.autocast("cuda", enabled=amp):
-        loss, _, _, carried = forward(model, batch)
-    return loss, carried
