@@ -201,7 +201,7 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
     for logged, record in zip(records, updates):  # the log shows the records' values
         assert float(logged["trunc_k"]) == record["trunc_k"]
     (epoch,) = json_records(output, "train")  # the epoch's mean K and its last update's
-    assert float(epoch["trunc_k_last"]) == updates[-1]["trunc_k"]
+    assert float(epoch["train_trunc_k_last"]) == updates[-1]["trunc_k"]
     assert float(records[-1]["bias_hat"]) == pytest.approx(updates[-1]["bias_hat"], rel=1e-5)
     fields = {"relative_bias", "decay_rate", "seconds", "changed", "fallback", "raw_choice"}
     assert fields <= decisions[0].keys()
