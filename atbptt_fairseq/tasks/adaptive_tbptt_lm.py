@@ -64,6 +64,7 @@ from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig'
     check_gradient_estimator,
     check_precision,
     method_config,
+    options_without_effect,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,25 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _batch_iterator(
+    items: List[Dict[str, Any]],
+    epoch: int = 1,
+    buffer_size: int = 0,
+    skip_remainder_batch: bool = False,
+) -> iterators.EpochBatchIterator:
+    """fairseq's iterator over ``items``, each one whole batch, in order."""
+    return iterators.EpochBatchIterator(
+        dataset=SlotDataset(items),
+        collate_fn=lambda samples: samples[0],
+        batch_sampler=[[i] for i in range(len(items))],
+        num_workers=0,
+        epoch=epoch,
+        buffer_size=buffer_size,
+        disable_shuffling=True,
+        skip_remainder_batch=skip_remainder_batch,
+    )
 
 
 def _world() -> Tuple[int, int]:
@@ -349,16 +369,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             items = self._training_slots(dataset, max_sentences, num_shards, shard_id)
         else:
             items = self._evaluation_chunks(dataset, num_shards, shard_id)
-        return iterators.EpochBatchIterator(
-            dataset=SlotDataset(items),
-            collate_fn=lambda samples: samples[0],
-            batch_sampler=[[i] for i in range(len(items))],
-            num_workers=0,
-            epoch=epoch,
-            buffer_size=data_buffer_size,
-            disable_shuffling=True,
-            skip_remainder_batch=skip_remainder_batch,
-        )
+        return _batch_iterator(items, epoch, data_buffer_size, skip_remainder_batch)
 
     def _training_slots(self, stream: SplitStream, batch_size, num_shards: int, shard_id: int):
         if not batch_size:
@@ -419,11 +430,13 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def eval_lm_dataloader(
         self, dataset, num_shards: int = 1, shard_id: int = 0, context_window: int = 0, **unused
     ):
-        """``fairseq-eval-lm``: the same stateful pass as validation (``--eval-batch-size`` columns)."""
+        """``fairseq-eval-lm``: the same stateful pass as validation (``--eval-batch-size`` columns),
+        over any split, the training split included."""
         eval_lm_guard.check_context_window(context_window)
-        return self.get_batch_iterator(
-            dataset, num_shards=num_shards, shard_id=shard_id
-        ).next_epoch_itr(shuffle=False)
+        if not isinstance(dataset, SplitStream):
+            raise TypeError("adaptive_tbptt_lm evaluates only its own split streams")
+        items = self._evaluation_chunks(dataset, num_shards, shard_id)
+        return _batch_iterator(items).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
@@ -974,7 +987,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
         """Say in one line which method options differ from the checkpoint's; refuse those that
         would give the carried state another meaning (checkpoints before this check: none)."""
         changes = resume_changes(saved, self.method)
-        breaking = [change for change in changes if change[0] in RESUME_BREAKING_OPTIONS]
+        without_effect = options_without_effect(self.cfg)  # e.g. the style of --gradient-estimator
+        breaking = [
+            change
+            for change in changes
+            if change[0] in RESUME_BREAKING_OPTIONS and change[0] not in without_effect
+        ]
         if breaking:
             raise UserInputError(
                 f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "
