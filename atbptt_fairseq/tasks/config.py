@@ -515,8 +515,8 @@ def check_learning_rates(cfg: AdaptiveTbpttLmConfig) -> None:
 def check_validation_subsets(cfg: AdaptiveTbpttLmConfig) -> None:
     """Refuse to validate on the training split (fairseq-train or fairseq-validate
     ``--valid-subset``): the task lays that split out as update slots, which it fills with
-    segments only while training (fairseq-train failed at its first validation, after an epoch of
-    training); fairseq-eval-lm scores every split, the training split included."""
+    segments only while training (fairseq-train failed at its first validation, after training up to
+    it); fairseq-eval-lm scores every split, the training split included."""
     subsets, train_subset = _resolved(cfg, "valid_subset"), _resolved(cfg, "train_subset")
     if not isinstance(subsets, str) or not isinstance(train_subset, str):
         return  # outside a fairseq config
