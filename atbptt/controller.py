@@ -79,7 +79,8 @@ class TruncationController:
     estimate on a barely trained model that drops K from 100 to 10 would otherwise change the
     update's scale at once (the lr and clip scale with K).
 
-    Schedule: with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
+    Schedule: with ``estimate_at_start``, once before the first update (the paper trains at K0
+    until the first estimate is due). Then, with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
     budget counted in tokens: an estimate runs R x S x (burn-in + W) tokens through the model, and
     the next one is due once the training tokens recorded since the last one (``record_tokens``)
     reach that number divided by ``budget``. Counting tokens rather than updates keeps the share
@@ -105,6 +106,7 @@ class TruncationController:
         estimate_method: str = "norms",
         max_change: float = 0.0,
         bias_relative_to: str = "gradient",
+        estimate_at_start: bool = False,
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
             raise ValueError(
@@ -185,6 +187,7 @@ class TruncationController:
         self.estimate_method = estimate_method
         self.max_change = max_change
         self.bias_relative_to = bias_relative_to
+        self.estimate_at_start = estimate_at_start
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -222,9 +225,12 @@ class TruncationController:
         self._tokens_since_estimate += int(num_tokens)
 
     def is_due(self, num_updates: int) -> bool:
-        """Whether to estimate before this update (at most once per update)."""
-        if num_updates <= 0 or num_updates == self._last_estimate_update:
+        """Whether to estimate before this update (at most once per update); before the first
+        (update 0) only with ``estimate_at_start``."""
+        if num_updates == self._last_estimate_update:
             return False
+        if num_updates <= 0:
+            return self.estimate_at_start and self._last_estimate_update is None
         if self.interval > 0:
             return num_updates % self.interval == 0
         return self._tokens_since_estimate >= self.tokens_between_estimates
@@ -359,7 +365,10 @@ class TruncationController:
         return length, reason
 
     def _raw_choice(self, estimate: BiasEstimate) -> int | None:
-        return raw_truncation_length(estimate, self.target_bias or 0.0)
+        # the bias relative to the update is not monotone in K (a short K's update is noisier,
+        # so its bias looks smaller): search from K_min, where the choice must hold
+        first = self.min_length if self.bias_relative_to == "update" else 1
+        return raw_truncation_length(estimate, self.target_bias or 0.0, first)
 
     def _decide(
         self,

@@ -80,6 +80,7 @@ class TbpttConfig:
     estimate_method: str = "norms"  # norms (the paper's bound) or in-window (docs/bias_check.md)
     estimate_cumulative: str = "approx"  # approx or exact
     bias_relative_to: str = "gradient"  # gradient (the paper's delta) or update (noise-aware)
+    estimate_at_start: bool = False  # also estimate before the first update (else train at K0)
     monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
     lr_scaling: str = "none"  # none, sqrt or linear in K
     truncation_clip_norm: float = 0.0  # clip the mean loss's gradient norm at this / K; 0: off
@@ -112,6 +113,7 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         estimate_method=config.estimate_method,
         max_change=config.max_truncation_change,
         bias_relative_to=config.bias_relative_to,
+        estimate_at_start=config.estimate_at_start,
     )
 
 

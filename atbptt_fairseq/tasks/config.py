@@ -223,6 +223,14 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
             "docs/pays_for_itself)"
         },
     )
+    estimate_at_start: bool = field(
+        default=METHOD_DEFAULTS.estimate_at_start,
+        metadata={
+            "help": "also estimate before the first update, so training starts at the K the "
+            "estimate chooses; otherwise (the paper) it trains at K0 until the first estimate "
+            "is due"
+        },
+    )
     monitor_bias: bool = field(
         default=METHOD_DEFAULTS.monitor_bias,
         metadata={
@@ -440,6 +448,7 @@ ESTIMATE_OPTIONS = (
     "estimate_method",
     "estimate_cumulative",
     "bias_relative_to",
+    "estimate_at_start",
 )
 # the options that bound the choices of an adaptive K
 ADAPTIVE_OPTIONS = ("min_truncation_length", "max_truncation_length", "max_truncation_change")
