@@ -1204,6 +1204,8 @@ def test_valid_subset_train_is_fine_without_validation_and_lr_zero_is_accepted()
         ({"target_bias": 0.1, "estimate_interval": 5, "estimate_budget": 0.1},
          "--estimate-budget 0.1 (--estimate-interval schedules the estimates by updates)"),
         ({"lr_scaling_reference": 1}, "--lr-scaling-reference 1 (--lr-scaling none scales nothing)"),
+        ({"estimate_at_start": True},
+         "--estimate-at-start (a fixed K without --monitor-bias runs no bias estimate)"),
         ({"lr_scaling": "sqrt"},
          "--lr-scaling sqrt (K stays at K0, where --lr-scaling-reference 0 applies --lr unscaled)"),
     ],
