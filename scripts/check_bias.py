@@ -137,9 +137,11 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """Model (eval, fp32, on the device), the loaded task and the checkpoint's update count."""
     from fairseq import checkpoint_utils
 
-    import atbptt_fairseq  # noqa: F401  (the plugin's registries; its loader is atbptt's)
     from atbptt import CheckpointError
+    from atbptt_fairseq import fairseq_fixes
     from atbptt_fairseq.errors import UserInputError
+
+    fairseq_fixes.install()  # fairseq loads checkpoints through the plugin's (atbptt's) loader
 
     overrides: dict[str, Any] = {"data": str(args.data)}
     if args.target_dir is not None:
