@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import pytest
-from conftest import REPO, json_records
+from conftest import REPO, json_records, run_cli
 
 from atbptt_fairseq import cli
 
@@ -315,3 +315,34 @@ def test_a_missing_dependency_ends_in_one_line(installed, tiny_corpus):
         ), output[-2000:]
     finally:
         venv.show_packages()
+
+
+def test_help_lists_the_plugins_options_with_defaults(tmp_path):
+    import dataclasses
+
+    from atbptt_fairseq.tasks.config import AdaptiveTbpttLmConfig
+
+    output = run_module(["train", "--arch", "tbptt_lstm_lm_ptb", "--help"], tmp_path)
+    fairseq_part, _, plugin = output.partition("The plugin's options")
+    assert "--max-update" in fairseq_part and "--target-bias" not in fairseq_part
+    options = [
+        f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(AdaptiveTbpttLmConfig)
+        if field.metadata.get("help") and field.name != "data"
+    ]  # fmt: skip
+    assert len(options) > 20 and all(option in plugin for option in options), plugin[:3000]
+    flat = " ".join(plugin.split())
+    assert "--estimate-window ESTIMATE_WINDOW lags W" in flat and "(default: 400)" in flat
+    assert "options of --arch tbptt_lstm_lm_ptb" in flat and "(default: 900)" in flat
+    assert "options of --optimizer tbptt_sgd" in flat
+
+
+def test_bad_input_comes_before_fairseqs_config_dump(tmp_path):
+    """fairseq-train logs its whole configuration before it sets the task up: the task's checks
+    run first, so the one line is all that follows the start-up warnings."""
+    output = run_cli(
+        "fairseq-train", str(tmp_path / "nowhere"), *TINY, "--user-dir",
+        str(REPO / "atbptt_fairseq"), check=False,
+    )  # fmt: skip
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[-1].startswith("atbptt_fairseq: error: data directory "), lines[-3:]
+    assert "'common':" not in output and "Traceback" not in output, output[-3000:]
