@@ -752,3 +752,21 @@ def test_the_demo_summary_says_when_k_sits_at_k_max_above_the_target(tmp_path):
     assert demo.k_max_lines(runs, tmp_path) == [
         "  missed, update 500: K sits at K_max = 100 with delta_hat 1.96 above the target 0.1"
     ]
+
+
+def test_the_k_figure_draws_steps_from_the_start_to_the_end_of_each_run(tmp_path, monkeypatch):
+    """K logged at updates 50 (10) and 100 (68, an estimate at 50) of a run of 130 updates: the
+    line starts at update 0, jumps at update 50 (not a ramp from 50 to 100) and reaches 130."""
+    rows = [{"num_updates": 50, "trunc_k": 10.0, "processed_tokens": 500.0},
+            {"num_updates": 100, "trunc_k": 68.0, "processed_tokens": 7000.0}]  # fmt: skip
+    run = plot.RunData(
+        {"run": "delta0.1_s1", "config": "delta0.1", "mode": "adaptive", "delta": 0.1,
+         "updates": 130, "processed_tokens": 11000.0}, rows, [],
+    )  # fmt: skip
+    xs, ys = plot.truncation_steps([run], "num_updates")
+    assert list(xs) == [0, 50, 100, 130] and list(ys) == [10, 10, 68, 68]
+    assert list(plot.truncation_steps([run], "processed_tokens")[0]) == [0, 500, 7000, 11000]
+    drawn = []
+    monkeypatch.setattr(plot.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k["drawstyle"]))
+    plot.plot_truncation([run], tmp_path / "k.png")
+    assert drawn == ["steps-pre"]
