@@ -236,7 +236,6 @@ def write_atomically(path: Path, write) -> None:
 def plot(path: Path, title: str, rows: list[dict[str, float]], curves: dict[str, Any]) -> None:
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq set the root to DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -291,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise fail(f"device {args.device!r} is not usable ({str(error).splitlines()[0]})")
     grid, window, burnin = resolve_windows(args)
     model, task, updates = load(args)
+    # a module fairseq imports sets the root logger to DEBUG: no library's debug lines (e.g.
+    # matplotlib's on import) among the progress
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.INFO))
     settings = resolve_estimator(args, task.cfg, window)
     stream = task.datasets[args.split]
     inputs, targets = aligned_stream(stream.tokens, stream.targets)
@@ -299,6 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"L {window}, burn-in {burnin}, K {grid}"
     )
     start = time.perf_counter()
+
+    def progress(done: int, groups: int) -> None:
+        elapsed = time.perf_counter() - start
+        log(
+            f"group {done}/{groups} of windows measured ({elapsed:.0f} s, about "
+            f"{elapsed / done * (groups - done):.0f} s to go)"
+        )
+
     try:
         truth = measure_true_bias(
             model,
@@ -313,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_dim=1,  # the LSTM state is num_layers x B x H
             bootstrap_samples=args.bootstrap,
             training_window=not args.final_step_only,
+            progress=progress,
         )
     except ValueError as error:
         raise fail(str(error)) from None
