@@ -12,11 +12,13 @@ and using a component raises ``ModuleNotFoundError`` with the same line.
 """
 
 import sys
+import warnings
 from typing import Optional
 
 from atbptt_fairseq.dependencies import missing_dependency_message
 
 COMPONENTS = ("criterions", "models", "optim", "tasks", "fairseq_fixes")
+HYDRA_VERSION_BASE = r"\s*The version_base parameter is not specified"
 
 
 def _imported_by_fairseq_user_dir() -> bool:
@@ -37,7 +39,11 @@ def _imported_by_fairseq_user_dir() -> bool:
 missing_dependency: Optional[ModuleNotFoundError] = None
 
 try:
-    from atbptt_fairseq import criterions, fairseq_fixes, models, optim, tasks  # noqa: F401
+    with warnings.catch_warnings():
+        # fairseq_cli.hydra_train (which the fixes wrap) warns on import that fairseq's
+        # @hydra.main gives no version_base: fairseq's, and nothing a user can act on
+        warnings.filterwarnings("ignore", message=HYDRA_VERSION_BASE, category=UserWarning)
+        from atbptt_fairseq import criterions, fairseq_fixes, models, optim, tasks  # noqa: F401
 except ModuleNotFoundError as error:
     if missing_dependency_message(error) is None:
         raise

@@ -21,6 +21,7 @@ import argparse
 import functools
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 from atbptt_fairseq.dependencies import missing_dependency_message
@@ -28,6 +29,14 @@ from atbptt_fairseq.dependencies import missing_dependency_message
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # hydra configs per paper setting (package data); their grids are the multirun sweeps
 CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")
+HYDRA_DEPRECATIONS = (
+    r"\s*The version_base parameter is not specified",
+    r"hydra\.experimental\.\w+\(\) is no longer experimental",
+    r"In '[^']*': Usage of deprecated keyword in package header",
+    r"\s*'[^']*' is validated against ConfigStore schema",
+    r"\s*The strict flag in the compose API is deprecated",
+    r"\s*Future Hydra versions will no longer change working directory",
+)
 
 
 def _given(args: Sequence[str], *names: str) -> bool:
@@ -66,6 +75,10 @@ def _run(main: Callable[[], object], args: List[str], fairseq_logging: bool = Tr
     from atbptt_fairseq import fairseq_fixes  # the plugin, before fairseq parses
 
     fairseq_fixes.install()
+    # hydra's deprecation warnings about how fairseq composes its config (about 20 lines before
+    # every run, nothing a user can act on): the command's own output comes alone
+    for message in HYDRA_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     if fairseq_logging:
         reset_logging()
     sys.argv = [sys.argv[0], *args]

@@ -346,3 +346,18 @@ def test_bad_input_comes_before_fairseqs_config_dump(tmp_path):
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines[-1].startswith("atbptt_fairseq: error: data directory "), lines[-3:]
     assert "'common':" not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_atbptt_train_bad_input_is_its_one_line_without_hydras_warnings(tmp_path):
+    """No PYTHONWARNINGS here: the command itself keeps hydra's deprecation warnings (about
+    fairseq's use of hydra) and fairseq's configuration dump from preceding its line."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "atbptt_fairseq.cli", "train", str(tmp_path / "nowhere"), *TINY],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and lines[-1].startswith("atbptt_fairseq: error: data "), lines
+    assert not [line for line in lines if "Warning" in line or "'common':" in line], lines
+    assert len(lines) <= 2, lines  # the error, and fairseq's note that the plugin is imported
