@@ -92,3 +92,14 @@ def test_fairseq_user_dir_and_the_task_set_up_install_the_fixes(tmp_path):
             timeout=300,
         )  # fmt: skip
         assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_the_readme_lists_every_change_to_fairseq():
+    from atbptt_fairseq import fairseq_fixes
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Changes to fairseq", 1)[1].split("\n## ", 1)[0]
+    for patch in fairseq_fixes.PATCHES:
+        assert f"| `{patch.target.__name__}.{patch.attribute}` |" in section, patch.attribute
+    for other in ("sys.excepthook", "add_safe_globals", "atexit"):
+        assert other in section
