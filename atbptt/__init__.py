@@ -14,7 +14,13 @@ from .bias import (
     raw_truncation_length,
 )
 from .checkpoint import CheckpointError, load_checkpoint
-from .controller import ESTIMATE_METHODS, LAG_ORIGINS, TruncationController, TruncationDecision
+from .controller import (
+    BIAS_REFERENCES,
+    ESTIMATE_METHODS,
+    LAG_ORIGINS,
+    TruncationController,
+    TruncationDecision,
+)
 from .driver import (
     RESUME_BREAKING_OPTIONS,
     TbpttConfig,
@@ -62,8 +68,10 @@ from .token_stream import (
     plan_segment,
     segments_per_pass,
 )
+from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 
 __all__ = [
+    "BIAS_REFERENCES",
     "ESTIMATE_METHODS",
     "LAG_ORIGINS",
     "LR_SCALINGS",
@@ -85,6 +93,8 @@ __all__ = [
     "TrueBias",
     "TruncationController",
     "TruncationDecision",
+    "UpdateNoise",
+    "UpdateNoiseAccumulator",
     "aligned_stream",
     "bucket_edges",
     "budget_tokens",

@@ -120,17 +120,23 @@ def estimate_bias(
     )
 
 
-def raw_truncation_length(estimate: BiasEstimate, target_bias: float) -> int | None:
-    """Smallest K with relative bias strictly below ``target_bias``, W if none; unclipped.
+def raw_truncation_length(
+    estimate: BiasEstimate, target_bias: float, first_length: int = 1
+) -> int | None:
+    """Smallest K >= ``first_length`` with relative bias strictly below ``target_bias``, W if
+    none; not clipped above.
 
-    None when the bias cannot be bounded (decay rate >= 1 or anything not finite).
+    None when the bias cannot be bounded (decay rate >= 1 or anything not finite). A relative
+    bias that falls in K (the paper's) gives the same K from any ``first_length`` below it; one
+    that does not (relative to a noisier update at a shorter K) must start at K_min.
     """
     beta = estimate.decay_rate
     relative_bias = estimate.relative_bias
     if not (math.isfinite(beta) and beta < 1.0) or not bool(torch.isfinite(relative_bias).all()):
         return None
-    below_target = torch.nonzero(relative_bias < target_bias * (1.0 - TIE_TOLERANCE))
-    return int(below_target[0]) + 1 if below_target.numel() else relative_bias.numel()
+    first = min(max(first_length, 1), relative_bias.numel())
+    below_target = torch.nonzero(relative_bias[first - 1 :] < target_bias * (1.0 - TIE_TOLERANCE))
+    return int(below_target[0]) + first if below_target.numel() else relative_bias.numel()
 
 
 def unbounded_reason(estimate: BiasEstimate) -> str:

@@ -21,12 +21,20 @@ from .bias import (
 )
 from .gradient_profile import GradientProfile
 from .in_window import InWindowMeasurement, estimate_bias_in_window
+from .update_noise import UpdateNoiseAccumulator
 
 logger = logging.getLogger(__name__)
 
 LAG_ORIGINS = ("final", "previous")
 """Where lag 0 of the profile lies: ``final``, the state the final loss reads (the paper's
 formula, phi_0 the readout gradient); ``previous``, the state before it (the authors' code)."""
+
+BIAS_REFERENCES = ("gradient", "update")
+"""What the estimated bias is relative to: ``gradient``, the norm of the full (untruncated)
+gradient (the paper's delta); ``update``, the expected norm of the training update's gradient at
+K, the full gradient plus the noise of a minibatch of (columns x K) scored tokens, measured from
+the spread of the R in-window estimates (docs/pays_for_itself). A bias far below that noise does
+not change what an SGD step does."""
 
 ESTIMATE_METHODS = ("norms", "in-window")
 """How the bias is estimated: ``norms``, the paper's bound from state-gradient norms
@@ -52,6 +60,10 @@ class TruncationDecision:
     raw_choice: int = 0
     # why K is what it is after this decision, in words (the log's record of each decision)
     reason: str = ""
+    # with bias_relative_to "update": the bias at K relative to the expected norm of the update's
+    # gradient, and the full gradient's share of that update's squared norm (None otherwise)
+    update_bias: float | None = None
+    signal_share: float | None = None
 
 
 class TruncationController:
@@ -67,7 +79,8 @@ class TruncationController:
     estimate on a barely trained model that drops K from 100 to 10 would otherwise change the
     update's scale at once (the lr and clip scale with K).
 
-    Schedule: with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
+    Schedule: with ``estimate_at_start``, once before the first update (the paper trains at K0
+    until the first estimate is due). Then, with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
     budget counted in tokens: an estimate runs R x S x (burn-in + W) tokens through the model, and
     the next one is due once the training tokens recorded since the last one (``record_tokens``)
     reach that number divided by ``budget``. Counting tokens rather than updates keeps the share
@@ -92,6 +105,8 @@ class TruncationController:
         tail_anchor: int | None = None,
         estimate_method: str = "norms",
         max_change: float = 0.0,
+        bias_relative_to: str = "gradient",
+        estimate_at_start: bool = False,
     ) -> None:
         if target_bias is not None and not 0.0 < target_bias < 1.0:
             raise ValueError(
@@ -134,6 +149,21 @@ class TruncationController:
                 "the in-window estimate measures the parameter gradient's bias at K steps "
                 "directly: it has no lag origin to choose; use lag_origin 'final', not 'previous'"
             )
+        if bias_relative_to not in BIAS_REFERENCES:
+            raise ValueError(
+                f"bias_relative_to must be one of {BIAS_REFERENCES} (got {bias_relative_to!r})"
+            )
+        if bias_relative_to == "update":
+            if estimate_method != "in-window":
+                raise ValueError(
+                    "the bias relative to the update needs the parameter gradients of the "
+                    "in-window estimate: use estimate_method 'in-window'"
+                )
+            if num_estimates < 2:
+                raise ValueError(
+                    "the bias relative to the update measures the gradient noise from the spread "
+                    f"of the R estimates: R (num_estimates) must be at least 2 (got {num_estimates})"
+                )
         if not (max_change == 0.0 or 1.0 < max_change < math.inf):
             raise ValueError(
                 f"max_change must be 0 (unbounded) or a finite factor above 1 (got {max_change})"
@@ -156,6 +186,8 @@ class TruncationController:
         self.tail_anchor = tail_anchor
         self.estimate_method = estimate_method
         self.max_change = max_change
+        self.bias_relative_to = bias_relative_to
+        self.estimate_at_start = estimate_at_start
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -193,9 +225,12 @@ class TruncationController:
         self._tokens_since_estimate += int(num_tokens)
 
     def is_due(self, num_updates: int) -> bool:
-        """Whether to estimate before this update (at most once per update)."""
-        if num_updates <= 0 or num_updates == self._last_estimate_update:
+        """Whether to estimate before this update (at most once per update); before the first
+        (update 0) only with ``estimate_at_start``."""
+        if num_updates == self._last_estimate_update:
             return False
+        if num_updates <= 0:
+            return self.estimate_at_start and self._last_estimate_update is None
         if self.interval > 0:
             return num_updates % self.interval == 0
         return self._tokens_since_estimate >= self.tokens_between_estimates
@@ -204,6 +239,8 @@ class TruncationController:
         self,
         measure: Callable[[], GradientProfile | InWindowMeasurement],
         num_updates: int,
+        update_columns: int = 0,
+        workers: int = 1,
     ) -> TruncationDecision:
         """Run R measurements, estimate the bias of each and update K (adaptive mode only).
 
@@ -212,12 +249,23 @@ class TruncationController:
         did; a repeat whose bias cannot be bounded counts as K_max. A profile that is not finite
         (e.g. a NaN loss of a diverging model) leaves K as it is and reports nan: it says nothing
         about how fast gradients decay, and K_max would multiply the cost of the next updates.
+
+        With ``bias_relative_to`` "update" the R measurements decide together: K is the smallest
+        whose bias relative to the expected norm of an update's gradient (``update_columns``
+        columns of all ``workers`` together, K scored tokens each) is below the target
+        (:mod:`atbptt.update_noise`).
         """
+        if self.bias_relative_to == "update" and (update_columns < 1 or workers < 1):
+            raise ValueError(
+                "the bias relative to the update needs the columns of an update (all workers "
+                f"together) and the workers (got {update_columns} and {workers})"
+            )
         start = time.perf_counter()
         self._last_estimate_update = num_updates
         self._tokens_since_estimate = 0
         previous_length = self._truncation_length
         estimates = []
+        accumulator = UpdateNoiseAccumulator() if self.bias_relative_to == "update" else None
         for _ in range(self.num_estimates):
             measurement = measure()
             in_window = isinstance(measurement, InWindowMeasurement)
@@ -248,32 +296,61 @@ class TruncationController:
                 estimates.append(
                     estimate_bias_in_window(measurement, self.cumulative, self.tail_anchor)
                 )
+                if accumulator is not None:
+                    accumulator.add(measurement, self.num_sequences * workers)
             else:
                 estimates.append(estimate_bias(profile, self.cumulative, self.tail_anchor))
 
-        fallbacks = [unbounded_reason(e) for e in estimates if self._raw_choice(e) is None]
+        noise = against_update = None
+        if accumulator is not None:  # one choice from the R measurements together
+            noise = accumulator.result()
+            against_update = noise.relative_to_update(
+                self.window,
+                update_columns,
+                beyond_window=_mean([float(e.relative_bias[-1]) for e in estimates]),
+                decay_rate=_mean([e.decay_rate for e in estimates]),
+            )
+        deciding = estimates if against_update is None else [against_update]
+        fallbacks = [unbounded_reason(e) for e in deciding if self._raw_choice(e) is None]
         raw_choice, reason = 0, "fixed K: bias monitored only"
         if self.adaptive:
-            choices = [self._raw_choice(e) or self.max_length for e in estimates]
+            choices = [self._raw_choice(e) or self.max_length for e in deciding]
             raw_choice = int(sum(choices) / len(choices))
             self._truncation_length, reason = self._bounded(raw_choice, previous_length)
         fallback = ""
         if fallbacks:
-            fallback = f"{len(fallbacks)} of {len(estimates)} estimates: {fallbacks[0]}"
+            fallback = f"{len(fallbacks)} of {len(deciding)} estimates: {fallbacks[0]}"
             if self.adaptive:
                 fallback += f"; K_max {self.max_length} stood in for them"
             logger.warning("update %d: %s", num_updates, fallback)
 
         length = self._truncation_length
         relative_bias = _mean([float(estimate.relative_bias[length - 1]) for estimate in estimates])
+        update_bias = signal_share = None
+        if noise is not None and against_update is not None:
+            update_bias = float(against_update.relative_bias[length - 1])
+            signal_share = noise.signal_share(length * update_columns)
+            if self.adaptive:
+                reason += f" (signal share of the update at K: {signal_share:.3g})"
         decay_rate = _mean([estimate.decay_rate for estimate in estimates])
         return self._decide(
-            previous_length, relative_bias, decay_rate, start, fallback, raw_choice, reason
+            previous_length,
+            relative_bias,
+            decay_rate,
+            start,
+            fallback,
+            raw_choice,
+            reason,
+            update_bias,
+            signal_share,
         )
 
     def _bounded(self, choice: int, previous_length: int) -> tuple[int, str]:
         """K from the mean choice: bounded around ``previous_length``, then clipped; and why."""
-        target = f"mean of {self.num_estimates} smallest K with bias_hat < {self.target_bias:g}"
+        measure = "bias_hat" if self.bias_relative_to == "gradient" else "bias_hat/update"
+        target = f"smallest K with {measure} < {self.target_bias:g}"
+        if self.bias_relative_to == "gradient":
+            target = f"mean of {self.num_estimates} {target}"
         length, reason = choice, target
         if self.max_change:
             low = math.ceil(previous_length / self.max_change)
@@ -288,7 +365,10 @@ class TruncationController:
         return length, reason
 
     def _raw_choice(self, estimate: BiasEstimate) -> int | None:
-        return raw_truncation_length(estimate, self.target_bias or 0.0)
+        # the bias relative to the update is not monotone in K (a short K's update is noisier,
+        # so its bias looks smaller): search from K_min, where the choice must hold
+        first = self.min_length if self.bias_relative_to == "update" else 1
+        return raw_truncation_length(estimate, self.target_bias or 0.0, first)
 
     def _decide(
         self,
@@ -299,6 +379,8 @@ class TruncationController:
         fallback: str = "",
         raw_choice: int = 0,
         reason: str = "",
+        update_bias: float | None = None,
+        signal_share: float | None = None,
     ) -> TruncationDecision:
         self.last_decision = TruncationDecision(
             truncation_length=self._truncation_length,
@@ -309,6 +391,8 @@ class TruncationController:
             fallback=fallback,
             raw_choice=raw_choice,
             reason=reason or fallback,
+            update_bias=update_bias,
+            signal_share=signal_share,
         )
         return self.last_decision
 

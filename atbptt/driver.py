@@ -79,6 +79,8 @@ class TbpttConfig:
     estimate_tail_anchor: int = -1  # tau; -1: W - W // 10 - 1
     estimate_method: str = "norms"  # norms (the paper's bound) or in-window (docs/bias_check.md)
     estimate_cumulative: str = "approx"  # approx or exact
+    bias_relative_to: str = "gradient"  # gradient (the paper's delta) or update (noise-aware)
+    estimate_at_start: bool = False  # also estimate before the first update (else train at K0)
     monitor_bias: bool = False  # with a fixed K, still estimate delta_hat at K
     lr_scaling: str = "none"  # none, sqrt or linear in K
     truncation_clip_norm: float = 0.0  # clip the mean loss's gradient norm at this / K; 0: off
@@ -110,6 +112,8 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
         estimate_method=config.estimate_method,
         max_change=config.max_truncation_change,
+        bias_relative_to=config.bias_relative_to,
+        estimate_at_start=config.estimate_at_start,
     )
 
 
@@ -137,6 +141,8 @@ def estimate_truncation(
     update: int,
     rank: int = 0,
     average: Callable[[list[Tensor]], None] | None = None,
+    update_columns: int = 0,
+    workers: int = 1,
 ) -> TruncationDecision:
     """One decision of ``controller`` on random windows of ``stream`` (aligned inputs and targets,
     :func:`atbptt.aligned_stream`).
@@ -145,7 +151,8 @@ def estimate_truncation(
     global RNG. The windows depend only on ``seed``, ``update`` and ``rank``, so a resumed run
     estimates exactly as an uninterrupted one. With several workers, ``average`` replaces the
     measured tensors in place by their mean over all workers (an all-reduce, before any norm is
-    taken), so every worker decides the same K.
+    taken), so every worker decides the same K. ``update_columns`` (all workers' columns of one
+    update) and ``workers`` size the update's noise for ``bias_relative_to`` "update".
     """
     inputs, targets = stream
     burnin = controller.burnin
@@ -194,7 +201,7 @@ def estimate_truncation(
     if was_training is not None:
         estimator.eval()
     try:
-        return controller.estimate(measure, update)
+        return controller.estimate(measure, update, update_columns, workers)
     finally:
         if was_training is not None:
             estimator.train(was_training)
@@ -489,7 +496,12 @@ class TbpttDriver:
         (:func:`estimate_truncation`; the fairseq task draws the same windows)."""
         controller = self.controller
         decision = estimate_truncation(
-            controller, model, self._stream, self.config.seed, self.num_updates
+            controller,
+            model,
+            self._stream,
+            self.config.seed,
+            self.num_updates,
+            update_columns=self.batch_size,
         )
         if controller.adaptive:  # a fixed K's monitoring observes, it is not the run's compute
             self.processed_tokens += controller.estimate_tokens

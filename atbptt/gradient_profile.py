@@ -39,7 +39,7 @@ class GradientProfile:
     mean_gradients: Tensor  # W x D, mean over sequences of the flattened d loss / d state_{s-k}
     num_sequences: int
 
-    def without_readout_lag(self) -> "GradientProfile":
+    def without_readout_lag(self) -> GradientProfile:
         """The profile with lags counted from the state before the one the loss reads.
 
         The paper writes phi_k = || dL_s / dh_{s-k} || from k = 0, the state the final loss reads

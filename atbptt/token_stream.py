@@ -4,7 +4,6 @@ Plain PyTorch: the fairseq task and the plain-PyTorch driver build these; tests 
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from torch import Tensor
 
@@ -16,10 +15,10 @@ class StreamTooShortError(ValueError):
 def lay_out_columns(
     tokens: Tensor,
     total_columns: int,
-    targets: Optional[Tensor] = None,
+    targets: Tensor | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Cut a 1-D token stream into ``total_columns`` contiguous columns and keep this shard's rows.
 
     Without ``targets`` (language modelling) each column predicts its own next token, so column
@@ -51,7 +50,7 @@ def lay_out_columns(
     return columns.contiguous(), target_columns[rows].contiguous()  # C x L
 
 
-def aligned_stream(tokens: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def aligned_stream(tokens: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The whole split as one input stream and its aligned targets (for sampling estimate windows)."""
     if targets is None:
         return tokens[:-1], tokens[1:]

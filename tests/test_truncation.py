@@ -267,6 +267,19 @@ def test_controller_schedule():
     assert controller.is_due(15)
 
 
+def test_controller_estimates_before_the_first_update_only_when_asked():
+    assert not make_controller(interval=5).is_due(0)  # the paper: train at K0 first
+    controller = make_controller(interval=5, estimate_at_start=True)
+    assert controller.is_due(0)
+    decision = controller.estimate(measuring(0.9, 0.9, 0.9), num_updates=0)
+    assert decision.truncation_length == 22  # beta 0.9, delta 0.1 (DESIGN.md section 3)
+    assert not controller.is_due(0)  # a retried first update does not estimate again
+    assert [n for n in range(1, 11) if controller.is_due(n)] == [5, 10]
+    resumed = make_controller(interval=5, estimate_at_start=True)
+    resumed.load_state_dict(controller.state_dict())
+    assert not resumed.is_due(0)
+
+
 def test_controller_budget_schedule_counts_training_tokens():
     # one decision: R 3 x S 4 x (burn-in 10 + W 100) = 1320 tokens; budget 0.1: every 13200
     controller = make_controller(interval=0, budget=0.1)

@@ -765,6 +765,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         stream = self._train_stream
         self._check_estimate_fits(stream)
         world_size, rank = _world()
+        columns = 0 if self._train_columns is None else self._train_columns[0].size(0)
 
         def average_over_workers(tensors: List[Tensor]) -> None:
             if world_size > 1:  # every worker then decides the same K
@@ -781,6 +782,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
             update_num,
             rank=rank,
             average=average_over_workers,
+            update_columns=columns * world_size,
+            workers=world_size,
         )
         self._pending_estimate_seconds += decision.seconds
         if self.controller.adaptive:  # a fixed K's monitoring is an observer, not its compute

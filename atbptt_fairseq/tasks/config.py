@@ -16,7 +16,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from atbptt import ESTIMATE_METHODS, LAG_ORIGINS, LR_SCALINGS, TbpttConfig
+from atbptt import BIAS_REFERENCES, ESTIMATE_METHODS, LAG_ORIGINS, LR_SCALINGS, TbpttConfig
 from atbptt_fairseq.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ LAG_ORIGIN_CHOICES = ChoiceEnum(list(LAG_ORIGINS))
 ESTIMATE_METHOD_CHOICES = ChoiceEnum(list(ESTIMATE_METHODS))
 BUDGET_COUNT_CHOICES = ChoiceEnum(["processed", "scored"])
 CUMULATIVE_NORM_CHOICES = ChoiceEnum(["approx", "exact"])
+BIAS_REFERENCE_CHOICES = ChoiceEnum(list(BIAS_REFERENCES))
 # tbptt: the task's own (adaptive) truncated BPTT; the others are atbptt.estimators' methods
 GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro", "kf-rtrl", "exact-rtrl"])
 
@@ -201,6 +202,24 @@ class AdaptiveTbpttLmConfig(FairseqDataclass):
         metadata={
             "help": "full-gradient norm lower bound: approx sums per-lag norms (the paper's "
             "choice for language models), exact takes the norm of the summed gradients"
+        },
+    )
+    bias_relative_to: BIAS_REFERENCE_CHOICES = field(
+        default=METHOD_DEFAULTS.bias_relative_to,
+        metadata={
+            "help": "what --target-bias is relative to: gradient, the full gradient's norm (the "
+            "paper's delta); update, the expected norm of an update's minibatch gradient at K, "
+            "signal plus the noise of its columns x K scored tokens, measured from the spread "
+            "of the R estimates (needs --estimate-method in-window and --estimate-repeats >= 2; "
+            "docs/pays_for_itself)"
+        },
+    )
+    estimate_at_start: bool = field(
+        default=METHOD_DEFAULTS.estimate_at_start,
+        metadata={
+            "help": "also estimate before the first update, so training starts at the K the "
+            "estimate chooses; otherwise (the paper) it trains at K0 until the first estimate "
+            "is due"
         },
     )
     monitor_bias: bool = field(

@@ -28,6 +28,12 @@ run_config() {  # the configurations of issue 28, by name
     fixed5) sweep "$corpus" fixed --fixed 5 --deltas none -- --min-truncation-length 5 ;;
     paper) sweep "$corpus" paper --fixed none --deltas 0.1 ;;
     inwindow) sweep "$corpus" inwindow --fixed none --deltas 0.1 -- --estimate-method in-window ;;
+    noise)  # the in-window estimate, the bias relative to the update's noise, K from the start
+      sweep "$corpus" noise --fixed none --deltas 0.1 -- --estimate-method in-window \
+        --bias-relative-to update --estimate-at-start ;;
+    inwindow_start)  # the in-window estimate relative to the gradient, K from the start
+      sweep "$corpus" inwindow_start --fixed none --deltas 0.1 -- --estimate-method in-window \
+        --estimate-at-start ;;
     candidate)  # the in-window estimate, K moved at most x2 per decision
       sweep "$corpus" candidate --fixed none --deltas 0.1 -- --estimate-method in-window \
         --max-truncation-change 2 ;;

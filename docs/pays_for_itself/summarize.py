@@ -1,8 +1,19 @@
-"""The issue-28 grid's table, from each finished run's records (result.json, validation.csv,
-the k_decision lines of train.log): python docs/pays_for_itself/summarize.py GRID_DIR > table.md"""
+"""The issue-28 grid's tables, from each finished run's records (result.json, validation.csv, the
+k_decision lines of train.log, eval_test_last.log where test_at_last.sh wrote it).
+
+    python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] [--plots DIR] > table.md
+
+A GRID_DIR holds CORPUS/CONFIGURATION/runs/RUN. Two tables: one row per run, then mean ± sample
+std over seeds per corpus and configuration. Time to target: processed tokens a run needs to reach
+the best validation perplexity of the best fixed K (the fixed K with the lowest mean best
+validation perplexity) of the same seed, as a multiple of what that fixed-K run needed. With
+--plots, DIR/CORPUS.png draws K (steps) and validation perplexity against processed tokens.
+"""
 
 import csv
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -12,35 +23,163 @@ def decisions(run: Path) -> list[dict]:
     return [json.loads(line.split("k_decision ", 1)[1]) for line in lines if "k_decision {" in line]
 
 
-def main(grid: Path) -> None:
-    rows = []
-    for result in sorted(grid.glob("*/*/runs/*/result.json")):
-        run = result.parent
-        corpus, variant = run.parts[-4], run.parts[-3]
-        record = json.loads(result.read_text())
-        valid = list(csv.DictReader((run / "validation.csv").open()))
-        curve = [(float(v["processed_tokens"]), float(v["valid_ppl"])) for v in valid]
-        name = record["config"] if variant == "fixed" else f"{variant} delta {record['delta']:g}"
-        ks = [d["truncation_length"] for d in decisions(run)] if record["mode"] == "adaptive" else []
-        rows.append((corpus, name, record, curve, ks))
-    print("| corpus | configuration | seed | best valid ppl | test ppl (best valid) | last valid ppl "
-          "| K at the decisions | processed tokens to the best fixed K's best valid ppl |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for corpus in sorted({row[0] for row in rows}):
-        mine = [row for row in rows if row[0] == corpus]
-        fixed = [row for row in mine if row[2]["mode"] == "fixed"]
-        best_fixed = min(fixed, key=lambda row: min(p for _, p in row[3]))
-        target = min(p for _, p in best_fixed[3])
-        reached_fixed = next(t for t, p in best_fixed[3] if p <= target)
-        for _, name, record, curve, ks in mine:
-            reached = next((t for t, p in curve if p <= target), None)
-            ratio = "never" if reached is None else f"{reached / reached_fixed:.2f}x"
-            if record is best_fixed[2]:
-                ratio = f"(target {target:.1f} at {reached_fixed / 1e6:.2f}M)"
-            print(f"| {corpus} | {name} | {record['run'].rsplit('_s', 1)[1]} | "
-                  f"{min(p for _, p in curve):.1f} | {record['test_ppl']:.1f} | {curve[-1][1]:.1f} | "
-                  f"{', '.join(map(str, ks)) or record['final_k']:} | {ratio} |")
+def last_test_ppl(run: Path) -> float | None:
+    log = run / "eval_test_last.log"
+    found = re.findall(r"Perplexity: ([\d.]+)", log.read_text()) if log.is_file() else []
+    return float(found[-1]) if found else None
+
+
+def read_runs(grids: list[Path]) -> list[dict]:
+    runs = []
+    for grid in grids:
+        for result in sorted(grid.glob("*/*/runs/*/result.json")):
+            run = result.parent
+            corpus, variant = run.parts[-4], run.parts[-3]
+            record = json.loads(result.read_text())
+            valid = list(csv.DictReader((run / "validation.csv").open()))
+            curve = [(float(v["processed_tokens"]), float(v["valid_ppl"])) for v in valid]
+            adaptive = record["mode"] == "adaptive"
+            name = f"{variant} delta {record['delta']:g}" if adaptive else record["config"]
+            runs.append(
+                {
+                    "corpus": corpus,
+                    "configuration": name,
+                    "fixed": not adaptive,
+                    "seed": int(record["seed"]),
+                    "curve": curve,
+                    "best_valid": min(p for _, p in curve),
+                    "last_valid": curve[-1][1],
+                    "test_best": record["test_ppl"],
+                    "test_last": last_test_ppl(run),
+                    "ks": [d["truncation_length"] for d in decisions(run)] if adaptive else [],
+                    "final_k": record["final_k"],
+                    "trajectory": list(csv.DictReader((run / "trajectory.csv").open())),
+                }
+            )
+    return runs
+
+
+def best_fixed(runs: list[dict], corpus: str) -> str | None:
+    """The fixed K of ``corpus`` with the lowest mean best validation perplexity."""
+    fixed = {}
+    for run in runs:
+        if run["corpus"] == corpus and run["fixed"]:
+            fixed.setdefault(run["configuration"], []).append(run["best_valid"])
+    return min(fixed, key=lambda name: statistics.mean(fixed[name])) if fixed else None
+
+
+def time_to_target(runs: list[dict], run: dict, reference: str | None) -> str:
+    same_seed = [
+        other
+        for other in runs
+        if other["corpus"] == run["corpus"]
+        and other["configuration"] == reference
+        and other["seed"] == run["seed"]
+    ]
+    if not same_seed:
+        return "n/a"
+    target_curve = same_seed[0]["curve"]
+    target = min(p for _, p in target_curve)
+    needed = next(t for t, p in target_curve if p <= target)
+    if run is same_seed[0]:
+        return f"(target {target:.1f} at {needed / 1e6:.2f}M)"
+    reached = next((t for t, p in run["curve"] if p <= target), None)
+    return "never" if reached is None else f"{reached / needed:.2f}x"
+
+
+def spread(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    if len(known) == 1:
+        return f"{known[0]:.1f}"
+    return f"{statistics.mean(known):.1f} ± {statistics.stdev(known):.1f}"
+
+
+def main(grids: list[Path]) -> None:
+    runs = read_runs(grids)
+    corpora = sorted({run["corpus"] for run in runs})
+    references = {corpus: best_fixed(runs, corpus) for corpus in corpora}
+    print(
+        "| corpus | configuration | seed | best valid ppl | test ppl (best valid) | last valid ppl "
+        "| test ppl (last) | K at the decisions | processed tokens to the best fixed K's best "
+        "valid ppl |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run in sorted(runs, key=lambda r: (r["corpus"], r["configuration"], r["seed"])):
+        ks = ", ".join(map(str, run["ks"])) or f"{run['final_k']:g}"
+        last = "n/a" if run["test_last"] is None else f"{run['test_last']:.1f}"
+        print(
+            f"| {run['corpus']} | {run['configuration']} | {run['seed']} | {run['best_valid']:.1f} "
+            f"| {run['test_best']:.1f} | {run['last_valid']:.1f} | {last} | {ks} | "
+            f"{time_to_target(runs, run, references[run['corpus']])} |"
+        )
+    print()
+    print(
+        "| corpus | configuration | seeds | best valid ppl | test ppl (best valid) "
+        "| last valid ppl | test ppl (last) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for corpus in corpora:
+        names = sorted({r["configuration"] for r in runs if r["corpus"] == corpus})
+        for name in names:
+            mine = [r for r in runs if r["corpus"] == corpus and r["configuration"] == name]
+            marker = " (best fixed)" if name == references[corpus] else ""
+            print(
+                f"| {corpus} | {name}{marker} | {len(mine)} | "
+                f"{spread([r['best_valid'] for r in mine])} | "
+                f"{spread([r['test_best'] for r in mine])} | "
+                f"{spread([r['last_valid'] for r in mine])} | "
+                f"{spread([r['test_last'] for r in mine])} |"
+            )
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    """K and validation perplexity against processed tokens, every run of a corpus in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    for corpus in sorted({run["corpus"] for run in runs}):
+        mine = sorted(
+            (r for r in runs if r["corpus"] == corpus),
+            key=lambda r: (r["configuration"], r["seed"]),
+        )
+        names = sorted({r["configuration"] for r in mine})
+        colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+        figure, (k_axis, ppl_axis) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        for run in mine:
+            label = f"{run['configuration']} s{run['seed']}"
+            style = {"color": colours[run["configuration"]], "alpha": 0.8, "label": label}
+            # K as logged per update interval, extended to the end of the run (a jump is a step)
+            points = [
+                (float(row["processed_tokens"]), float(row["trunc_k"])) for row in run["trajectory"]
+            ]
+            points.append((run["curve"][-1][0], points[-1][1]))
+            k_axis.plot(*zip(*points), drawstyle="steps-post", **style)
+            ppl_axis.plot(*zip(*run["curve"]), marker=".", **style)
+        k_axis.set_ylabel("K")
+        k_axis.set_yscale("log")
+        k_axis.legend(fontsize=7, ncol=2)
+        ppl_axis.set_ylabel("validation perplexity")
+        ppl_axis.set_yscale("log")
+        ppl_axis.set_xlabel("processed tokens")
+        figure.suptitle(f"{corpus}: K and validation perplexity at equal processed tokens")
+        figure.tight_layout()
+        figure.savefig(out / f"{corpus}.png", dpi=110)
+        plt.close(figure)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    arguments = sys.argv[1:]
+    plots = None
+    if "--plots" in arguments:
+        index = arguments.index("--plots")
+        plots = Path(arguments[index + 1])
+        del arguments[index : index + 2]
+    grids = [Path(argument) for argument in arguments]
+    main(grids)
+    if plots is not None:
+        plot(read_runs(grids), plots)
