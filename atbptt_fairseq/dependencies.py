@@ -16,8 +16,22 @@ INSTALL_FAIRSEQ = "atbptt-install-fairseq"
 _EXTRAS: Dict[str, str] = {
     # fairseq's runtime dependencies (the `fairseq` extra); a few import under another name
     **dict.fromkeys(
-        ["bitarray", "hydra", "omegaconf", "regex", "sacrebleu", "sklearn", "tqdm", "cffi",
-         "Cython", "pyximport", "packaging", "tensorboardX", "antlr4", "yaml"],
+        [
+            "bitarray",
+            "hydra",
+            "omegaconf",
+            "regex",
+            "sacrebleu",
+            "sklearn",
+            "tqdm",
+            "cffi",
+            "Cython",
+            "pyximport",
+            "packaging",
+            "tensorboardX",
+            "antlr4",
+            "yaml",
+        ],
         "fairseq",
     ),  # fmt: skip
     **dict.fromkeys(["lightning", "pytorch_lightning", "lightning_fabric"], "lightning"),
@@ -29,7 +43,10 @@ def install_hint(module: str) -> str:
     """The command that installs the top-level ``module`` for this package."""
     top = module.split(".")[0]
     if top in ("fairseq", "fairseq_cli"):
-        return f"{INSTALL_FAIRSEQ} (fairseq-fixed with --no-deps, after pip install '{PACKAGE}[fairseq]')"
+        return (
+            f"{INSTALL_FAIRSEQ} (fairseq-fixed with --no-deps, after pip install "
+            f"'{PACKAGE}[fairseq]')"
+        )
     if top == "torch":
         return "pip install torch==2.13.0 (or the CUDA build of torch >= 2.5 for your GPU)"
     if top in _EXTRAS:

@@ -482,7 +482,8 @@ def initial_truncation_length(settings: SweepSettings) -> int:
 def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list[str]:
     """The fairseq-train command of one run: defaults, preset, pass-through, then the run's own
     options, each once (a later one replaces an earlier one, :func:`once_each`). Estimator runs
-    take the preset's fixed-K options (no adaptive estimate: fairseq refuses --target-bias with them)."""
+    take the preset's fixed-K options (no adaptive estimate: fairseq refuses --target-bias with
+    them)."""
     args = [str(settings.data), *setting_args(settings, adaptive=spec.mode == "adaptive")]
     if spec.mode == "adaptive":
         args += ["--target-bias", f"{spec.value:g}"]

@@ -180,7 +180,9 @@ class FreshVenv:
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         output = result.stdout + result.stderr
-        assert returncode is None or result.returncode == returncode, f"{command}: {result.returncode}\n{output[-4000:]}"
+        assert returncode is None or result.returncode == returncode, (
+            f"{command}: {result.returncode}\n{output[-4000:]}"
+        )
         return output
 
 

@@ -42,9 +42,7 @@ def make_module(seed: int) -> CopyModule:
     return CopyModule(model, TbpttDriver(tokens, 16, config, targets=targets), clip_norm=1.0)
 
 
-def fit(
-    module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=(), **data
-) -> None:
+def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=(), **data) -> None:
     trainer = lightning.Trainer(
         max_steps=TOTAL_STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
         enable_model_summary=False, logger=CSVLogger(tmp_path, name=name),
