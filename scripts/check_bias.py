@@ -181,9 +181,11 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """Model (eval, fp32, on the device), the loaded task and the checkpoint's update count."""
     from fairseq import checkpoint_utils
 
-    import atbptt_fairseq  # noqa: F401  (the plugin's registries; its loader is atbptt's)
     from atbptt import CheckpointError
+    from atbptt_fairseq import fairseq_fixes
     from atbptt_fairseq.errors import UserInputError
+
+    fairseq_fixes.install()  # fairseq loads checkpoints through the plugin's (atbptt's) loader
 
     overrides: dict[str, Any] = {"data": str(args.data)}
     if args.target_dir is not None:
@@ -278,7 +280,6 @@ def write_atomically(path: Path, write) -> None:
 def plot(path: Path, title: str, rows: list[dict[str, float]], curves: dict[str, Any]) -> None:
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq set the root to DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -335,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise fail(f"device {args.device!r} is not usable ({str(error).splitlines()[0]})")
     grid, window, burnin = resolve_windows(args)
     model, task, updates = load(args)
+    # a module fairseq imports sets the root logger to DEBUG: no library's debug lines (e.g.
+    # matplotlib's on import) among the progress
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.INFO))
     settings = resolve_estimator(args, task.cfg, window)
     stream = task.datasets[args.split]
     inputs, targets = aligned_stream(stream.tokens, stream.targets)
@@ -343,6 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"L {window}, burn-in {burnin}, K {grid}"
     )
     start = time.perf_counter()
+
+    def progress(done: int, groups: int) -> None:
+        elapsed = time.perf_counter() - start
+        log(
+            f"group {done}/{groups} of windows measured ({elapsed:.0f} s, about "
+            f"{elapsed / done * (groups - done):.0f} s to go)"
+        )
+
     try:
         truth = measure_true_bias(
             model,
@@ -357,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_dim=1,  # the LSTM state is num_layers x B x H
             bootstrap_samples=args.bootstrap,
             training_window=not args.final_step_only,
+            progress=progress,
         )
     except ValueError as error:
         raise fail(str(error)) from None

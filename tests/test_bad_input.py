@@ -21,7 +21,7 @@ import torch
 from conftest import BIN, REPO, TINY_TRAIN, USER_DIR, StubOptimizer, random_sentences, run_cli
 from fairseq.data import Dictionary
 
-import atbptt_fairseq  # noqa: F401
+from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError, find_user_error
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
@@ -31,6 +31,9 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
     check_config,
     dictionary_identity,
 )
+
+# in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
+fairseq_fixes.install()
 
 pytestmark = pytest.mark.e2e
 

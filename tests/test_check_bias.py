@@ -295,6 +295,10 @@ def test_check_bias_script_end_to_end(tiny_checkpoint, tmp_path):
     assert truth == sorted(truth, reverse=True)  # keeping more steps loses less
     assert (out / "bias_check.png").stat().st_size > 1000
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no temporaries
+    # progress while it measures, and no library's debug logging
+    assert "[check_bias] group 1/2 of windows measured" in result.stderr, result.stderr[-3000:]
+    assert "[check_bias] group 2/2 of windows measured" in result.stderr
+    assert "DEBUG" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.e2e

@@ -56,6 +56,7 @@ from atbptt.estimators import (
 )
 from atbptt.gradient_profile import State
 from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
 from atbptt_fairseq.tasks.config import (  # noqa: F401  (AdaptiveTbpttLmConfig's home before)
     METHOD_DEFAULTS,
@@ -211,6 +212,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: AdaptiveTbpttLmConfig, **kwargs) -> "AdaptiveTbpttLmTask":
+        # fairseq runs the plugin: its fixes (idempotent; also in workers that imported the
+        # plugin by unpickling their config rather than through --user-dir)
+        fairseq_fixes.install()
         if not kwargs.get("from_checkpoint", False):  # a stored config may come from a GPU run
             check_gradient_estimator(cfg)  # before check_precision: its --fp16 line says less
             check_precision(cfg)
