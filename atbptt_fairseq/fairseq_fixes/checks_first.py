@@ -24,10 +24,11 @@ _original_main = train_cli.main
 
 @contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
-    """Log nothing below WARNING from ``logger_name`` inside the block."""
+    """Log nothing below ERROR from ``logger_name`` and the loggers below it inside the block:
+    fairseq's ``main`` sets the task up again and logs its lines (warnings included) once then."""
     logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -41,7 +42,7 @@ def check_task(cfg) -> None:
 
     task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
     if isinstance(task_class, type) and issubclass(task_class, AdaptiveTbpttLmTask):
-        with _quiet(task_class.__module__):
+        with _quiet("atbptt_fairseq"):
             task_class.setup_task(cfg.task)
 
 
