@@ -7,10 +7,8 @@ STAMP := $(VENV)/.installed
 # a clean venv; VENV_FLAGS=--system-site-packages reuses the system's packages (e.g. a CUDA torch)
 VENV_FLAGS ?=
 TORCH_VERSION ?= 2.13.0
-FAIRSEQ_VERSION ?= 0.12.3.1
-LIGHTNING_VERSION ?= 2.6.6
-FAIRSEQ_DEPS := "hydra-core==1.3.2" "omegaconf==2.3.0" numpy cython cffi regex sacrebleu tqdm bitarray \
-	scikit-learn packaging sentencepiece tensorboardX matplotlib pytest
+# every part and the tests; the dependency lists are pyproject.toml's extras
+EXTRAS := fairseq,lightning,experiments,test
 
 .PHONY: install test test-fast demo bench format clean
 
@@ -21,12 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	# Reuse a torch that is already importable (e.g. a CUDA build a GPU user brought);
 	# otherwise pin the CPU build so pip never resolves an unpinned multi-GB CUDA torch.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install $(FAIRSEQ_DEPS)
-	# the Lightning front end (atbptt_lightning); after torch, so it never resolves another torch
-	$(PIP) install "lightning==$(LIGHTNING_VERSION)"
-	$(PY) -c "import fairseq" 2>/dev/null || \
-		$(PIP) install --no-deps --no-build-isolation "fairseq-fixed==$(FAIRSEQ_VERSION)"
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	# fairseq-fixed with --no-deps --no-build-isolation (its metadata would pull a CUDA torch)
+	$(VENV)/bin/atbptt-install-fairseq
 	touch $(STAMP)
 
 test: install

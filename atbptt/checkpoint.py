@@ -62,10 +62,7 @@ def check_checkpoint_file(path: str | os.PathLike[str], advice: str = DEFAULT_AD
     Reads only the zip archive and the pickle's opcodes; nothing is unpickled.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; give the path of a checkpoint file"
-        )
+    check_checkpoint_path(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?); {advice}")
     if not zipfile.is_zipfile(path):
@@ -87,6 +84,26 @@ def check_checkpoint_file(path: str | os.PathLike[str], advice: str = DEFAULT_AD
         raise CheckpointError(
             f"checkpoint {path} is corrupt (its pickle names {', '.join(sorted(unsafe))}, which "
             f"does not exist); {advice}"
+        )
+
+
+def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` names a file: a missing path and a
+    directory (naming the checkpoints in it) each get their own line. Reads nothing."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            inside = sorted(name for name in os.listdir(path) if name.endswith(".pt"))
+        except OSError:
+            inside = []
+        held = f" (it holds {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})"
+        raise CheckpointError(
+            f"checkpoint {path} is a directory{held if inside else ''}; give the path of a "
+            "checkpoint file"
+        )
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give the path of a checkpoint file"
         )
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +102,7 @@ def measure_true_bias(
     batch_dim: int = 0,
     bootstrap_samples: int = 1000,
     training_window: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GroundTruth:
     """Measure the true relative bias of both losses at each K of ``truncation_lengths``.
 
@@ -111,7 +112,8 @@ def measure_true_bias(
     state before the window, for the "previous" lag convention). ``num_sequences`` S must be a
     multiple of ``num_groups`` G. ``batch_dim``: the batch dimension of the state tensors.
     ``training_window`` False skips loss (b), which costs one backward per K and a readout of K
-    positions (the final-step loss alone allows many more windows).
+    positions (the final-step loss alone allows many more windows). ``progress(done, G)`` is
+    called after each group of windows (a measurement can take minutes).
     """
     lengths = sorted({int(length) for length in truncation_lengths})
     if not lengths or lengths[0] < 1:
@@ -176,6 +178,8 @@ def measure_true_bias(
                     readout=model.readout,
                 )
             )
+        if progress is not None:
+            progress(group + 1, num_groups)
     final_step = _true_bias(
         lengths,
         [final_bias[length] for length in lengths],

@@ -1,11 +1,63 @@
 """atbptt_fairseq: adaptive truncated backpropagation through time for fairseq (``--user-dir``).
 
 fairseq imports ``tasks/`` and ``models/`` of a user dir by itself; criterions and optim here.
-The fixes that fairseq's command-line tools need are all in :mod:`atbptt_fairseq.fairseq_fixes`.
+Importing the package registers the plugin's components with fairseq and changes nothing else.
+The fixes that fairseq's command-line tools need (:mod:`atbptt_fairseq.fairseq_fixes`) are
+installed only when such a tool runs with the plugin: when fairseq imports it as ``--user-dir``,
+when an ``atbptt-*`` command runs, or when fairseq sets up the plugin's task; a program that
+drives fairseq itself calls ``atbptt_fairseq.fairseq_fixes.install()``.
+
+Without fairseq the package still imports (its commands then say what to install, in one line),
+and using a component raises ``ModuleNotFoundError`` with the same line.
 """
 
-from atbptt_fairseq import fairseq_fixes
+import sys
+import warnings
+from typing import Optional
 
-fairseq_fixes.install()
+from atbptt_fairseq.dependencies import missing_dependency_message
 
-from atbptt_fairseq import criterions, models, optim, tasks  # noqa: E402,F401
+COMPONENTS = ("criterions", "models", "optim", "tasks", "fairseq_fixes")
+HYDRA_VERSION_BASE = r"\s*The version_base parameter is not specified"
+
+
+def _imported_by_fairseq_user_dir() -> bool:
+    """Whether fairseq's ``import_user_module`` (a CLI's ``--user-dir``) is importing us."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "import_user_module"
+            and frame.f_globals.get("__name__") == "fairseq.utils"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# the ModuleNotFoundError that kept the components from importing (fairseq or one of its own
+# dependencies is not installed); None when they imported
+missing_dependency: Optional[ModuleNotFoundError] = None
+
+try:
+    with warnings.catch_warnings():
+        # fairseq_cli.hydra_train (which the fixes wrap) warns on import that fairseq's
+        # @hydra.main gives no version_base: fairseq's, and nothing a user can act on
+        warnings.filterwarnings("ignore", message=HYDRA_VERSION_BASE, category=UserWarning)
+        from atbptt_fairseq import criterions, fairseq_fixes, models, optim, tasks  # noqa: F401
+except ModuleNotFoundError as error:
+    if missing_dependency_message(error) is None:
+        raise
+    missing_dependency = error
+
+    def __getattr__(name: str):
+        """The components need fairseq: say what to install instead of an AttributeError."""
+        if name in COMPONENTS:
+            message = missing_dependency_message(missing_dependency)
+            raise ModuleNotFoundError(
+                f"atbptt_fairseq.{name} needs fairseq. {message}", name=missing_dependency.name
+            )
+        raise AttributeError(f"module 'atbptt_fairseq' has no attribute '{name}'")
+
+else:
+    if _imported_by_fairseq_user_dir():
+        fairseq_fixes.install()

@@ -52,22 +52,32 @@ class TbpttModule(lightning.LightningModule):
 
     Subclass it and define ``configure_optimizers`` (one optimizer; step any scheduler yourself,
     e.g. in ``on_train_epoch_end``). With ``lr_scaling`` in the driver's config the optimizer's
-    lr is scaled with K inside each step. ``clip_norm``: clip the gradient norm before each step
-    (Lightning's ``gradient_clip_val`` does not apply to manual optimization). Logs ``train_loss``
-    and the figures of the loop's update record (``trunc_k``; once K has been estimated,
-    ``bias_hat`` and ``beta_hat``; ...), and writes the records to ``atbptt_metrics.jsonl`` in the
-    trainer's log dir. One process only.
+    lr is scaled with K inside each step. ``clip_norm`` and ``clip_algorithm`` are Lightning's
+    ``gradient_clip_val`` and ``gradient_clip_algorithm`` ("norm" or "value"), applied before each
+    step through Lightning's ``clip_gradients``: Lightning refuses the ``Trainer`` options under
+    manual optimization, which the carried state needs (docs/front_ends.md). The module makes
+    its own training data: ``fit(module, train_dataloaders=...)`` (or a datamodule's
+    ``train_dataloader``) is refused. Logs ``train_loss`` and the figures of the loop's update
+    record (``trunc_k``; once K has been estimated, ``bias_hat`` and ``beta_hat``; ...), and
+    writes the records to ``atbptt_metrics.jsonl`` in the trainer's log dir. One process only.
     Give the ``Trainer`` ``plugins=[SafeCheckpointIO()]`` so that a resume verifies its file.
     """
 
     def __init__(
-        self, model: nn.Module, driver: TbpttDriver, clip_norm: float | None = None
+        self,
+        model: nn.Module,
+        driver: TbpttDriver,
+        clip_norm: float | None = None,
+        clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
+        if clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"clip_algorithm must be 'norm' or 'value', not {clip_algorithm!r}")
         self.automatic_optimization = False
         self.model = model
         self.tbptt = driver
         self.clip_norm = clip_norm
+        self.clip_algorithm = clip_algorithm
         self._metrics: MetricsFile | None = None
 
     def setup(self, stage: str) -> None:
@@ -81,6 +91,14 @@ class TbpttModule(lightning.LightningModule):
         return SegmentSlots(self.tbptt.segments_per_epoch)
 
     def on_train_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        if not isinstance(loader, SegmentSlots):
+            raise ValueError(
+                "TbpttModule makes its own training data (the driver's token stream, one slot "
+                f"per update) but fit() was given {type(loader).__name__}: call "
+                "trainer.fit(module) without train_dataloaders (a datamodule may give "
+                "val_dataloader only)"
+            )
         self.tbptt.attach_optimizer(self._optimizer().optimizer)
         log_dir = self.trainer.log_dir
         if log_dir is not None and self.trainer.is_global_zero:
@@ -95,7 +113,9 @@ class TbpttModule(lightning.LightningModule):
         self.manual_backward(loss)
         if self.clip_norm is not None:
             self.clip_gradients(
-                optimizer, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm"
+                optimizer,
+                gradient_clip_val=self.clip_norm,
+                gradient_clip_algorithm=self.clip_algorithm,
             )
         optimizer.step()
         self._log_segment(loss.detach(), segment)

@@ -68,6 +68,40 @@ def positive_grid(text: str) -> list[int]:
     return values
 
 
+def at_least(least: int):
+    """An argparse type: an integer no smaller than ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least} (got {value})")
+        return value
+
+    return parse
+
+
+def bootstrap_count(text: str) -> int:
+    """--bootstrap: 0 (no bootstrap: its columns are nan) or at least 2 resamples (one has no
+    spread)."""
+    value = at_least(-math.inf)(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (none) or at least 2 (got {value})")
+    return value
+
+
+def check_out_directory(out: Path) -> None:
+    """Fail before any work unless --out is, or can become, a directory."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"lies below the file {existing}"
+        raise fail(f"--out {out} {what}; give a directory for bias_check.csv and .png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="True relative bias of truncated BPTT against the estimator's delta_hat.",
@@ -81,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="target stream subdirectory (copy task); default: the checkpoint's task setting",
     )
     parser.add_argument("--split", default="train", help="split the windows are drawn from")
-    parser.add_argument("--windows", type=int, default=64, help="windows S")
+    parser.add_argument("--windows", type=at_least(1), default=64, help="windows S")
     parser.add_argument(
-        "--groups", type=int, default=8, help="window groups G (batches; bootstrap units)"
+        "--groups", type=at_least(1), default=8, help="window groups G (batches; bootstrap units)"
     )
     parser.add_argument(
         "--k-grid",
@@ -93,18 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         "clipped to what --window holds (2K - 1 <= L)",
     )
     parser.add_argument(
-        "--window", type=int, default=0, help="long window L; 0: 4 x the largest K of the grid"
+        "--window",
+        type=at_least(0),
+        default=0,
+        help="long window L; 0: 4 x the largest K of the grid",
     )
-    parser.add_argument("--burnin", type=int, default=0, help="burn-in steps; 0: L // 10")
+    parser.add_argument("--burnin", type=at_least(0), default=0, help="burn-in steps; 0: L // 10")
     parser.add_argument(
         "--estimate-window",
-        type=int,
+        type=at_least(0),
         default=0,
         help="W of delta_hat; 0: the checkpoint's --estimate-window (at most L)",
     )
     parser.add_argument(
         "--tail-anchor",
-        type=int,
+        type=at_least(-2),
         default=-2,
         help="tau of delta_hat; -2: the checkpoint's setting, -1: W - W // 10 - 1",
     )
@@ -116,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tail-fit-from",
-        type=int,
+        type=at_least(-1),
         default=-1,
         help="first lag of the tail-only decay fit; -1: W // 2",
     )
@@ -125,10 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the training-window loss (one backward per K): allows many more windows",
     )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--bootstrap",
+        type=bootstrap_count,
+        default=1000,
+        help="bootstrap resamples; 0: none (the bootstrap columns are nan)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the windows and bootstrap")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: leave as is")
+    parser.add_argument(
+        "--threads", type=at_least(0), default=0, help="torch threads; 0: leave as is"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the CSV and PNG")
     return parser
 
@@ -137,9 +181,11 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """Model (eval, fp32, on the device), the loaded task and the checkpoint's update count."""
     from fairseq import checkpoint_utils
 
-    import atbptt_fairseq  # noqa: F401  (the plugin's registries; its loader is atbptt's)
     from atbptt import CheckpointError
+    from atbptt_fairseq import fairseq_fixes
     from atbptt_fairseq.errors import UserInputError
+
+    fairseq_fixes.install()  # fairseq loads checkpoints through the plugin's (atbptt's) loader
 
     overrides: dict[str, Any] = {"data": str(args.data)}
     if args.target_dir is not None:
@@ -234,7 +280,6 @@ def write_atomically(path: Path, write) -> None:
 def plot(path: Path, title: str, rows: list[dict[str, float]], curves: dict[str, Any]) -> None:
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq set the root to DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -273,7 +318,9 @@ def plot(path: Path, title: str, rows: list[dict[str, float]], curves: dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.checkpoint.is_file():
-        raise fail(f"checkpoint {args.checkpoint} does not exist")
+        missing = "is a directory" if args.checkpoint.is_dir() else "does not exist"
+        raise fail(f"checkpoint {args.checkpoint} {missing}; give the path of a checkpoint file")
+    check_out_directory(args.out)
     if not (args.data / "dict.txt").is_file():
         raise fail(f"{args.data} holds no dict.txt; give the fairseq-preprocess output directory")
     import torch
@@ -289,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise fail(f"device {args.device!r} is not usable ({str(error).splitlines()[0]})")
     grid, window, burnin = resolve_windows(args)
     model, task, updates = load(args)
+    # a module fairseq imports sets the root logger to DEBUG: no library's debug lines (e.g.
+    # matplotlib's on import) among the progress
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.INFO))
     settings = resolve_estimator(args, task.cfg, window)
     stream = task.datasets[args.split]
     inputs, targets = aligned_stream(stream.tokens, stream.targets)
@@ -297,6 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"L {window}, burn-in {burnin}, K {grid}"
     )
     start = time.perf_counter()
+
+    def progress(done: int, groups: int) -> None:
+        elapsed = time.perf_counter() - start
+        log(
+            f"group {done}/{groups} of windows measured ({elapsed:.0f} s, about "
+            f"{elapsed / done * (groups - done):.0f} s to go)"
+        )
+
     try:
         truth = measure_true_bias(
             model,
@@ -311,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_dim=1,  # the LSTM state is num_layers x B x H
             bootstrap_samples=args.bootstrap,
             training_window=not args.final_step_only,
+            progress=progress,
         )
     except ValueError as error:
         raise fail(str(error)) from None

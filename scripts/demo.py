@@ -6,6 +6,7 @@ Details: docs/scripts.md, section scripts/demo.py.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -98,6 +99,27 @@ def fallback_lines(runs: Sequence[plot.RunData], sweep_dir: Path) -> list[str]:
                 lines.append(
                     f"  {run.result['run']}, update {estimate['num_updates']}: "
                     f"K {estimate['trunc_k']:g} is a fallback ({estimate['fallback']})"
+                )
+    return lines
+
+
+def k_max_lines(runs: Sequence[plot.RunData], sweep_dir: Path) -> list[str]:
+    """Every decision that put K at K_max with the estimated bias still above the target: the
+    estimator's choice, but one that misses delta (a longer --max-truncation-length would help)."""
+    lines = []
+    for run in runs:
+        if run.fixed:
+            continue
+        run_dir = sweep_dir / "runs" / run.result["run"]
+        command = json.loads((run_dir / "run.json").read_text())["command"]
+        k_max = float(sweep.option_value(command, "--max-truncation-length") or math.inf)
+        target = float(run.result["delta"])
+        for estimate in sweep.parse_log((run_dir / "train.log").read_text()).estimates:
+            bias = estimate.get("bias_hat", math.nan)
+            if estimate["trunc_k"] >= k_max and not bias <= target:
+                lines.append(
+                    f"  {run.result['run']}, update {estimate['num_updates']}: K sits at K_max = "
+                    f"{k_max:g} with delta_hat {bias:.3g} above the target {target:g}"
                 )
     return lines
 
@@ -212,14 +234,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "K in use; wall: fairseq's clock incl. estimation and validation; est: estimation time."
     )
     fallbacks = fallback_lines(runs, settings.out)
+    at_k_max = k_max_lines(runs, settings.out)
     if fallbacks:
         sweep.say(
             f"\n{len(fallbacks)} decision(s) on K were fallbacks, not the estimator's choice:"
         )
         for line in fallbacks:
             sweep.say(line)
-    else:
-        sweep.say("\nEvery decision on K was the estimator's choice (no fallback).")
+    if at_k_max:
+        sweep.say(f"\n{len(at_k_max)} decision(s) on K missed the target bias at K_max:")
+        for line in at_k_max:
+            sweep.say(line)
+    if not fallbacks and not at_k_max:
+        sweep.say(
+            "\nEvery decision on K was the estimator's choice and met the target bias (no "
+            "fallback, none at K_max above the target)."
+        )
     for path in plot.make_all(settings.out, out / f"plots{suffix}"):
         sweep.say(f"wrote {path}")
     sweep.say(f"demo finished in {sweep.fmt_seconds(time.monotonic() - started)}")

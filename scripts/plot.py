@@ -204,6 +204,22 @@ def plot_validation(
     _finish(ax, path, title, xlabel, ylabel)
 
 
+def truncation_steps(members: Sequence[RunData], x_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """K (mean over seeds) against updates or processed tokens from the start to the end of the
+    runs: the first record's K from 0, the last one's to the runs' final count (the records stop
+    at the last log interval)."""
+    xs, ys = mean_curve(members, "train", x_key, "trunc_k")
+    if not len(xs):
+        return xs, ys
+    end_key = "updates" if x_key == "num_updates" else "processed_tokens"
+    ends = [float(run.result.get(end_key) or math.nan) for run in members]
+    end = float(np.mean(ends)) if all(math.isfinite(e) for e in ends) else math.nan
+    xs, ys = np.concatenate([[0.0], xs]), np.concatenate([[ys[0]], ys])
+    if math.isfinite(end) and end > xs[-1]:
+        xs, ys = np.append(xs, end), np.append(ys, ys[-1])
+    return xs, ys
+
+
 def plot_truncation(runs: Sequence[RunData], path: Path, x_key: str = "num_updates") -> None:
     """K of the adaptive runs against updates or processed tokens (fixed-K and estimator runs as
     flat lines)."""
@@ -211,11 +227,12 @@ def plot_truncation(runs: Sequence[RunData], path: Path, x_key: str = "num_updat
     style = styles(groups)
     _, ax = plt.subplots(figsize=(7, 4.5))
     for config, members in groups.items():
-        xs, ys = mean_curve(members, "train", x_key, "trunc_k")
-        if not members[0].adaptive:
-            ax.plot(xs, ys, alpha=0.5, label=config_label(members[0]), **style[config])
-        else:
-            ax.plot(xs, ys, label=config_label(members[0]), **style[config])
+        xs, ys = truncation_steps(members, x_key)
+        alpha = 1.0 if members[0].adaptive else 0.5
+        # a logged K covers the updates since the record before it: the step at the record
+        # before (steps-pre) puts a jump at the update where K changed
+        ax.plot(xs, ys, drawstyle="steps-pre", alpha=alpha, label=config_label(members[0]),
+                **style[config])  # fmt: skip
     xlabel = "updates" if x_key == "num_updates" else "processed tokens"
     _finish(ax, path, "truncation length K (mean over seeds)", xlabel, "K")
 

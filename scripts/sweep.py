@@ -429,6 +429,23 @@ def without_option(args: Sequence[str], option: str) -> list[str]:
     return out
 
 
+def once_each(args: Sequence[str]) -> list[str]:
+    """``args`` with every ``--option`` once, at its last place with its last value (what fairseq's
+    parser does with a repeated option), so a recorded command reads as what ran. An option's
+    values are the arguments after it up to the next ``--option``; leading positionals stay."""
+    items: list[tuple[str | None, list[str]]] = []
+    for arg in args:
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            items = [item for item in items if item[0] != name]
+            items.append((name, [arg]))
+        elif items and items[-1][0] is not None:
+            items[-1][1].append(arg)
+        else:
+            items.append((None, [arg]))
+    return [arg for _, group in items for arg in group]
+
+
 def setting_args(settings: SweepSettings, adaptive: bool) -> list[str]:
     """The preset's fixed-K or adaptive options, then the pass-through ones, then the defaults of
     what neither gives (``BASE_TRAIN_ARGS``)."""
@@ -464,8 +481,9 @@ def initial_truncation_length(settings: SweepSettings) -> int:
 
 def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list[str]:
     """The fairseq-train command of one run: defaults, preset, pass-through, then the run's own
-    options (where fairseq sees an option twice, the later one wins). Estimator runs take the
-    preset's fixed-K options (no adaptive estimate: fairseq refuses --target-bias with them)."""
+    options, each once (a later one replaces an earlier one, :func:`once_each`). Estimator runs
+    take the preset's fixed-K options (no adaptive estimate: fairseq refuses --target-bias with
+    them)."""
     args = [str(settings.data), *setting_args(settings, adaptive=spec.mode == "adaptive")]
     if spec.mode == "adaptive":
         args += ["--target-bias", f"{spec.value:g}"]
@@ -503,7 +521,7 @@ def train_command(spec: RunSpec, settings: SweepSettings, run_dir: Path) -> list
     ]  # fmt: skip
     if settings.tensorboard_logdir is not None:
         args += ["--tensorboard-logdir", str(settings.tensorboard_logdir / spec.name)]
-    return ["fairseq-train", *args]
+    return ["fairseq-train", *once_each(args)]
 
 
 def eval_command(train_cmd: Sequence[str], checkpoint: Path, subset: str) -> list[str]:

@@ -4,6 +4,7 @@ half-written; checkpoints are loaded safely (a malicious pickle is refused, not 
 The command-line cases run two at a time (the machine has two cores) in one module fixture.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,8 +21,9 @@ import torch
 from conftest import BIN, REPO, TINY_TRAIN, USER_DIR, StubOptimizer, random_sentences, run_cli
 from fairseq.data import Dictionary
 
-import atbptt_fairseq  # noqa: F401
 from atbptt.records import METRICS_FILE
+from atbptt_fairseq import fairseq_fixes
+from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError, find_user_error
 from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
@@ -31,6 +33,9 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
     check_config,
     dictionary_identity,
 )
+
+# in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
+fairseq_fixes.install()
 
 pytestmark = pytest.mark.e2e
 
@@ -1004,3 +1009,241 @@ def test_eval_lm_context_window_is_refused(cli_round_two):
         "--context-window (5) is not supported by the adaptive_tbptt_lm task",
         "already scored with all the tokens before it",
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability, round three (issue 24): checkpoints named but missing, options a combination
+# ignores, --lr beyond float32, fairseq-eval-lm --path and --gen-subset train
+# ------------------------------------------------------------------------------------------------
+
+from atbptt.checkpoint import CheckpointError, check_checkpoint_path  # noqa: E402
+from atbptt_fairseq.tasks.config import (  # noqa: E402
+    check_option_combinations,
+    options_without_effect,
+)
+
+
+@pytest.fixture(scope="module")
+def round_three(cases, tiny_corpus) -> Dict[str, Case]:
+    """The command lines of this section on the tiny corpus, two at a time; each fails at start
+    or trains one or two updates."""
+    root: Path = cases["root"]  # type: ignore[assignment]
+    checkpoint = root / "good" / "checkpoint_last.pt"
+    resumed = copy_data(root / "good", root / "resume_relative")
+    one = ["--max-update", "1"]
+
+    def train(name: str, *args: str, save_dir: Optional[Path] = None) -> Case:
+        """A run into ``save_dir`` (checked unchanged), else into a new one of its ``name``."""
+        target = save_dir or root / "round_three" / name
+        command = [str(tiny_corpus), *TRAIN, *one, *args, "--save-dir", str(target)]
+        return Case("fairseq-train", command, save_dir)
+
+    def evaluate(*args: str) -> Case:
+        return Case("fairseq-eval-lm", [str(tiny_corpus), *EVAL, *args])
+
+    table = {
+        "restore_missing": train("restore_missing", "--restore-file", str(root / "nope.pt")),
+        # relative to the working directory (the repository), not --save-dir, where it is
+        "restore_relative": train(
+            "restore_relative", "--restore-file", "checkpoint_best.pt", save_dir=resumed
+        ),
+        "artbp_k1": train("artbp_k1", "--gradient-estimator", "artbp", "--truncation-length", "1"),
+        "uoro_monitor": train("uoro_monitor", "--gradient-estimator", "uoro", "--monitor-bias"),
+        "artbp_ignored": train(
+            "artbp_ignored",
+            "--gradient-estimator",
+            "artbp",
+            "--tbptt-style",
+            "overlap",
+            "--estimate-window",
+            "50",
+        ),  # fmt: skip
+        "lr_1e300": train("lr_1e300", "--lr", "1e300"),
+        "lr_3e38": train("lr_3e38", "--lr", "3e38", "--max-update", "2"),
+        "valid_on_train": train("valid_on_train", "--valid-subset", "valid,train"),
+        "eval_missing": evaluate("--gen-subset", "valid", "--path", str(root / "nope.pt")),
+        "eval_directory": evaluate("--gen-subset", "valid", "--path", str(root / "good")),
+        "eval_train": evaluate(
+            "--gen-subset", "train", "--path", str(checkpoint), "--batch-size", "4"
+        ),  # fmt: skip
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(Case.run, table.values()))
+    table["root"] = root  # type: ignore[assignment]
+    return table
+
+
+def assert_nothing_written(round_three, name: str) -> None:
+    """The failed start left no --save-dir (and so no crash.pt) behind."""
+    assert not (round_three["root"] / "round_three" / name).exists()
+
+
+def test_restore_file_that_does_not_exist_is_refused(round_three):
+    root = round_three["root"]
+    round_three["restore_missing"].assert_clear_failure(
+        f"--restore-file: checkpoint {root / 'nope.pt'} does not exist"
+    )
+    assert_nothing_written(round_three, "restore_missing")
+    # a name relative to --save-dir: refused, pointing at the file there; nothing changed
+    round_three["restore_relative"].assert_clear_failure(
+        "checkpoint checkpoint_best.pt does not exist",
+        "read from the working directory, not --save-dir",
+        f"did you mean {root / 'resume_relative' / 'checkpoint_best.pt'}?",
+    )
+
+
+def test_artbp_with_truncation_length_one_is_refused_before_anything_is_written(round_three):
+    round_three["artbp_k1"].assert_clear_failure(
+        "--gradient-estimator artbp", "--truncation-length must be at least 2 (got 1)"
+    )
+    assert_nothing_written(round_three, "artbp_k1")
+
+
+def test_estimator_with_monitor_bias_is_refused(round_three):
+    round_three["uoro_monitor"].assert_clear_failure(
+        "--gradient-estimator uoro does not take --monitor-bias"
+    )
+    assert_nothing_written(round_three, "uoro_monitor")
+
+
+def test_options_an_estimator_ignores_are_named_in_one_warning(round_three):
+    case = round_three["artbp_ignored"]
+    assert case.returncode == 0, case.output[-3000:]
+    warnings = [line for line in case.output.splitlines() if "options without effect" in line]
+    assert len(warnings) == 1, case.output[-3000:]
+    assert "--estimate-window 50 (--gradient-estimator artbp runs no bias estimate)" in warnings[0]
+    assert (
+        "--tbptt-style overlap (--gradient-estimator artbp trains disjoint segments)"
+        in (warnings[0])
+    )
+
+
+def test_learning_rates_beyond_float32_end_in_one_line(round_three):
+    round_three["lr_1e300"].assert_clear_failure(
+        "--lr 1e+300 is beyond the largest float32 number (3.4e+38)", "lower --lr"
+    )
+    assert_nothing_written(round_three, "lr_1e300")
+    # representable, and diverges in its first update: the divergence check's line
+    round_three["lr_3e38"].assert_clear_failure("training diverged at update", "lower --lr")
+    for name in ("lr_1e300", "lr_3e38"):
+        assert "Traceback" not in round_three[name].output
+
+
+def test_validating_on_the_training_split_is_refused(round_three):
+    round_three["valid_on_train"].assert_clear_failure(
+        "--valid-subset valid,train names the training split train",
+        "fairseq-eval-lm --gen-subset train",
+    )
+    assert_nothing_written(round_three, "valid_on_train")
+
+
+def test_eval_lm_path_that_is_missing_or_a_directory(round_three):
+    root = round_three["root"]
+    round_three["eval_missing"].assert_clear_failure(
+        f"checkpoint {root / 'nope.pt'} does not exist; give the path of a checkpoint file"
+    )
+    round_three["eval_directory"].assert_clear_failure(
+        f"checkpoint {root / 'good'} is a directory (it holds checkpoint",
+        "give the path of a checkpoint file",
+    )
+    for name in ("eval_missing", "eval_directory"):
+        assert "Traceback" not in round_three[name].output
+
+
+def test_eval_lm_scores_the_training_split(round_three, tiny_corpus):
+    case = round_three["eval_train"]
+    assert case.returncode == 0, case.output[-3000:]
+    train_tokens = int(re.search(r"train: ([\d,]+) tokens from", case.output)[1].replace(",", ""))
+    # one stateful pass: every token but the first is scored
+    assert f"Evaluated {train_tokens - 1:,} tokens" in case.output, case.output[-3000:]
+    assert "Perplexity" in case.output
+
+
+def test_check_checkpoint_path_tells_a_directory_from_a_missing_file(tmp_path):
+    (tmp_path / "checkpoint_best.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"is a directory \(it holds checkpoint_best.pt\)"):
+        check_checkpoint_path(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        check_checkpoint_path(tmp_path / "nope.pt")
+    check_checkpoint_path(tmp_path / "checkpoint_best.pt")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"gradient_estimator": "artbp", "truncation_length": 1}, "must be at least 2 (got 1)"),
+        ({"gradient_estimator": "kf-rtrl", "monitor_bias": True}, "does not take --monitor-bias"),
+        ({"lr": [1e39]}, "--lr 1e+39 is beyond the largest float32 number"),
+        # 2e38 alone fits, scaled by sqrt(300 / 35) at K_max it does not
+        ({"lr": [2e38], "target_bias": 0.5, "lr_scaling": "sqrt"}, "x 2.93 (--lr-scaling at K = 300)"),
+        ({"lr": [0.5, -0.1]}, "--lr must be at least 0 (got -0.1)"),
+        ({"valid_subset": "train"}, "--valid-subset train names the training split train"),
+    ],
+)  # fmt: skip
+def test_refused_combinations_are_named_by_their_flags(overrides, fragment):
+    config = AdaptiveTbpttLmConfig(data="unused", seed=1, train_subset="train", **overrides)
+    with pytest.raises(UserInputError) as error:
+        check_config(config)
+    assert fragment in str(error.value)
+
+
+def test_valid_subset_train_is_fine_without_validation_and_lr_zero_is_accepted():
+    for overrides in ({"valid_subset": "train", "disable_validation": True}, {"lr": [0.0, 3e38]}):
+        check_config(
+            AdaptiveTbpttLmConfig(data="unused", seed=1, train_subset="train", **overrides)
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, None),  # the defaults: nothing ignored is given
+        ({"gradient_estimator": "uoro", "tbptt_style": "disjoint"}, None),
+        ({"target_bias": 0.1, "min_truncation_length": 5, "estimate_window": 100}, None),
+        ({"monitor_bias": True, "estimate_window": 100}, None),
+        ({"gradient_estimator": "uoro"},
+         "--tbptt-style overlap (--gradient-estimator uoro trains disjoint segments)"),
+        ({"min_truncation_length": 5, "estimate_window": 100},
+         "--min-truncation-length 5 (K stays fixed without --target-bias); --estimate-window 100 "
+         "(a fixed K without --monitor-bias runs no bias estimate)"),
+        ({"target_bias": 0.1, "monitor_bias": True},
+         "--monitor-bias (an adaptive K estimates the bias anyway)"),
+        ({"target_bias": 0.1, "estimate_interval": 5, "estimate_budget": 0.1},
+         "--estimate-budget 0.1 (--estimate-interval schedules the estimates by updates)"),
+        ({"lr_scaling_reference": 1}, "--lr-scaling-reference 1 (--lr-scaling none scales nothing)"),
+        ({"estimate_at_start": True},
+         "--estimate-at-start (a fixed K without --monitor-bias runs no bias estimate)"),
+        ({"lr_scaling": "sqrt"},
+         "--lr-scaling sqrt (K stays at K0, where --lr-scaling-reference 0 applies --lr unscaled)"),
+    ],
+)  # fmt: skip
+def test_options_a_combination_ignores_are_warned_about_in_one_line(overrides, expected, caplog):
+    config = AdaptiveTbpttLmConfig(data="unused", seed=1, train_subset="train", **overrides)
+    with caplog.at_level(logging.WARNING, logger="atbptt_fairseq.tasks.config"):
+        check_option_combinations(config)
+    messages = [record.getMessage() for record in caplog.records]
+    if expected is None:
+        assert messages == []
+    else:
+        assert messages == [f"options without effect in this combination: {expected}"]
+
+
+def test_resume_of_an_estimator_ignores_the_style_it_does_not_train_with(tiny_corpus, caplog):
+    config = AdaptiveTbpttLmConfig(
+        data=str(tiny_corpus), seed=1, train_subset="train", gradient_estimator="artbp",
+        tbptt_style="disjoint",
+    )  # fmt: skip
+    assert "tbptt_style" in options_without_effect(config)
+    task = AdaptiveTbpttLmTask.setup_task(config)
+    saved = dataclasses.asdict(task.method)
+    saved["tbptt_style"] = "overlap"  # the default the run was started with
+    with caplog.at_level(logging.WARNING):
+        task._check_resumed_options(saved)  # no refusal: artbp trains disjoint segments either way
+    assert "--tbptt-style 'overlap' -> 'disjoint'" in caplog.text
+    # the same change in a truncated BPTT run is refused
+    tbptt = AdaptiveTbpttLmTask.setup_task(
+        AdaptiveTbpttLmConfig(data=str(tiny_corpus), seed=1, train_subset="train",
+                              tbptt_style="disjoint")
+    )  # fmt: skip
+    with pytest.raises(UserInputError, match="cannot resume with --tbptt-style"):
+        tbptt._check_resumed_options(saved)

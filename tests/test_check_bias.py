@@ -295,6 +295,10 @@ def test_check_bias_script_end_to_end(tiny_checkpoint, tmp_path):
     assert truth == sorted(truth, reverse=True)  # keeping more steps loses less
     assert (out / "bias_check.png").stat().st_size > 1000
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no temporaries
+    # progress while it measures, and no library's debug logging
+    assert "[check_bias] group 1/2 of windows measured" in result.stderr, result.stderr[-3000:]
+    assert "[check_bias] group 2/2 of windows measured" in result.stderr
+    assert "DEBUG" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.e2e
@@ -321,3 +325,39 @@ def test_check_bias_script_bad_input(tiny_checkpoint, tmp_path):
         assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-2000:]
         assert message in lines[-1]
     assert not out.exists() and not marker.exists()
+
+
+@pytest.mark.e2e
+def test_check_bias_refuses_an_out_file_and_numbers_out_of_range(tiny_checkpoint, tmp_path):
+    data, checkpoint = tiny_checkpoint
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    common = (str(checkpoint), "--data", str(data))
+    # --out: checked before the model is loaded (it failed with FileExistsError after the work)
+    for out, message in [
+        (a_file, f"--out {a_file} is a file"),
+        (a_file / "sub", f"--out {a_file / 'sub'} lies below the file {a_file}"),
+    ]:
+        result = run_check_bias(*common, "--out", str(out))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-2000:]
+        assert message in lines[-1]
+    assert a_file.read_text() == "mine"
+    # numbers out of range: argparse's one line, exit status 2 (--bootstrap -3 ran to nan columns)
+    out = tmp_path / "out"
+    for option, value, message in [
+        ("--bootstrap", "-3", "must be 0 (none) or at least 2 (got -3)"),
+        ("--bootstrap", "1", "must be 0 (none) or at least 2 (got 1)"),
+        ("--windows", "0", "must be at least 1 (got 0)"),
+        ("--groups", "-2", "must be at least 1 (got -2)"),
+        ("--window", "-5", "must be at least 0 (got -5)"),
+        ("--burnin", "-1", "must be at least 0 (got -1)"),
+        ("--estimate-window", "-4", "must be at least 0 (got -4)"),
+        ("--tail-anchor", "-3", "must be at least -2 (got -3)"),
+        ("--tail-fit-from", "-2", "must be at least -1 (got -2)"),
+        ("--threads", "-1", "must be at least 0 (got -1)"),
+    ]:
+        result = run_check_bias(*common, "--out", str(out), option, value)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and f"argument {option}: {message}" in last, result.stderr
+    assert not out.exists()

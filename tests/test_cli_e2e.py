@@ -14,8 +14,11 @@ from conftest import REPO, TINY_TRAIN, USER_DIR, json_records, random_sentences,
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 
-import atbptt_fairseq  # noqa: F401  (registers the plugin for in-process loading)
 from atbptt.records import METRICS_FILE, read_records
+from atbptt_fairseq import fairseq_fixes
+
+# in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
+fairseq_fixes.install()
 
 pytestmark = pytest.mark.e2e
 

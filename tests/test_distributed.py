@@ -25,7 +25,10 @@ import pytest
 import torch
 from conftest import BIN, REPO, TINY_TRAIN, json_records
 
-import atbptt_fairseq  # noqa: F401  (allowlists what fairseq's checkpoints hold)
+from atbptt_fairseq import fairseq_fixes
+
+# in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
+fairseq_fixes.install()
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +63,10 @@ DISTRIBUTED = [
 RECORDING_TRAIN = """
 import json, os, sys
 from fairseq_cli.train import cli_main  # first: it sets up fairseq's log format
+from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmTask
+
+fairseq_fixes.install()  # the plugin is imported here, not by fairseq's --user-dir
 
 path = os.path.join(os.environ["RECORD_DIR"], "rank%s.jsonl" % os.environ.get("RANK", "0"))
 train_step, valid_step = AdaptiveTbpttLmTask.train_step, AdaptiveTbpttLmTask.valid_step

@@ -377,6 +377,7 @@ def test_config_defaults_match_the_fairseq_task():
         "_name", "data", "target_dir", "max_train_tokens", "max_processed_tokens",
         "validate_interval_processed_tokens", "eval_chunk_length", "eval_batch_size",
         "seed", "save_dir", "train_subset", "cpu", "fp16", "amp", "tpu", "distributed_world_size",
+        "lr", "valid_subset", "disable_validation",  # fairseq's options, checked by the task
         "gradient_estimator",  # the driver takes an estimator object (TbpttDriver(estimator=...))
     }  # fmt: skip
     driver_fields = {f.name: f.default for f in dataclasses.fields(TbpttConfig)}

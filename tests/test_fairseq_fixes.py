@@ -1,17 +1,30 @@
-"""The fixes to fairseq: one table, installed once, idempotent, and the excepthook chain."""
+"""The fixes to fairseq: one table, installed once, idempotent, and the excepthook chain; a plain
+import of the plugin changes nothing, fairseq's --user-dir and the task's set-up install them."""
 
 import subprocess
 import sys
 
 from conftest import REPO
 
-# a fresh interpreter: what importing the plugin changes, and that a second install changes nothing
+# a fresh interpreter: importing the plugin changes nothing, install() applies every fix, and a
+# second install changes nothing
 PROBE = """
-import sys
+import argparse, atexit, sys
+import torch
+import fairseq_cli.eval_lm, fairseq_cli.hydra_train, fairseq_cli.train  # their own registrations
 previous = sys.excepthook
+safe_globals = list(torch.serialization.get_safe_globals())
+exit_handlers = atexit._ncallbacks()
 import atbptt_fairseq
 from atbptt_fairseq import fairseq_fixes
 
+for patch in fairseq_fixes.PATCHES:
+    assert getattr(patch.target, patch.attribute) is not patch.replacement, patch.attribute
+assert sys.excepthook is previous
+assert list(torch.serialization.get_safe_globals()) == safe_globals
+assert atexit._ncallbacks() == exit_handlers
+fairseq_fixes.install()
+assert argparse.Namespace in torch.serialization.get_safe_globals()
 for patch in fairseq_fixes.PATCHES:
     assert getattr(patch.target, patch.attribute) is patch.replacement, patch.attribute
     assert len(patch.reason) > 40, patch.attribute
@@ -45,3 +58,48 @@ def test_install_applies_every_patch_once_and_chains_the_excepthook():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
     assert "atbptt_fairseq: error: the data directory is missing" in result.stderr
+
+
+# fairseq's own ways in: its --user-dir import (a CLI's), and setting the plugin's task up
+USER_DIR_PROBE = """
+import argparse, sys
+from fairseq import checkpoint_utils, utils
+original = checkpoint_utils.load_checkpoint_to_cpu
+utils.import_user_module(argparse.Namespace(user_dir=sys.argv[1]))
+assert checkpoint_utils.load_checkpoint_to_cpu is not original
+print("ok")
+"""
+SETUP_PROBE = """
+import sys
+import atbptt_fairseq
+from fairseq import checkpoint_utils
+from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
+original = checkpoint_utils.load_checkpoint_to_cpu
+try:
+    AdaptiveTbpttLmTask.setup_task(AdaptiveTbpttLmConfig(data="/nowhere"))
+except UserInputError:
+    pass
+assert checkpoint_utils.load_checkpoint_to_cpu is not original
+print("ok")
+"""
+
+
+def test_fairseq_user_dir_and_the_task_set_up_install_the_fixes(tmp_path):
+    for probe, args in ((USER_DIR_PROBE, [str(REPO / "atbptt_fairseq")]), (SETUP_PROBE, [])):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_the_readme_lists_every_change_to_fairseq():
+    from atbptt_fairseq import fairseq_fixes
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Changes to fairseq", 1)[1].split("\n## ", 1)[0]
+    for patch in fairseq_fixes.PATCHES:
+        assert f"| `{patch.target.__name__}.{patch.attribute}` |" in section, patch.attribute
+    for other in ("sys.excepthook", "add_safe_globals", "atexit"):
+        assert other in section

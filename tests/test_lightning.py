@@ -43,7 +43,7 @@ def make_module(seed: int) -> CopyModule:
     return CopyModule(model, TbpttDriver(tokens, 16, config, targets=targets), clip_norm=1.0)
 
 
-def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=()) -> None:
+def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=(), **data) -> None:
     trainer = lightning.Trainer(
         max_steps=TOTAL_STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
         enable_model_summary=False, logger=CSVLogger(tmp_path, name=name),
@@ -52,7 +52,7 @@ def fit(module: CopyModule, tmp_path, name: str, ckpt_path=None, callbacks=()) -
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's tips about workers and callbacks
-        trainer.fit(module, ckpt_path=ckpt_path)
+        trainer.fit(module, ckpt_path=ckpt_path, **data)
 
 
 def logged(tmp_path, name: str) -> list:
@@ -88,6 +88,43 @@ def test_lightning_trains_with_adaptive_k_and_resumes_exactly(tmp_path):
         assert torch.equal(expected, actual), name
     resumed_lengths = [int(float(row["trunc_k"])) for row in logged(tmp_path, "resumed")]
     assert resumed_lengths == lengths[RESUME_STEP:]
+
+
+def test_a_data_loader_of_the_users_is_refused_before_any_step(tmp_path):
+    """Lightning would run the user's loader's length of steps per epoch against the driver's
+    segments (5 against 27 in the issue), with the driver's epoch stuck at 0."""
+    module = make_module(seed=0)
+    loader = torch.utils.data.DataLoader(list(range(5)))
+    with pytest.raises(ValueError, match=r"^TbpttModule makes its own training data .* DataLoader"):
+        fit(module, tmp_path, "own", train_dataloaders=loader)
+    assert module.tbptt.num_updates == 0
+
+    class Data(lightning.LightningDataModule):
+        def train_dataloader(self):
+            return loader
+
+    with pytest.raises(ValueError, match="makes its own training data"):
+        fit(make_module(seed=0), tmp_path, "datamodule", datamodule=Data())
+
+
+def test_clipping_follows_lightnings_algorithms(tmp_path):
+    """clip_algorithm="value" clamps every gradient entry (Lightning's gradient_clip_algorithm);
+    the default clips the norm; anything else is refused."""
+    seen = []
+
+    class Recording(CopyModule):
+        def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            seen.append(max(p.grad.abs().max().item() for p in self.parameters()))
+
+    module = make_module(seed=0)
+    module.__class__ = Recording
+    module.clip_norm, module.clip_algorithm = 1e-3, "value"
+    fit(module, tmp_path, "value")
+    # clamped: the largest entry is the clip value itself (a clipped norm would leave it below)
+    assert len(seen) == TOTAL_STEPS and seen == pytest.approx([1e-3] * TOTAL_STEPS, rel=1e-6)
+    with pytest.raises(ValueError, match="clip_algorithm must be 'norm' or 'value'"):
+        CopyModule(module.model, module.tbptt, clip_norm=1.0, clip_algorithm="l2")
 
 
 def test_safe_checkpoint_io_refuses_bad_checkpoints_in_fit(tmp_path, monkeypatch):

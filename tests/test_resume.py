@@ -29,9 +29,12 @@ from conftest import (
     run_cli,
 )
 
-import atbptt_fairseq  # noqa: F401  (allowlists what fairseq's checkpoints hold)
+from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig, AdaptiveTbpttLmTask
+
+# in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
+fairseq_fixes.install()
 
 pytestmark = pytest.mark.e2e
 

@@ -149,6 +149,26 @@ def test_train_command_applies_the_copy_preset(tmp_path):
     assert sweep.default_log_interval(20, 100) == 4 and sweep.default_log_interval(30, 100) == 5
 
 
+def test_a_recorded_command_gives_each_option_once_with_the_value_that_wins(tmp_path):
+    args = ["data", "--optimizer", "tbptt_sgd", "--lr", "1.0", "--monitor-bias", "--lr=0.01",
+            "--optimizer", "adam", "--estimate-burnin", "-1", "--monitor-bias"]  # fmt: skip
+    assert sweep.once_each(args) == [
+        "data", "--lr=0.01", "--optimizer", "adam", "--estimate-burnin", "-1", "--monitor-bias"
+    ]  # fmt: skip
+    # the demo's settings: Adam and K = 10 over the copy preset's SGD and K0 = 15
+    settings = sweep.SweepSettings(
+        data=tmp_path, out=tmp_path, budget_updates=100, valid_interval=20, log_interval=5,
+        preset=sweep.get_preset("copy"),
+        extra_args=["--optimizer", "adam", "--lr", "0.01", "--truncation-length", "10"],
+    )  # fmt: skip
+    for spec in (sweep.RunSpec("adaptive", 0.1, 1), sweep.RunSpec("fixed", 10, 1)):
+        command = sweep.train_command(spec, settings, tmp_path / "run")
+        options = [arg.split("=")[0] for arg in command if arg.startswith("--")]
+        assert len(options) == len(set(options)), command
+        assert sweep.option_value(command, "--optimizer") == "adam"
+        assert sweep.option_value(command, "--truncation-length") == "10"
+
+
 def test_a_token_budget_becomes_max_train_tokens(tmp_path):
     (tmp_path / "dict.txt").write_text("a 1\n")
     base = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fixed", "5"]
@@ -729,3 +749,48 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
                   "tbptt K=8 on tbptt_lstm_copy", "fixed K=6"):  # fmt: skip
         assert f"| {label} | " in summary.split("## Test perplexity")[1]
         assert f"| {label} | " in printed
+
+
+def test_the_demo_summary_says_when_k_sits_at_k_max_above_the_target(tmp_path):
+    import json
+
+    import demo
+    import plot
+
+    def adaptive_run(name: str, k: int, bias: float) -> plot.RunData:
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        command = ["fairseq-train", "data", "--max-truncation-length", "100"]
+        (run_dir / "run.json").write_text(json.dumps({"command": command}))
+        decision = {"update": 500, "truncation_length": k, "relative_bias": bias,
+                    "decay_rate": 0.99, "seconds": 1.0, "changed": True, "fallback": "",
+                    "raw_choice": k, "reason": ""}  # fmt: skip
+        (run_dir / "train.log").write_text(
+            "2026-12-05 06:02:02 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | "
+            f"k_decision {json.dumps(decision)}\n"
+        )
+        return plot.RunData({"run": name, "mode": "adaptive", "delta": "0.1"}, [], [])
+
+    runs = [adaptive_run("met", 68, 0.0999), adaptive_run("missed", 100, 1.96)]
+    assert demo.fallback_lines(runs, tmp_path) == []
+    assert demo.k_max_lines(runs, tmp_path) == [
+        "  missed, update 500: K sits at K_max = 100 with delta_hat 1.96 above the target 0.1"
+    ]
+
+
+def test_the_k_figure_draws_steps_from_the_start_to_the_end_of_each_run(tmp_path, monkeypatch):
+    """K logged at updates 50 (10) and 100 (68, an estimate at 50) of a run of 130 updates: the
+    line starts at update 0, jumps at update 50 (not a ramp from 50 to 100) and reaches 130."""
+    rows = [{"num_updates": 50, "trunc_k": 10.0, "processed_tokens": 500.0},
+            {"num_updates": 100, "trunc_k": 68.0, "processed_tokens": 7000.0}]  # fmt: skip
+    run = plot.RunData(
+        {"run": "delta0.1_s1", "config": "delta0.1", "mode": "adaptive", "delta": 0.1,
+         "updates": 130, "processed_tokens": 11000.0}, rows, [],
+    )  # fmt: skip
+    xs, ys = plot.truncation_steps([run], "num_updates")
+    assert list(xs) == [0, 50, 100, 130] and list(ys) == [10, 10, 68, 68]
+    assert list(plot.truncation_steps([run], "processed_tokens")[0]) == [0, 500, 7000, 11000]
+    drawn = []
+    monkeypatch.setattr(plot.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k["drawstyle"]))
+    plot.plot_truncation([run], tmp_path / "k.png")
+    assert drawn == ["steps-pre"]

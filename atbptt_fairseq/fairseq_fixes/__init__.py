@@ -1,9 +1,12 @@
 """Every change the plugin makes to fairseq, torch and the interpreter, in one place.
 
 The fairseq command-line tools need these fixes to run the plugin safely and to report bad input
-in one line. :func:`install` applies them (``atbptt_fairseq`` calls it on import, which is what
-``--user-dir`` does); :data:`PATCHES` lists every attribute it replaces, with the upstream bug or
-limitation each works around. The replacements live in the modules of this package, which say more.
+in one line. :func:`install` applies them, only where fairseq runs the plugin: when fairseq's
+``--user-dir`` imports ``atbptt_fairseq``, when an ``atbptt-*`` command starts, and when fairseq
+sets up the plugin's task (a plain ``import atbptt_fairseq`` changes nothing). :data:`PATCHES`
+lists every attribute it replaces, with the upstream bug or limitation each works around; the
+README's "Changes to fairseq" section lists them too. The replacements live in the modules of this
+package, which say more.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from fairseq_cli import train as train_cli
 
 from atbptt_fairseq.fairseq_fixes import (
     checkpoint_guard,
+    checks_first,
     distributed_fixes,
     eval_lm_guard,
     training_budget,
@@ -112,6 +116,20 @@ PATCHES: Tuple[Patch, ...] = (
         eval_lm_guard.main,
         "fairseq-eval-lm --context-window reads the task's tokens_per_sample before setting "
         "the task up: a traceback about a missing config key for this task",
+    ),
+    Patch(
+        train_cli,
+        "main",
+        checks_first.main,
+        "fairseq-train logs its whole configuration (hundreds of lines) before it sets the task "
+        "up, so the one line reporting bad input came after the dump: the task is checked first",
+    ),
+    Patch(
+        hydra_train_cli,
+        "pre_main",
+        checks_first.main,
+        "fairseq-hydra-train runs fairseq-train's main under this name: the same check first, "
+        "before the configuration is logged",
     ),
     Patch(
         hydra_train_cli,

@@ -92,6 +92,13 @@ def check_checkpoint_file(path: str) -> None:
         checkpoint.check_checkpoint_file(path, _WHAT_TO_DO)
 
 
+def check_checkpoint_path(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` names a file (a missing path and a directory
+    are told apart: :func:`atbptt.checkpoint.check_checkpoint_path`)."""
+    with _reported_as_user_error():
+        checkpoint.check_checkpoint_path(path)
+
+
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 
 
@@ -125,17 +132,68 @@ _original_load_checkpoint = checkpoint_utils.load_checkpoint
 
 
 def load_checkpoint(cfg, trainer, **passthrough_args):
-    """fairseq-train's resume, then the task's check that the checkpoint fits its data.
+    """fairseq-train's resume, after :func:`check_named_checkpoints`, then the task's check that
+    the checkpoint fits its data.
 
     Runs for every resumed checkpoint, ``--reset-dataloader`` and ``--finetune-from-model``
     included (fairseq gives the task its checkpoint state only without them), and before the
     first update, so a refused checkpoint leaves every file as it was.
     """
+    check_named_checkpoints(cfg, trainer.checkpoint_suffix)
     extra_state, epoch_itr = _original_load_checkpoint(cfg, trainer, **passthrough_args)
     check = getattr(trainer.task, "check_checkpoint_dict", None)
     if extra_state is not None and check is not None:
         check(extra_state.get(type(trainer.task).__name__) or {})
     return extra_state, epoch_itr
+
+
+def check_named_checkpoints(cfg, suffix: str) -> None:
+    """Refuse a checkpoint to start from that the user named and that is not a file.
+
+    fairseq trains from scratch, with exit status 0, when the checkpoint it would resume from
+    does not exist. That is right for its default, ``checkpoint_last.pt`` in ``--save-dir`` (absent
+    when a run starts), and wrong for a ``--restore-file`` or ``--continue-once`` the user gave
+    (mistyped, or relative to another directory); a missing ``--finetune-from-model`` ends in
+    fairseq's traceback. fairseq's own refusals of these options' combinations become one line too.
+    """
+    if cfg.finetune_from_model is not None:
+        resets = [flag for flag in _RESETS if getattr(cfg, flag[2:].replace("-", "_"))]
+        if resets:
+            raise UserInputError(
+                "--finetune-from-model resets the optimizer, lr scheduler, meters and dataloader "
+                f"itself: leave out {', '.join(resets)}"
+            )
+    if cfg.restore_file != "checkpoint_last.pt":
+        if cfg.finetune_from_model:
+            raise UserInputError(
+                "--finetune-from-model and --restore-file cannot be given together: give one"
+            )
+        # resolved as fairseq does, with --checkpoint-suffix
+        flag, path = "--restore-file", cfg.restore_file.replace(".pt", (suffix or "") + ".pt")
+    elif PathManager.exists(os.path.join(cfg.save_dir, f"checkpoint_last{suffix or ''}.pt")):
+        return  # a resume from --save-dir: what fairseq loads
+    elif getattr(cfg, "continue_once", None) is not None:
+        flag, path = "--continue-once", cfg.continue_once
+    elif cfg.finetune_from_model is not None:
+        flag, path = "--finetune-from-model", cfg.finetune_from_model
+    else:
+        return  # a fresh start
+    if PathManager.path_requires_pathmanager(path):
+        return  # a remote path: fairseq's PathManager reads it
+    try:
+        checkpoint.check_checkpoint_path(path)
+    except checkpoint.CheckpointError as error:
+        in_save_dir = os.path.join(cfg.save_dir, path)
+        hint = ""
+        if not os.path.isabs(path) and os.path.isfile(in_save_dir):
+            hint = (
+                " (a relative path is read from the working directory, not --save-dir: did you "
+                f"mean {in_save_dir}?)"
+            )
+        raise CheckpointError(f"{flag}: {error}{hint}") from None
+
+
+_RESETS = ("--reset-optimizer", "--reset-lr-scheduler", "--reset-meters", "--reset-dataloader")
 
 
 class CheckpointWriteError(CheckpointError):

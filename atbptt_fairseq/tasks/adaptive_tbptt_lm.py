@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fairseq import metrics, utils
-from fairseq.data import Dictionary, iterators
+from fairseq.data import Dictionary
 from fairseq.distributed import utils as distributed_utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
@@ -26,6 +26,7 @@ from torch import Tensor
 from atbptt import TbpttLoop, TruncationController, scaled_learning_rate
 from atbptt.loop import Snapshot
 from atbptt.records import MetricsFile, decision_record
+from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.criterions.tbptt_cross_entropy import segment_forward
 from atbptt_fairseq.errors import UserInputError
 from atbptt_fairseq.fairseq_fixes import eval_lm_guard
@@ -41,12 +42,13 @@ from atbptt_fairseq.tasks.config import (
     check_gradient_estimator,
     check_precision,
     method_config,
+    options_without_effect,
 )
 from atbptt_fairseq.tasks.estimators import build_gradient_estimator, check_estimator_model
 from atbptt_fairseq.tasks.method_metrics import reduce_method_metrics
 from atbptt_fairseq.tasks.streams import (
-    SlotDataset,
     SplitStream,
+    batch_iterator,
     check_checkpoint_targets,
     check_dictionary_identity,
     dictionary_identity,
@@ -110,6 +112,9 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: AdaptiveTbpttLmConfig, **kwargs) -> "AdaptiveTbpttLmTask":
+        # fairseq runs the plugin: its fixes (idempotent; also in workers that imported the
+        # plugin by unpickling their config rather than through --user-dir)
+        fairseq_fixes.install()
         if not kwargs.get("from_checkpoint", False):  # a stored config may come from a GPU run
             check_gradient_estimator(cfg)  # before check_precision: its --fp16 line says less
             check_precision(cfg)
@@ -173,16 +178,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             items = evaluation_chunks(
                 dataset, self.cfg.eval_batch_size, self.cfg.eval_chunk_length, num_shards, shard_id
             )
-        return iterators.EpochBatchIterator(
-            dataset=SlotDataset(items),
-            collate_fn=lambda samples: samples[0],
-            batch_sampler=[[i] for i in range(len(items))],
-            num_workers=0,
-            epoch=epoch,
-            buffer_size=data_buffer_size,
-            disable_shuffling=True,
-            skip_remainder_batch=skip_remainder_batch,
-        )
+        return batch_iterator(items, epoch, data_buffer_size, skip_remainder_batch)
 
     def _training_slots(self, stream: SplitStream, batch_size, num_shards: int, shard_id: int):
         if not batch_size:
@@ -205,11 +201,15 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def eval_lm_dataloader(
         self, dataset, num_shards: int = 1, shard_id: int = 0, context_window: int = 0, **unused
     ):
-        """``fairseq-eval-lm``: the same stateful pass as validation (``--eval-batch-size`` columns)."""
+        """``fairseq-eval-lm``: the same stateful pass as validation (``--eval-batch-size``
+        columns), over any split, the training split included."""
         eval_lm_guard.check_context_window(context_window)
-        return self.get_batch_iterator(
-            dataset, num_shards=num_shards, shard_id=shard_id
-        ).next_epoch_itr(shuffle=False)
+        if not isinstance(dataset, SplitStream):
+            raise TypeError("adaptive_tbptt_lm evaluates only its own split streams")
+        items = evaluation_chunks(
+            dataset, self.cfg.eval_batch_size, self.cfg.eval_chunk_length, num_shards, shard_id
+        )
+        return batch_iterator(items).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
@@ -436,7 +436,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """Restore the loop (:func:`restore_loop`) and the validation count; fairseq has already
         loaded the training data of the epoch it resumes (and built its iterator)."""
-        check_resumed_options(state.get("method"), self.method)
+        check_resumed_options(state.get("method"), self.method, options_without_effect(self.cfg))
         world_size, rank = world()
         self._train_shard = restore_loop(self.loop, state, world_size, rank, self._train_shard)
         self._last_call = self._snapshot = None

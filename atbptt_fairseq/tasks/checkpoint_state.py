@@ -122,11 +122,17 @@ def restore_loop(
     return train_shard
 
 
-def check_resumed_options(saved: Optional[Dict[str, Any]], method: TbpttConfig) -> None:
+def check_resumed_options(
+    saved: Optional[Dict[str, Any]], method: TbpttConfig, without_effect: Dict[str, Any]
+) -> None:
     """Say in one line which method options differ from the checkpoint's; refuse those that
     would give the carried state another meaning (checkpoints before this check: none)."""
     changes = resume_changes(saved, method)
-    breaking = [change for change in changes if change[0] in RESUME_BREAKING_OPTIONS]
+    breaking = [  # an option without effect (e.g. the style of --gradient-estimator) breaks none
+        change
+        for change in changes
+        if change[0] in RESUME_BREAKING_OPTIONS and change[0] not in without_effect
+    ]
     if breaking:
         raise UserInputError(
             f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "

@@ -9,19 +9,24 @@ the method's options back to the core under the same names.
 import dataclasses
 import enum
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import II
+from omegaconf import II, ListConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from atbptt import TbpttConfig
+from atbptt import TbpttConfig, lr_factor
 from atbptt.config import check_config as check_method_config
+from atbptt.estimators import Artbp
 from atbptt_fairseq.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+
+METHOD_DEFAULTS = TbpttConfig()  # what an option left out of the command line is
 
 # tbptt: the task's own (adaptive) truncated BPTT; the others are atbptt.estimators' methods
 GRADIENT_ESTIMATOR_CHOICES = ChoiceEnum(["tbptt", "artbp", "uoro", "kf-rtrl", "exact-rtrl"])
@@ -105,6 +110,9 @@ class FairseqOnlyOptions(FairseqDataclass):
     amp: bool = II("common.amp")
     tpu: bool = II("common.tpu")
     distributed_world_size: int = II("distributed_training.distributed_world_size")
+    lr: List[float] = II("optimization.lr")
+    valid_subset: str = II("dataset.valid_subset")
+    disable_validation: bool = II("dataset.disable_validation")
 
 
 def _method_field(option: dataclasses.Field, hints: dict) -> tuple:
@@ -173,6 +181,20 @@ def check_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> None:
             f"{option} does not take --target-bias: adaptive K is its own estimator "
             "(--gradient-estimator tbptt); drop one of them"
         )
+    if cfg.monitor_bias:
+        raise UserInputError(
+            f"{option} does not take --monitor-bias: it estimates the bias of truncated BPTT, "
+            f"which {method} does not train with; drop one of them"
+        )
+    if method == "artbp":
+        try:
+            Artbp(mean_length=cfg.truncation_length)
+        except ValueError:
+            raise UserInputError(
+                f"{option} cuts the backward pass after each step with probability 1 / "
+                f"--truncation-length (its mean segment length), so --truncation-length must be "
+                f"at least 2 (got {cfg.truncation_length})"
+            ) from None
     for flag in ("fp16", "amp"):
         if getattr(cfg, flag, False) is True:
             raise UserInputError(
@@ -190,7 +212,8 @@ def check_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> None:
 
 def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     """Reject inconsistent options with a message in terms of the command-line flags: the
-    method's by the core's one check (:func:`atbptt.config.check_config`), then fairseq's own."""
+    method's by the core's one check (:func:`atbptt.config.check_config`), then fairseq's own;
+    warn in one line about options the combination leaves without effect."""
     check_gradient_estimator(cfg)
     try:
         check_method_config(method_config(cfg), flag=_flag)
@@ -206,19 +229,145 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
         value, least = getattr(cfg, name), 1 if name.startswith("eval") else 0
         if value < least:
             raise UserInputError(f"{_flag(name)} must be at least {least} (got {value})")
+    check_learning_rates(cfg)
+    check_validation_subsets(cfg)
+    check_option_combinations(cfg)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# the options of the bias estimate, which only an adaptive K or --monitor-bias runs
+ESTIMATE_OPTIONS = (
+    "estimate_window",
+    "estimate_burnin",
+    "estimate_sequences",
+    "estimate_repeats",
+    "estimate_interval",
+    "estimate_budget",
+    "estimate_budget_counts",
+    "estimate_lag_origin",
+    "estimate_tail_anchor",
+    "estimate_method",
+    "estimate_cumulative",
+    "bias_relative_to",
+    "estimate_at_start",
+)
+# the options that bound the choices of an adaptive K
+ADAPTIVE_OPTIONS = ("min_truncation_length", "max_truncation_length", "max_truncation_change")
+
+
+def options_without_effect(cfg: AdaptiveTbpttLmConfig) -> Dict[str, Tuple[Any, str]]:
+    """The method options that this combination of options ignores, each with the value that
+    applies instead (None: none, the option is unused) and why, in terms of the flags."""
+    method = getattr(cfg, "gradient_estimator", "tbptt")
+    ignored: Dict[str, Tuple[Any, str]] = {}
+    if method != "tbptt":
+        reason = f"--gradient-estimator {method} runs no bias estimate"
+        ignored.update({name: (None, reason) for name in ESTIMATE_OPTIONS + ADAPTIVE_OPTIONS})
+        ignored["tbptt_style"] = (
+            "disjoint",
+            f"--gradient-estimator {method} trains disjoint segments",
+        )
+    elif cfg.target_bias is None:
+        reason = "K stays fixed without --target-bias"
+        ignored.update({name: (None, reason) for name in ADAPTIVE_OPTIONS})
+        if not cfg.monitor_bias:
+            reason = "a fixed K without --monitor-bias runs no bias estimate"
+            ignored.update({name: (None, reason) for name in ESTIMATE_OPTIONS})
+    elif cfg.monitor_bias:
+        ignored["monitor_bias"] = (None, "an adaptive K estimates the bias anyway")
+    if cfg.estimate_interval > 0:
+        reason = "--estimate-interval schedules the estimates by updates"
+        for name in ("estimate_budget", "estimate_budget_counts"):
+            ignored.setdefault(name, (None, reason))
+    if _plain(cfg.lr_scaling) == "none":
+        ignored["lr_scaling_reference"] = (None, "--lr-scaling none scales nothing")
+    elif cfg.lr_scaling_reference == 0 and (method != "tbptt" or cfg.target_bias is None):
+        reason = "K stays at K0, where --lr-scaling-reference 0 applies --lr unscaled"
+        ignored["lr_scaling"] = ("none", reason)
+    return ignored
+
+
+def check_option_combinations(cfg: AdaptiveTbpttLmConfig) -> None:
+    """Warn in one line about the options this combination ignores (:func:`options_without_effect`)
+    that were given another value than the one that applies (their default, when none does)."""
+    ignored: Dict[str, List[str]] = {}
+    for name, (applied, reason) in options_without_effect(cfg).items():
+        value = _plain(getattr(cfg, name))
+        if value != (getattr(METHOD_DEFAULTS, name) if applied is None else applied):
+            ignored.setdefault(reason, []).append(_given(name, value))
+    if ignored:
+        logger.warning(
+            "options without effect in this combination: "
+            + "; ".join(f"{', '.join(flags)} ({reason})" for reason, flags in ignored.items())
+        )
+
+
+def check_learning_rates(cfg: AdaptiveTbpttLmConfig) -> None:
+    """Refuse a negative --lr, or one that float32 parameters cannot take at the largest K of the
+    run (torch fails converting it in the step); fairseq's argument parser refuses nan and inf."""
+    rates = _resolved(cfg, "lr")
+    if not isinstance(rates, (list, tuple, ListConfig)):
+        return  # outside a fairseq config
+    largest_k = cfg.truncation_length if cfg.target_bias is None else cfg.max_truncation_length
+    factor = lr_factor(method_config(cfg), largest_k)
+    largest = torch.finfo(torch.float32).max
+    for rate in rates:
+        if rate < 0:
+            raise UserInputError(f"--lr must be at least 0 (got {_shown(rate)})")
+        if not math.isfinite(rate * factor) or rate * factor > largest:
+            scaled = f" x {factor:.3g} (--lr-scaling at K = {largest_k})" if factor != 1 else ""
+            raise UserInputError(
+                f"--lr {_shown(rate)}{scaled} is beyond the largest float32 number "
+                f"({largest:.3g}): the parameters cannot take such a step; lower --lr"
+            )
+
+
+def check_validation_subsets(cfg: AdaptiveTbpttLmConfig) -> None:
+    """Refuse to validate on the training split (fairseq-train or fairseq-validate
+    ``--valid-subset``): the task lays that split out as update slots, which it fills with
+    segments only while training (fairseq-train failed at its first validation, after training up to
+    it); fairseq-eval-lm scores every split, the training split included."""
+    subsets, train_subset = _resolved(cfg, "valid_subset"), _resolved(cfg, "train_subset")
+    if not isinstance(subsets, str) or not isinstance(train_subset, str):
+        return  # outside a fairseq config
+    if _resolved(cfg, "disable_validation") is True:
+        return
+    if train_subset in subsets.split(","):
+        raise UserInputError(
+            f"--valid-subset {subsets} names the training split {train_subset}, which this task "
+            "lays out for training, not for validation; score it with fairseq-eval-lm "
+            f"--gen-subset {train_subset}"
+        )
+
+
+def _resolved(cfg: AdaptiveTbpttLmConfig, name: str) -> Any:
+    """A fairseq option the task's config refers to (``II``); None where it cannot be resolved
+    (a stored config of an older version); the ``${...}`` text outside a fairseq config."""
+    try:
+        return getattr(cfg, name)
+    except (AttributeError, OmegaConfBaseException):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """An option's value without fairseq's choice enum around it."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _given(name: str, value: Any) -> str:
+    """An option as given on the command line: ``--monitor-bias``, ``--estimate-window 100``."""
+    return _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_shown(value)}"
+
+
 def method_config(cfg: AdaptiveTbpttLmConfig) -> TbpttConfig:
     """The core's options from the task's, field by field (the names are the same), as plain
     values: fairseq's choice enums become their strings (checkpoints record these options)."""
     values = {option.name: getattr(cfg, option.name) for option in dataclasses.fields(TbpttConfig)}
-    return TbpttConfig(
-        **{
-            name: value.value if isinstance(value, enum.Enum) else value
-            for name, value in values.items()
-        }
-    )
+    return TbpttConfig(**{name: _plain(value) for name, value in values.items()})

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from fairseq import utils
-from fairseq.data import Dictionary, FairseqDataset, data_utils
+from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 from torch import Tensor
 
@@ -243,3 +243,22 @@ def check_dictionary_identity(
             "fairseq-preprocess --srcdict <that dict.txt>"
         )
     return True
+
+
+def batch_iterator(
+    items: List[Dict[str, Any]],
+    epoch: int = 1,
+    buffer_size: int = 0,
+    skip_remainder_batch: bool = False,
+) -> iterators.EpochBatchIterator:
+    """fairseq's iterator over ``items``, each one whole batch, in order."""
+    return iterators.EpochBatchIterator(
+        dataset=SlotDataset(items),
+        collate_fn=lambda samples: samples[0],
+        batch_sampler=[[i] for i in range(len(items))],
+        num_workers=0,
+        epoch=epoch,
+        buffer_size=buffer_size,
+        disable_shuffling=True,
+        skip_remainder_batch=skip_remainder_batch,
+    )

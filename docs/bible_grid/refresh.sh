@@ -1,8 +1,8 @@
 #!/bin/bash
-# Refresh this folder from the grid's directory (default /work/exp/bible_grid): the progress table
+# Refresh this folder from the grid's directory (default $EXP/bible_grid, EXP default exp): the progress table
 # (also in STATUS.md) and figure, the finished runs' records, and plot.py's figures and tables.
 set -euo pipefail
-grid=${1:-/work/exp/bible_grid}
+grid=${1:-${EXP:-exp}/bible_grid}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 python=${PYTHON:-python}

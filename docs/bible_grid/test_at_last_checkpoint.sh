@@ -2,8 +2,8 @@
 # Test perplexity of every finished run at its LAST checkpoint (the end of the 12M budget), beside
 # the sweep's figure at the best-validation checkpoint: a comparison with no checkpoint selection.
 # Usage: test_at_last_checkpoint.sh [grid dir] [data-bin] > test_at_last_checkpoint.md
-grid=${1:-/work/exp/bible_grid}
-data=${2:-/work/exp/data/kjv}
+grid=${1:-${EXP:-exp}/bible_grid}
+data=${2:-${EXP:-exp}/data/kjv}
 plugin=$(cd "$(dirname "$0")/../.." && pwd)/atbptt_fairseq
 echo "| run | test ppl, best-validation checkpoint | test ppl, last checkpoint |"
 echo "| --- | --- | --- |"

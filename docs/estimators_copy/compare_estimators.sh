@@ -1,9 +1,9 @@
 #!/bin/bash
-# Issue 18 training comparison, estimator part (frozen code at /work/exp/code4), same --out as compare_tbptt.sh.
-cd /work/exp/code4
-export PYTHONPATH=/work/exp/code4
-for seed in 1 2 3; do /work/main/.venv/bin/python scripts/sweep.py --preset copy --data /work/exp/demo/data/copy_variable \
-  --out /work/exp/compare --fixed none --deltas none \
+# Issue 18 training comparison, estimator part (frozen code: a worktree in $CODE, default the checkout), same --out as compare_tbptt.sh.
+cd ${CODE:-.}
+export PYTHONPATH=${CODE:-.}
+for seed in 1 2 3; do ${PYTHON:-python} scripts/sweep.py --preset copy --data ${EXP:-exp}/demo/data/copy_variable \
+  --out ${EXP:-exp}/compare --fixed none --deltas none \
   --estimators artbp,uoro,kf-rtrl@tanh_rnn_copy,tbptt@tanh_rnn_copy,exact-rtrl@elementwise_lstm_copy,tbptt@elementwise_lstm_copy \
   --estimator-length 10 --seeds $seed \
   --budget-processed-tokens 3648000 --threads 1 --jobs 1 --keep-going -- \

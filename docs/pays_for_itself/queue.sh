@@ -4,9 +4,9 @@
 # prepare_corpora.sh's $EXP/data. Each run is the bible preset at 12M processed tokens on one core.
 # Usage: queue.sh CORPUS [CORPUS...]; SEEDS (default 1), CONFIGS (default: all below, in order).
 set -uo pipefail
-EXP=${EXP:-/work/exp}
+EXP=${EXP:-exp}
 CODE=${CODE:-$EXP/code}
-PYTHON=${PYTHON:-/work/main/.venv/bin/python}
+PYTHON=${PYTHON:-python}
 cd "$CODE"
 export PYTHONPATH=$CODE
 
