@@ -23,7 +23,6 @@ from fairseq.data import Dictionary
 
 from atbptt.records import METRICS_FILE
 from atbptt_fairseq import fairseq_fixes
-from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.errors import UserInputError, find_user_error
 from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
@@ -33,6 +32,7 @@ from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
     check_config,
     dictionary_identity,
 )
+from atbptt_fairseq.tasks.checkpoint_state import check_resumed_options
 
 # in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
 fairseq_fixes.install()
@@ -1238,7 +1238,8 @@ def test_resume_of_an_estimator_ignores_the_style_it_does_not_train_with(tiny_co
     saved = dataclasses.asdict(task.method)
     saved["tbptt_style"] = "overlap"  # the default the run was started with
     with caplog.at_level(logging.WARNING):
-        task._check_resumed_options(saved)  # no refusal: artbp trains disjoint segments either way
+        # no refusal: artbp trains disjoint segments either way
+        check_resumed_options(saved, task.method, options_without_effect(task.cfg))
     assert "--tbptt-style 'overlap' -> 'disjoint'" in caplog.text
     # the same change in a truncated BPTT run is refused
     tbptt = AdaptiveTbpttLmTask.setup_task(
@@ -1246,4 +1247,4 @@ def test_resume_of_an_estimator_ignores_the_style_it_does_not_train_with(tiny_co
                               tbptt_style="disjoint")
     )  # fmt: skip
     with pytest.raises(UserInputError, match="cannot resume with --tbptt-style"):
-        tbptt._check_resumed_options(saved)
+        check_resumed_options(saved, tbptt.method, options_without_effect(tbptt.cfg))
