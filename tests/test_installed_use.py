@@ -350,6 +350,18 @@ def test_bad_input_comes_before_fairseqs_config_dump(tmp_path):
     assert "'common':" not in output and "Traceback" not in output, output[-3000:]
 
 
+def test_eval_lm_bad_input_comes_before_fairseqs_config_dump(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"not reached: the data directory is refused first")
+    output = run_cli(
+        "fairseq-eval-lm", str(tmp_path / "nowhere"), "--task", "adaptive_tbptt_lm", "--cpu",
+        "--user-dir", str(REPO / "atbptt_fairseq"), "--path", str(checkpoint), check=False,
+    )  # fmt: skip
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[-1].startswith("atbptt_fairseq: error: data directory "), lines[-3:]
+    assert "'common':" not in output and "Traceback" not in output, output[-3000:]
+
+
 def test_atbptt_train_bad_input_is_its_one_line_without_hydras_warnings(tmp_path):
     """No PYTHONWARNINGS here: the command itself keeps hydra's deprecation warnings (about
     fairseq's use of hydra) and fairseq's configuration dump from preceding its line."""

@@ -12,7 +12,9 @@ and so after ``--user-dir`` imported the plugin), and again in the task's ``eval
 
 fairseq-eval-lm checks that ``--path`` exists only when it loads the model, with a traceback
 (``OSError: Model file not found``); a directory passes that check. Both are refused before
-fairseq's ``main`` runs, each in its own line.
+fairseq's ``main`` runs, each in its own line, and so is bad input to the task (a missing data
+directory): its set-up runs first, as fairseq-train's does (:mod:`.checks_first`), instead of after
+fairseq's dump of its whole configuration.
 """
 
 import functools
@@ -25,7 +27,7 @@ from fairseq.tasks import TASK_REGISTRY
 from fairseq_cli import eval_lm as eval_lm_cli
 
 from atbptt_fairseq.errors import UserInputError
-from atbptt_fairseq.fairseq_fixes import checkpoint_guard
+from atbptt_fairseq.fairseq_fixes import checkpoint_guard, checks_first
 
 
 def check_context_window(context_window: int) -> None:
@@ -59,6 +61,7 @@ def main(cfg, **kwargs):
     if _uses_plugin_task(cfg):
         check_context_window(cfg.eval_lm.context_window)
         check_model_paths(cfg)
+        checks_first.check_task(cfg)  # bad input in one line, before fairseq's config dump
     return _original_main(cfg, **kwargs)
 
 
