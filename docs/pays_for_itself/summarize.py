@@ -165,6 +165,8 @@ def plot(runs: list[dict], out: Path) -> None:
         k_axis.legend(fontsize=7, ncol=2)
         ppl_axis.set_ylabel("validation perplexity")
         ppl_axis.set_yscale("log")
+        best = min(run["best_valid"] for run in mine)  # the end of training, not the early spikes
+        ppl_axis.set_ylim(0.95 * best, 3 * best)
         ppl_axis.set_xlabel("processed tokens")
         figure.suptitle(f"{corpus}: K and validation perplexity at equal processed tokens")
         figure.tight_layout()
