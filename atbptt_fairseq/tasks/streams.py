@@ -84,16 +84,20 @@ def load_dictionary(data: Optional[str], target_dir: Optional[str]) -> Dictionar
             f"{dict_path} is missing; the data directory must be fairseq-preprocess output "
             "(it writes dict.txt next to the .bin/.idx files)"
         )
-    try:
-        dictionary = Dictionary.load(dict_path)
-    except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
-        raise UserInputError(
-            f"{dict_path} is not a fairseq dictionary ({error}); regenerate it with "
-            "fairseq-preprocess"
-        ) from None
+    dictionary = read_dictionary_file(dict_path)
     if target_dir:
         check_target_dictionary(dict_path, dictionary, paths[0], target_dir)
     return dictionary
+
+
+def read_dictionary_file(path: str) -> Dictionary:
+    """fairseq's dictionary at ``path``, or a one-line error saying it is not one."""
+    try:
+        return Dictionary.load(path)
+    except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
+        raise UserInputError(
+            f"{path} is not a fairseq dictionary ({error}); regenerate it with fairseq-preprocess"
+        ) from None
 
 
 def check_target_dictionary(
@@ -104,13 +108,7 @@ def check_target_dictionary(
     target_dict_path = os.path.join(data_path, target_dir, "dict.txt")
     if not os.path.isfile(target_dict_path):
         return
-    try:
-        target_dictionary = Dictionary.load(target_dict_path)
-    except Exception as error:  # noqa: BLE001  (fairseq raises ValueError or others)
-        raise UserInputError(
-            f"{target_dict_path} is not a fairseq dictionary ({error}); regenerate it with "
-            "fairseq-preprocess"
-        ) from None
+    target_dictionary = read_dictionary_file(target_dict_path)
     inputs, targets = dictionary_identity(dictionary), dictionary_identity(target_dictionary)
     if inputs["sha256"] != targets["sha256"]:
         raise UserInputError(
