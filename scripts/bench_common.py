@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import PLUGIN_DIR, child_env, json_record  # noqa: F401  (the benchmarks use them)
-from common import REPO as REPO_ROOT
+from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR, child_env, json_record  # noqa: F401  (the benchmarks use them)
+from atbptt_fairseq.experiments.fairseq_process import REPO as REPO_ROOT
 
 
 def log(message: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import yaml
-from common import PLUGIN_DIR, REPO, child_env, json_record  # noqa: F401  (sweep.child_env: demo)
+from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR, REPO, child_env, json_record  # noqa: F401  (sweep.child_env: demo)
 
 CONFIG_DIR = REPO / "configs"
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from common import json_records  # noqa: F401  (scripts/common.py: the scripts' parser)
+from atbptt_fairseq.experiments.fairseq_process import json_records  # noqa: F401  (the experiments' parser)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,5 +1,4 @@
-"""Helpers the scripts (and the tests) share: reading fairseq's JSON log lines and the environment
-of the fairseq subprocesses they start."""
+"""fairseq's command-line tools as subprocesses: their environment and their JSON log lines."""
 
 from __future__ import annotations
 
@@ -10,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "atbptt_fairseq"
+# the plugin (``--user-dir``) and, in a checkout, the repository around it
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+REPO = PLUGIN_DIR.parent
 # the progress records of fairseq-train's --log-format json (valid: also fairseq-validate's)
 LOG_TAGS = ("train_inner", "valid", "train")
 

@@ -1,0 +1,29 @@
+"""What every experiment command prints and writes: progress lines, one-line errors, JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def log(message: str, prefix: str = "") -> None:
+    """One progress line on stderr (stdout stays free for results and data)."""
+    print(f"[{prefix}] {message}" if prefix else message, file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> SystemExit:
+    """The one-line user-facing error, for ``raise fail(...)``."""
+    return SystemExit(f"error: {message}")
+
+
+def write_json(path: Path, payload: dict[str, Any], indent: int = 1) -> None:
+    """Write ``payload`` as JSON atomically (a temporary sibling, then a rename), so a reader or an
+    interrupted writer never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
