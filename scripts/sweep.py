@@ -10,6 +10,7 @@ import argparse
 import bisect
 import contextlib
 import csv
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -561,6 +562,21 @@ def code_version(repo: Path = REPO) -> dict[str, str | None]:
     return {"source_sha256": digest.hexdigest(), "git_commit": commit}
 
 
+def data_identity(data: Path) -> dict[str, Any]:
+    """What a data-bin holds, by content: a sha256 over its dictionaries and index files
+    (``dict.txt`` and ``*.idx``, the target stream's under ``targets/`` too), so that a data-bin
+    rebuilt in place with other text or another dictionary is not taken for the one a run was
+    trained on. The ``.bin`` token files are left out (large); their ``.idx`` holds every
+    sentence's size and offset."""
+    digest = hashlib.sha256()
+    files = sorted(
+        path for path in data.rglob("*") if path.name == "dict.txt" or path.suffix == ".idx"
+    )
+    for path in files:
+        digest.update(str(path.relative_to(data)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"sha256": digest.hexdigest(), "files": len(files)}
+
+
 def command_options(cmd: Sequence[str]) -> dict[str, str]:
     """A fairseq-train command as ``{option: value}`` (the last value where an option repeats, as
     fairseq reads it; ``"set"`` for a flag), the data path under ``data``; locations left out."""
@@ -582,8 +598,9 @@ def command_options(cmd: Sequence[str]) -> dict[str, str]:
 
 
 def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two run records (``{"command": [...], "code": {...}}``), e.g.
-    ``--lr 1.0 -> 0.5``; a record without code (an older sweep's) is compared on its command."""
+    """What differs between two run records (``{"command": [...], "code": {...}, "data":
+    {...}}``), e.g. ``--lr 1.0 -> 0.5``; a record without code or data identity (an older
+    sweep's) is compared on what it has."""
     old, new = command_options(recorded["command"]), command_options(current["command"])
     differences = [
         f"{name} {old.get(name, 'unset')} -> {new.get(name, 'unset')}"
@@ -595,6 +612,12 @@ def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
         differences.append(
             f"code {old_code['source_sha256'][:12]} -> {new_code['source_sha256'][:12]} "
             f"(commit {old_code.get('git_commit') or '?'} -> {new_code.get('git_commit') or '?'})"
+        )
+    old_data, new_data = recorded.get("data"), current.get("data")
+    if old_data and new_data and old_data["sha256"] != new_data["sha256"]:
+        differences.append(
+            f"data content {old_data['sha256'][:12]} -> {new_data['sha256'][:12]} (the data-bin "
+            "was rebuilt)"
         )
     return differences
 
@@ -610,16 +633,20 @@ def recorded_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def changed_runs(
-    specs: Sequence[RunSpec], settings: SweepSettings, code: dict[str, Any]
+    specs: Sequence[RunSpec],
+    settings: SweepSettings,
+    code: dict[str, Any],
+    data: dict[str, Any],
 ) -> dict[str, list[str]]:
-    """The runs under ``--out`` recorded with another command or code, with what differs."""
+    """The runs under ``--out`` recorded with another command, code or data, with what
+    differs."""
     changed = {}
     for spec in specs:
         run_dir = settings.out / "runs" / spec.name
         recorded = recorded_run(run_dir)
         if recorded is None:
             continue
-        current = {"command": train_command(spec, settings, run_dir), "code": code}
+        current = {"command": train_command(spec, settings, run_dir), "code": code, "data": data}
         differences = record_differences(recorded, current)
         if differences:
             changed[spec.name] = differences
@@ -638,20 +665,21 @@ def refuse_changed_runs(changed: dict[str, list[str]], out: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold the run's lock (``run_dir/lock``) while the block runs; False if another sweep
-    process holds it (that process is training the run)."""
+def run_lock(run_dir: Path) -> Iterator[int | None]:
+    """Hold the run's lock (``run_dir/lock``) while the block runs and yield its file descriptor,
+    or None if another process holds it (a sweep, or a trainer of the run whose sweep is gone).
+
+    The lock (``flock``) belongs to the open file, not to this process: the subprocesses of the
+    run inherit the descriptor (``ChildProcesses.start(keep_fds=...)``), so the lock stays held
+    for as long as anything trains or evaluates the run, and a rerun cannot train it twice."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield handle.fileno()
 
 
 def move_aside(run_dir: Path, out: Path) -> Path:
@@ -1055,6 +1083,26 @@ class RunFailed(RuntimeError):
     """A fairseq subprocess of a run exited with an error."""
 
 
+PR_SET_DEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread that started it
+    ends (Linux's PR_SET_DEATHSIG; elsewhere nothing), so that ``kill -9`` of the sweep does not
+    leave its fairseq-train running; a child whose parent is already gone exits at once."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return lambda: None
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_DEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return set_death_signal
+
+
 class ChildProcesses:
     """The fairseq subprocesses the sweep has running (one run's, or ``--jobs`` runs'), so that
     stopping the sweep (Ctrl-C, SIGTERM) stops every one of them, not only the main thread's."""
@@ -1064,11 +1112,22 @@ class ChildProcesses:
         self._running: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def start(self, cmd: Sequence[str], **popen_args: Any) -> subprocess.Popen:
+    def start(
+        self, cmd: Sequence[str], keep_fds: Sequence[int] = (), **popen_args: Any
+    ) -> subprocess.Popen:
+        """Start ``cmd`` in a process group of its own that dies with the thread that starts it
+        (:func:`die_with_parent`); ``keep_fds`` stay open in it (the run's lock)."""
         with self._lock:
             if self.stopping:
                 raise RunFailed("the sweep is stopping")
-            process = subprocess.Popen(list(cmd), **popen_args)
+            process = subprocess.Popen(
+                list(cmd),
+                process_group=0,
+                # only prctl and getppid run between fork and exec (no locks, no imports)
+                preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
+                pass_fds=tuple(keep_fds),
+                **popen_args,
+            )
             self._running.add(process)
         return process
 
@@ -1083,7 +1142,8 @@ class ChildProcesses:
         with self._lock:
             self.stopping = True
             for process in self._running:
-                process.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
 
 
 def _progress_line(
@@ -1111,9 +1171,11 @@ def run_train(
     progress_seconds: float,
     threads: int = 0,
     children: ChildProcesses | None = None,
+    lock_fd: int | None = None,
 ) -> None:
     """Run fairseq-train, appending its output to ``log_path``; print validations as they come
-    and at most one training line every ``progress_seconds``."""
+    and at most one training line every ``progress_seconds``. ``lock_fd``: the run's lock, which
+    the trainer holds too (:func:`run_lock`)."""
     children = children or ChildProcesses()
     last_shown = time.monotonic()
     last_train: dict[str, Any] = {}
@@ -1123,6 +1185,7 @@ def run_train(
         log.flush()
         process = children.start(
             cmd,
+            keep_fds=() if lock_fd is None else (lock_fd,),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -1159,6 +1222,7 @@ def run_evals(
     run_dir: Path,
     cores: int = 0,
     children: ChildProcesses | None = None,
+    lock_fd: int | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Run the fairseq-eval-lm commands side by side, sharing ``cores`` (0: all of the
     machine's); parse their results."""
@@ -1170,7 +1234,14 @@ def run_evals(
         log.write(f"# {' '.join(cmd)}\n")
         log.flush()
         processes[subset] = (
-            children.start(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env),
+            children.start(
+                cmd,
+                keep_fds=() if lock_fd is None else (lock_fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            ),
             log,
         )
     results = {}
@@ -1203,12 +1274,14 @@ def run_one(
     code: dict[str, Any] | None = None,
     children: ChildProcesses | None = None,
     on_start: Callable[[], None] = lambda: None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, str]:
     """Train, evaluate and summarize one run; ``(result, status)``, status ``"done"``,
     ``"skipped"`` (finished earlier) or ``"locked"`` (another sweep process is at it: result None).
 
-    The run's lock is held throughout. ``run.json`` records the command and ``code`` (default:
-    :func:`code_version`) before training starts; a run recorded with another configuration is
+    The run's lock is held throughout, by its subprocesses too. ``run.json`` records the
+    command, ``code`` (default: :func:`code_version`) and ``data`` (default:
+    :func:`data_identity`) before training starts; a run recorded with another configuration is
     refused, or with ``settings.rerun_changed`` moved aside and trained afresh. A run with a
     ``result.json`` is skipped. Otherwise fairseq-train resumes from the run's
     ``checkpoint_last.pt`` if an earlier attempt left one (it starts afresh if not); a
@@ -1216,14 +1289,15 @@ def run_one(
     ``on_start`` is called before anything is trained or evaluated.
     """
     code = code or code_version()
+    data = data or data_identity(settings.data)
     run_dir = settings.out / "runs" / spec.name
-    with run_lock(run_dir) as locked:
-        if not locked:
+    with run_lock(run_dir) as lock_fd:
+        if lock_fd is None:
             return None, "locked"
         cmd = train_command(spec, settings, run_dir)
         arch = option_value(cmd, "--arch") or ""
         # method and arch for people and plots; changes show in the command, which is compared
-        record = {"command": cmd, "code": code, "method": spec.method, "arch": arch}
+        record = {"command": cmd, "code": code, "data": data, "method": spec.method, "arch": arch}
         recorded = recorded_run(run_dir)
         differences = record_differences(recorded, record) if recorded is not None else []
         if differences and not settings.rerun_changed:
@@ -1233,7 +1307,7 @@ def run_one(
         if differences:
             moved = move_aside(run_dir, settings.out)
             say(f"    [{spec.name}] trained with another configuration: moved to {moved}")
-            return run_one(spec, settings, code, children, on_start)
+            return run_one(spec, settings, code, children, on_start, data)
         result_path = run_dir / "result.json"
         if result_path.is_file():
             return json.loads(result_path.read_text()), "skipped"
@@ -1250,6 +1324,7 @@ def run_one(
                 settings.progress_seconds,
                 settings.threads,
                 children,
+                lock_fd,
             )
             write_json(done_path, {"command": cmd})
         parsed = parse_run(run_dir)
@@ -1259,7 +1334,7 @@ def run_one(
             raise RunFailed(f"{best} is missing: training saved no checkpoint")
         evals = {subset: eval_command(cmd, best, subset) for subset in ("valid", "test")}
         cores = max(1, (os.cpu_count() or 2) // settings.jobs)
-        scores = run_evals(evals, run_dir, cores, children)
+        scores = run_evals(evals, run_dir, cores, children, lock_fd)
         result = summarize_run(spec, parsed, scores["valid"], scores["test"], arch)
         result["budget"] = settings.budget_label
         write_json(result_path, result)
@@ -1303,8 +1378,8 @@ def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: boo
     (its lock) is left to that process. After a failure no new run starts unless ``keep_going``.
     """
     settings.out.mkdir(parents=True, exist_ok=True)
-    code = code_version()
-    changed = changed_runs(specs, settings, code)
+    code, data = code_version(), data_identity(settings.data)
+    changed = changed_runs(specs, settings, code, data)
     if changed and not settings.rerun_changed:
         refuse_changed_runs(changed, settings.out)
     progress = SweepProgress(len(specs), settings.jobs)
@@ -1324,7 +1399,7 @@ def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: boo
             )
 
         try:
-            result, status = run_one(spec, settings, code, children, announce)
+            result, status = run_one(spec, settings, code, children, announce, data)
         except RunFailed as error:
             if children.stopping:
                 return

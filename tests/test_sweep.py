@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -794,3 +796,116 @@ def test_the_k_figure_draws_steps_from_the_start_to_the_end_of_each_run(tmp_path
     monkeypatch.setattr(plot.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k["drawstyle"]))
     plot.plot_truncation([run], tmp_path / "k.png")
     assert drawn == ["steps-pre"]
+
+
+# ------------------------------------------- faults: orphaned trainers, data rebuilt in place
+
+
+def processes_naming(text: str) -> list[int]:
+    """The ids of the live processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_run_subprocess_holds_the_run_lock_and_dies_with_its_starter(tmp_path):
+    import fcntl
+    import subprocess
+    import threading
+    import time
+
+    children = sweep.ChildProcesses()
+    marker = f"atbptt-lock-holder-{tmp_path.name}"
+    sleeper = ["python3", "-c", "import time; time.sleep(60)", marker]
+    with sweep.run_lock(tmp_path / "run") as lock_fd:
+        holder = children.start(sleeper, keep_fds=(lock_fd,))
+    with sweep.run_lock(tmp_path / "run") as lock_fd:  # the sweep let go; its trainer did not
+        assert lock_fd is None
+    with (tmp_path / "run" / "lock").open() as handle, pytest.raises(BlockingIOError):
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.killpg(holder.pid, 9)  # its own process group
+    holder.wait()
+    with sweep.run_lock(tmp_path / "run") as lock_fd:
+        assert lock_fd is not None
+
+    started: list[subprocess.Popen] = []
+    thread = threading.Thread(target=lambda: started.append(children.start(sleeper)))
+    thread.start()
+    thread.join()  # the starting thread ends: the kernel kills its child
+    deadline = time.monotonic() + 10
+    while started[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started[0].returncode == -9
+
+
+@pytest.mark.e2e
+def test_kill_9_of_the_sweep_leaves_no_trainer_running(tiny_corpus, tmp_path):
+    import subprocess
+    import time
+
+    out = tmp_path / "sweep"
+    command = [
+        sys.executable, str(REPO / "scripts" / "sweep.py"), "--data", str(tiny_corpus),
+        "--out", str(out), "--fixed", "6", "--deltas", "none", "--budget-updates", "100000",
+        "--threads", "1", "--", *MINI_SWEEP_TRAIN,
+    ]  # fmt: skip
+    sweep_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "runs" / "fixed_k6_s1" / "train.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "train_inner" not in (
+        log.read_text() if log.is_file() else ""
+    ):
+        time.sleep(0.5)
+    trainers = [pid for pid in processes_naming(str(out)) if pid != sweep_process.pid]
+    assert trainers, "fairseq-train did not start"
+    sweep_process.kill()
+    sweep_process.wait()
+
+    def lock_free() -> bool:
+        with sweep.run_lock(out / "runs" / "fixed_k6_s1") as lock_fd:
+            return lock_fd is not None
+
+    deadline = time.monotonic() + 10  # a killed process closes its files as it ends
+    while (processes_naming(str(out)) or not lock_free()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_naming(str(out)) == []
+    assert lock_free()  # for a rerun, which resumes the run
+
+
+def test_a_data_bin_rebuilt_in_place_is_not_taken_for_the_old_one(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "targets").mkdir(parents=True)
+    for path in (data / "dict.txt", data / "targets" / "dict.txt", data / "train.idx"):
+        path.write_text("a 1\n")
+    first = sweep.data_identity(data)
+    (data / "train.bin").write_text("tokens")  # not part of the identity
+    assert sweep.data_identity(data) == first
+    for changed in (data / "targets" / "dict.txt", data / "train.idx"):
+        changed.write_text("b 1\n")
+        assert sweep.data_identity(data) != first
+        changed.write_text("a 1\n")
+
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--fixed", "6", "--deltas", "none",
+            "--budget-updates", "10"]  # fmt: skip
+    settings = sweep.settings_from_args(sweep.build_parser().parse_args(argv), [])
+    spec = sweep.RunSpec("fixed", 6, 1)
+    run_dir = out / "runs" / spec.name
+    run_dir.mkdir(parents=True)
+    record = {"command": sweep.train_command(spec, settings, run_dir),
+              "code": sweep.code_version(), "data": first}  # fmt: skip
+    sweep.write_json(run_dir / "run.json", record)
+    sweep.write_json(run_dir / "result.json", fake_result(spec, 3.0, 6))
+    assert sweep.main(argv) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    (data / "dict.txt").write_text("a 1\nb 1\n")  # rebuilt in place: the same path
+    with pytest.raises(SystemExit) as refused:
+        sweep.main(argv)
+    message = str(refused.value)
+    assert message.startswith("error: run fixed_k6_s1 in") and "\n" not in message
+    assert f"data content {first['sha256'][:12]} -> " in message and "--rerun-changed" in message
