@@ -24,6 +24,7 @@ from fairseq.data import Dictionary
 from atbptt.records import METRICS_FILE
 from atbptt_fairseq import fairseq_fixes
 from atbptt_fairseq.errors import UserInputError, find_user_error
+from atbptt_fairseq.experiments import demo, sweep
 from atbptt_fairseq.fairseq_fixes import checkpoint_guard
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel, TbpttLstmLmConfig
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import (
@@ -626,13 +627,11 @@ import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-import demo  # noqa: E402
 import prepare_bible  # noqa: E402
 import prepare_common  # noqa: E402
 import prepare_copy_task  # noqa: E402
 import prepare_lm_corpus  # noqa: E402
 import prepare_text  # noqa: E402
-import sweep  # noqa: E402
 
 TEXT_LINES = [f"the cat number {i} sat on the mat ." for i in range(60)]
 

@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from atbptt import TbpttConfig
+from atbptt_fairseq.experiments import (
+    console,
+    demo,
+    fairseq_logs,
+    launch,
+    plots,
+    presets,
+    results,
+    run_records,
+    runs,
+    sweep,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
-import plot  # noqa: E402
-import sweep  # noqa: E402
 
 # Two attempts of one run: the first logs up to update 30, is interrupted, and the second
 # resumes from the checkpoint at update 20 (fairseq's wall meter then reads 0).
@@ -39,7 +50,7 @@ CANNED_LOG = """\
 
 
 def test_parse_log_stitches_a_resumed_run():
-    parsed = sweep.parse_log(CANNED_LOG)
+    parsed = fairseq_logs.parse_log(CANNED_LOG)
     assert [row["num_updates"] for row in parsed.train] == [10, 20, 30]
     last = parsed.train[-1]  # the resumed attempt's record replaces the interrupted one
     assert last["loss"] == 1.5 and last["trunc_k"] == 4 and last["bias_hat"] == 0.07
@@ -59,47 +70,47 @@ def test_parse_log_stitches_a_resumed_run():
 
 def test_parse_eval_uses_the_precise_loss():
     text = "INFO:fairseq_cli.eval_lm:Loss (base 2): 0.0500, Perplexity: 1.04\n"
-    loss, ppl = sweep.parse_eval(text)
+    loss, ppl = fairseq_logs.parse_eval(text)
     assert loss == 0.05 and ppl == pytest.approx(2**0.05)
     with pytest.raises(ValueError):
-        sweep.parse_eval("no result here")
+        fairseq_logs.parse_eval("no result here")
 
 
 def test_training_finished_looks_at_the_last_attempt(tmp_path):
     log = tmp_path / "train.log"
-    assert not sweep.training_finished(log)
+    assert not fairseq_logs.training_finished(log)
     log.write_text(CANNED_LOG)
-    assert sweep.training_finished(log)
+    assert fairseq_logs.training_finished(log)
     log.write_text(CANNED_LOG + "# sweep attempt 2024-01-02T00:00:00: fairseq-train ...\n")
-    assert not sweep.training_finished(log)
+    assert not fairseq_logs.training_finished(log)
 
 
-def fake_result(spec: sweep.RunSpec, valid_ppl: float, final_k: float) -> dict:
-    parsed = sweep.parse_log(CANNED_LOG)
+def fake_result(spec: runs.RunSpec, valid_ppl: float, final_k: float) -> dict:
+    parsed = fairseq_logs.parse_log(CANNED_LOG)
     valid, test = (math.log2(valid_ppl), valid_ppl), (math.log2(valid_ppl + 0.1), valid_ppl + 0.1)
-    result = sweep.summarize_run(spec, parsed, valid, test)
+    result = results.summarize_run(spec, parsed, valid, test)
     result["final_k"] = final_k
     return result
 
 
 def test_trajectory_and_results_writers(tmp_path):
-    parsed = sweep.parse_log(CANNED_LOG)
-    sweep.write_trajectories(tmp_path, parsed)
-    rows = sweep.read_csv(tmp_path / "trajectory.csv")
-    assert list(rows[0]) == list(sweep.TRAJECTORY_COLUMNS)
+    parsed = fairseq_logs.parse_log(CANNED_LOG)
+    results.write_trajectories(tmp_path, parsed)
+    rows = results.read_csv(tmp_path / "trajectory.csv")
+    assert list(rows[0]) == list(results.TRAJECTORY_COLUMNS)
     assert [r["tokens"] for r in rows] == [400, 608, 768] and math.isnan(rows[0]["bias_hat"])
-    valid = sweep.read_csv(tmp_path / "validation.csv")
+    valid = results.read_csv(tmp_path / "validation.csv")
     assert [(r["num_updates"], r["valid_ppl"]) for r in valid] == [(20, 4), (30, 2)]
 
     out = tmp_path / "sweep"
-    specs = sweep.plan_runs([10, 5], [0.1, 0.5], [1])
+    specs = runs.plan_runs([10, 5], [0.1, 0.5], [1])
     assert [s.name for s in specs] == ["fixed_k5_s1", "fixed_k10_s1", "delta0.5_s1", "delta0.1_s1"]
     for spec in reversed(specs):
         (out / "runs" / spec.name).mkdir(parents=True)
-        sweep.write_json(out / "runs" / spec.name / "result.json", fake_result(spec, 3.0, 4))
-    table = sweep.read_csv(sweep.write_results(out))
+        console.write_json(out / "runs" / spec.name / "result.json", fake_result(spec, 3.0, 4))
+    table = results.read_csv(results.write_results(out))
     assert [r["run"] for r in table] == [s.name for s in specs]
-    assert list(table[0]) == list(sweep.RESULT_COLUMNS)
+    assert list(table[0]) == list(results.RESULT_COLUMNS)
     fixed, adaptive = table[0], table[-1]
     assert (fixed["mode"], fixed["k"], math.isnan(fixed["delta"])) == ("fixed", 5, True)
     assert (adaptive["mode"], adaptive["delta"], math.isnan(adaptive["k"])) == (
@@ -112,63 +123,63 @@ def test_trajectory_and_results_writers(tmp_path):
 
 
 def test_presets_take_their_grids_from_the_configs():
-    assert sweep.get_preset("copy").fixed_grid == "5,10,15,20,30"
-    assert sweep.get_preset("ptb").fixed_grid == "10,50,100,200,300"
-    assert sweep.get_preset("wiki2").delta_grid == "0.9,0.5,0.1"
+    assert presets.get_preset("copy").fixed_grid == "5,10,15,20,30"
+    assert presets.get_preset("ptb").fixed_grid == "10,50,100,200,300"
+    assert presets.get_preset("wiki2").delta_grid == "0.9,0.5,0.1"
 
 
 def test_train_command_applies_the_copy_preset(tmp_path):
     data = tmp_path / "data"
     (data / "targets").mkdir(parents=True)
     (data / "targets" / "dict.txt").write_text("")
-    settings = sweep.SweepSettings(
+    settings = runs.SweepSettings(
         data=data,
         out=tmp_path,
         budget_updates=100,
         valid_interval=20,
         log_interval=5,
-        preset=sweep.get_preset("copy"),
+        preset=presets.get_preset("copy"),
         extra_args=["--estimate-interval", "25"],
     )
-    fixed = sweep.train_command(sweep.RunSpec("fixed", 9, 2), settings, tmp_path / "run")
-    adaptive = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 2), settings, tmp_path / "run")
-    assert sweep.option_value(fixed, "--truncation-length") == "9" and "--monitor-bias" in fixed
-    assert sweep.option_value(adaptive, "--truncation-length") == "15"  # K0 of the config
-    assert sweep.option_value(adaptive, "--target-bias") == "0.1"
+    fixed = runs.train_command(runs.RunSpec("fixed", 9, 2), settings, tmp_path / "run")
+    adaptive = runs.train_command(runs.RunSpec("adaptive", 0.1, 2), settings, tmp_path / "run")
+    assert runs.option_value(fixed, "--truncation-length") == "9" and "--monitor-bias" in fixed
+    assert runs.option_value(adaptive, "--truncation-length") == "15"  # K0 of the config
+    assert runs.option_value(adaptive, "--target-bias") == "0.1"
     for cmd in (fixed, adaptive):
-        assert sweep.option_value(cmd, "--arch") == "tbptt_lstm_copy"
-        assert sweep.option_value(cmd, "--target-dir") == "targets"
-        assert sweep.option_value(cmd, "--estimate-interval") == "25"
+        assert runs.option_value(cmd, "--arch") == "tbptt_lstm_copy"
+        assert runs.option_value(cmd, "--target-dir") == "targets"
+        assert runs.option_value(cmd, "--estimate-interval") == "25"
         assert cmd.count("--lr") == 1 and cmd.count("--arch") == 1
         # the paper's lr 1.0 * sqrt(K), for fixed K and as K adapts
-        assert sweep.option_value(cmd, "--lr") == "1.0"
-        assert sweep.option_value(cmd, "--lr-scaling") == "sqrt"
-        assert sweep.option_value(cmd, "--lr-scaling-reference") == "1"
-    evaluation = sweep.eval_command(fixed, tmp_path / "best.pt", "test")
-    assert sweep.option_value(evaluation, "--target-dir") == "targets"
+        assert runs.option_value(cmd, "--lr") == "1.0"
+        assert runs.option_value(cmd, "--lr-scaling") == "sqrt"
+        assert runs.option_value(cmd, "--lr-scaling-reference") == "1"
+    evaluation = runs.eval_command(fixed, tmp_path / "best.pt", "test")
+    assert runs.option_value(evaluation, "--target-dir") == "targets"
     with pytest.raises(SystemExit):
-        sweep.check_extra_args(["--seed", "3"])
-    assert sweep.default_log_interval(20, 100) == 4 and sweep.default_log_interval(30, 100) == 5
+        runs.check_extra_args(["--seed", "3"])
+    assert runs.default_log_interval(20, 100) == 4 and runs.default_log_interval(30, 100) == 5
 
 
 def test_a_recorded_command_gives_each_option_once_with_the_value_that_wins(tmp_path):
     args = ["data", "--optimizer", "tbptt_sgd", "--lr", "1.0", "--monitor-bias", "--lr=0.01",
             "--optimizer", "adam", "--estimate-burnin", "-1", "--monitor-bias"]  # fmt: skip
-    assert sweep.once_each(args) == [
+    assert runs.once_each(args) == [
         "data", "--lr=0.01", "--optimizer", "adam", "--estimate-burnin", "-1", "--monitor-bias"
     ]  # fmt: skip
     # the demo's settings: Adam and K = 10 over the copy preset's SGD and K0 = 15
-    settings = sweep.SweepSettings(
+    settings = runs.SweepSettings(
         data=tmp_path, out=tmp_path, budget_updates=100, valid_interval=20, log_interval=5,
-        preset=sweep.get_preset("copy"),
+        preset=presets.get_preset("copy"),
         extra_args=["--optimizer", "adam", "--lr", "0.01", "--truncation-length", "10"],
     )  # fmt: skip
-    for spec in (sweep.RunSpec("adaptive", 0.1, 1), sweep.RunSpec("fixed", 10, 1)):
-        command = sweep.train_command(spec, settings, tmp_path / "run")
+    for spec in (runs.RunSpec("adaptive", 0.1, 1), runs.RunSpec("fixed", 10, 1)):
+        command = runs.train_command(spec, settings, tmp_path / "run")
         options = [arg.split("=")[0] for arg in command if arg.startswith("--")]
         assert len(options) == len(set(options)), command
-        assert sweep.option_value(command, "--optimizer") == "adam"
-        assert sweep.option_value(command, "--truncation-length") == "10"
+        assert runs.option_value(command, "--optimizer") == "adam"
+        assert runs.option_value(command, "--truncation-length") == "10"
 
 
 def test_a_token_budget_becomes_max_train_tokens(tmp_path):
@@ -181,8 +192,8 @@ def test_a_token_budget_becomes_max_train_tokens(tmp_path):
         [],
     )
     assert settings.budget_label == "5000 tokens" and settings.log_interval == 6
-    cmd = sweep.train_command(sweep.RunSpec("fixed", 5, 1), settings, tmp_path / "run")
-    assert sweep.option_value(cmd, "--max-train-tokens") == "5000" and "--max-update" not in cmd
+    cmd = runs.train_command(runs.RunSpec("fixed", 5, 1), settings, tmp_path / "run")
+    assert runs.option_value(cmd, "--max-train-tokens") == "5000" and "--max-update" not in cmd
     with pytest.raises(SystemExit, match="needs --valid-interval"):
         sweep.settings_from_args(
             sweep.build_parser().parse_args([*base, "--budget-tokens", "5000"]), []
@@ -192,7 +203,7 @@ def test_a_token_budget_becomes_max_train_tokens(tmp_path):
             [*base, "--budget-tokens", "5000", "--budget-updates", "10"]
         )
     with pytest.raises(SystemExit):
-        sweep.check_extra_args(["--max-train-tokens", "3"])
+        runs.check_extra_args(["--max-train-tokens", "3"])
 
 
 def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
@@ -203,10 +214,10 @@ def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
         [],
     )
     assert settings.budget_label == "20000 processed tokens" and settings.updates_of == ""
-    cmd = sweep.train_command(sweep.RunSpec("adaptive", 0.1, 1), settings, tmp_path / "run")
-    assert sweep.option_value(cmd, "--max-processed-tokens") == "20000"
+    cmd = runs.train_command(runs.RunSpec("adaptive", 0.1, 1), settings, tmp_path / "run")
+    assert runs.option_value(cmd, "--max-processed-tokens") == "20000"
     # validations at equal compute: every budget / 20 processed tokens, not every N updates
-    assert sweep.option_value(cmd, "--validate-interval-processed-tokens") == "1000"
+    assert runs.option_value(cmd, "--validate-interval-processed-tokens") == "1000"
     assert "--validate-interval-updates" not in cmd and "--save-interval-updates" not in cmd
     assert "--max-update" not in cmd and "--max-train-tokens" not in cmd
     custom = sweep.settings_from_args(
@@ -228,7 +239,7 @@ def test_a_processed_token_budget_becomes_max_processed_tokens(tmp_path):
             [*base, "--budget-processed-tokens", "5000", "--budget-tokens", "10"]
         )
     with pytest.raises(SystemExit):
-        sweep.check_extra_args(["--max-processed-tokens", "3"])
+        runs.check_extra_args(["--max-processed-tokens", "3"])
 
 
 METHODS, ARCHS = ["tbptt", "artbp", "uoro"], ["tanh_rnn_copy", "tbptt_lstm_copy"]
@@ -236,15 +247,15 @@ METHODS, ARCHS = ["tbptt", "artbp", "uoro"], ["tanh_rnn_copy", "tbptt_lstm_copy"
 
 def test_estimator_specs_are_parsed_or_refused_in_one_line():
     def parse(text: str) -> list:
-        return sweep.parse_estimators(text, METHODS, ARCHS, "tbptt_lstm_copy")
+        return runs.parse_estimators(text, METHODS, ARCHS, "tbptt_lstm_copy")
 
     assert parse("none") == [] and parse("") == []
     assert parse("uoro, artbp@tanh_rnn_copy,tbptt@tanh_rnn_copy") == [
-        sweep.EstimatorSpec("uoro"),
-        sweep.EstimatorSpec("artbp", "tanh_rnn_copy"),
-        sweep.EstimatorSpec("tbptt", "tanh_rnn_copy"),
+        runs.EstimatorSpec("uoro"),
+        runs.EstimatorSpec("artbp", "tanh_rnn_copy"),
+        runs.EstimatorSpec("tbptt", "tanh_rnn_copy"),
     ]
-    assert parse("uoro@tbptt_lstm_copy") == [sweep.EstimatorSpec("uoro")]  # the sweep's model
+    assert parse("uoro@tbptt_lstm_copy") == [runs.EstimatorSpec("uoro")]  # the sweep's model
     refusals = {
         "uoro,,artbp": "holds an empty spec",
         "uoro,": "holds an empty spec",
@@ -269,51 +280,51 @@ def test_estimator_runs_train_the_fixed_config_at_k0(tmp_path):
     data = tmp_path / "data"
     (data / "targets").mkdir(parents=True)
     (data / "targets" / "dict.txt").write_text("")
-    settings = sweep.SweepSettings(
+    settings = runs.SweepSettings(
         data=data, out=tmp_path, budget_updates=0, valid_interval=0, log_interval=20,
         budget_processed_tokens=20000, valid_processed_tokens=1000,
-        preset=sweep.get_preset("copy"), extra_args=["--lr", "0.5"],
+        preset=presets.get_preset("copy"), extra_args=["--lr", "0.5"],
     )  # fmt: skip
     # K0: the truncation length the adaptive config starts at, read from it
-    config = yaml.safe_load((sweep.CONFIG_DIR / "copy_adaptive.yaml").read_text())
-    k0 = sweep.initial_truncation_length(settings)
+    config = yaml.safe_load((presets.CONFIG_DIR / "copy_adaptive.yaml").read_text())
+    k0 = runs.initial_truncation_length(settings)
     assert k0 == config["task"]["truncation_length"]
-    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("kf-rtrl", "x_y")]
-    specs = sweep.plan_runs([10], [0.1], [1, 2], estimators, k0)
+    estimators = [runs.EstimatorSpec("uoro"), runs.EstimatorSpec("kf-rtrl", "x_y")]
+    specs = runs.plan_runs([10], [0.1], [1, 2], estimators, k0)
     assert [s.name for s in specs] == [
         "fixed_k10_s1", "fixed_k10_s2", "delta0.1_s1", "delta0.1_s2",
         f"uoro_k{k0}_s1", f"uoro_k{k0}_s2", f"kf-rtrl_on_x_y_k{k0}_s1", f"kf-rtrl_on_x_y_k{k0}_s2",
     ]  # fmt: skip
-    fixed = sweep.train_command(specs[0], settings, tmp_path / "run")
-    uoro = sweep.train_command(specs[4], settings, tmp_path / "run")
-    other = sweep.train_command(specs[6], settings, tmp_path / "run")
-    assert sweep.option_value(uoro, "--gradient-estimator") == "uoro"
-    assert sweep.option_value(other, "--gradient-estimator") == "kf-rtrl"
-    assert sweep.option_value(uoro, "--arch") == "tbptt_lstm_copy"
-    assert sweep.option_value(other, "--arch") == "x_y" and other.count("--arch") == 1
+    fixed = runs.train_command(specs[0], settings, tmp_path / "run")
+    uoro = runs.train_command(specs[4], settings, tmp_path / "run")
+    other = runs.train_command(specs[6], settings, tmp_path / "run")
+    assert runs.option_value(uoro, "--gradient-estimator") == "uoro"
+    assert runs.option_value(other, "--gradient-estimator") == "kf-rtrl"
+    assert runs.option_value(uoro, "--arch") == "tbptt_lstm_copy"
+    assert runs.option_value(other, "--arch") == "x_y" and other.count("--arch") == 1
     for cmd in (uoro, other):
-        assert sweep.option_value(cmd, "--truncation-length") == str(k0)
+        assert runs.option_value(cmd, "--truncation-length") == str(k0)
         assert cmd.count("--truncation-length") == 1
         assert "--monitor-bias" not in cmd and "--target-bias" not in cmd
         # the fixed-K config, the pass-through options, the budget and validations of the others
         for option in ("--lr", "--lr-scaling", "--max-processed-tokens", "--target-dir",
                        "--validate-interval-processed-tokens", "--estimate-window"):  # fmt: skip
-            assert sweep.option_value(cmd, option) == sweep.option_value(fixed, option), option
+            assert runs.option_value(cmd, option) == runs.option_value(fixed, option), option
     assert "--gradient-estimator" not in fixed
     # a spec on the sweep's model whose model changed is caught like any other change
     moved = {"command": uoro, "code": None}
     settings.extra_args = ["--arch", "tbptt_lstm_lm_tiny"]
-    changed = {"command": sweep.train_command(specs[4], settings, tmp_path / "run"), "code": {}}
-    assert "--arch tbptt_lstm_copy -> tbptt_lstm_lm_tiny" in sweep.record_differences(
+    changed = {"command": runs.train_command(specs[4], settings, tmp_path / "run"), "code": {}}
+    assert "--arch tbptt_lstm_copy -> tbptt_lstm_lm_tiny" in run_records.record_differences(
         moved, changed
     )
     with pytest.raises(SystemExit, match="--estimators"):
-        sweep.check_extra_args(["--gradient-estimator", "uoro"])
+        runs.check_extra_args(["--gradient-estimator", "uoro"])
     # without a preset: the K0 given after --, else the task's default
     settings.preset, settings.extra_args = None, ["--truncation-length", "8"]
-    assert sweep.initial_truncation_length(settings) == 8
+    assert runs.initial_truncation_length(settings) == 8
     settings.extra_args = []
-    assert sweep.initial_truncation_length(settings) == TbpttConfig().truncation_length
+    assert runs.initial_truncation_length(settings) == TbpttConfig().truncation_length
     (tmp_path / "data" / "dict.txt").write_text("a 1\n")
     argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--fixed", "5",
             "--budget-updates", "10"]  # fmt: skip
@@ -329,14 +340,14 @@ def test_processed_tokens_cumulate_from_the_ppb_log_key():
     text = "\n".join(
         f"[2026-12-01 07:00:0{i}] | INFO | train_inner | {line}" for i, line in enumerate(lines)
     )
-    parsed = sweep.parse_log(text)
+    parsed = fairseq_logs.parse_log(text)
     assert [row["processed_tokens"] for row in parsed.train] == [60, 160]
     assert [row["tokens"] for row in parsed.train] == [20, 40]
     assert parsed.processed_tokens == 160
     # where the budget stopped the run, the task's exact count (K may change after the last log)
     stop = "[2026-12-01 07:00:09] | INFO | atbptt_fairseq | Stopping training due to processed "
     stop += "tokens: 1,234 >= max_processed_tokens: 1,200"
-    assert sweep.parse_log(text + "\n" + stop).processed_tokens == 1234
+    assert fairseq_logs.parse_log(text + "\n" + stop).processed_tokens == 1234
 
 
 def test_decisions_and_token_counts_are_read_from_the_metrics_records(tmp_path):
@@ -357,7 +368,7 @@ def test_decisions_and_token_counts_are_read_from_the_metrics_records(tmp_path):
     updates = [{"kind": "update", "update": u, "trunc_k": 12, "processed_tokens": 31 * (u + 1),
                 "scored_tokens": 9 * (u + 1)} for u in range(2)]  # fmt: skip
     append_records(run_dir / "checkpoints" / METRICS_FILE, [updates[0], decision, updates[1]])
-    parsed = sweep.parse_run(run_dir)
+    parsed = fairseq_logs.parse_run(run_dir)
     assert [(e["num_updates"], e["trunc_k"]) for e in parsed.estimates] == [(1, 12)]
     assert parsed.train[0]["bias_hat"] == 0.04
     assert parsed.tokens == 18 and parsed.processed_tokens == 62
@@ -373,14 +384,14 @@ def test_decisions_are_read_from_the_k_decision_lines_of_old_logs():
         "2026-12-01 07:00:00 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | k_decision "
         + json.dumps(record),
     ])  # fmt: skip
-    (estimate,) = sweep.parse_log(log).estimates
+    (estimate,) = fairseq_logs.parse_log(log).estimates
     assert estimate["num_updates"] == 40 and estimate["trunc_k"] == 100
     assert math.isinf(estimate["bias_hat"]) and "do not decay" in estimate["fallback"]
 
 
 def synthetic_sweep(root: Path) -> None:
     """Finished runs of 2 fixed K and 2 deltas over 2 seeds, with trajectories."""
-    for spec in sweep.plan_runs([5, 10], [0.5, 0.1], [1, 2]):
+    for spec in runs.plan_runs([5, 10], [0.5, 0.1], [1, 2]):
         run_dir = root / "runs" / spec.name
         run_dir.mkdir(parents=True)
         k = spec.value if spec.mode == "fixed" else 20
@@ -406,31 +417,31 @@ def synthetic_sweep(root: Path) -> None:
              "valid_loss": math.log2(1.1 + 100 / u + offset), "valid_ppl": 1.1 + 100 / u + offset}
             for u in range(100, 600, 100)
         ]  # fmt: skip
-        sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
-        sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
+        results.write_csv(run_dir / "trajectory.csv", results.TRAJECTORY_COLUMNS, train)
+        results.write_csv(run_dir / "validation.csv", results.VALIDATION_COLUMNS, valid)
         result = fake_result(spec, valid[-1]["valid_ppl"], train[-1]["trunc_k"])
         result["tokens"] = train[-1]["tokens"]
         result["processed_tokens"] = train[-1]["processed_tokens"]
-        sweep.write_json(run_dir / "result.json", result)
+        console.write_json(run_dir / "result.json", result)
 
 
 def test_plot_compares_a_labelled_second_sweep(tmp_path):
     synthetic_sweep(tmp_path / "sweep")
     synthetic_sweep(tmp_path / "other")
     out = tmp_path / "figures"
-    assert plot.main([str(tmp_path / "sweep"), "--also", f"{tmp_path / 'other'}=in-window",
+    assert plots.main([str(tmp_path / "sweep"), "--also", f"{tmp_path / 'other'}=in-window",
                       "--out", str(out)]) == 0  # fmt: skip
     summary = (out / "summary.md").read_text()
     assert "| adaptive delta=0.1 (in-window) | 2 |" in summary
     assert "| adaptive delta=0.1 | 2 |" in summary
     with pytest.raises(SystemExit, match="DIR=LABEL"):
-        plot.main([str(tmp_path / "sweep"), "--also", str(tmp_path / "other")])
+        plots.main([str(tmp_path / "sweep"), "--also", str(tmp_path / "other")])
 
 
 def test_plot_writes_figures_and_summary(tmp_path):
     synthetic_sweep(tmp_path / "sweep")
-    assert plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")]) == 0
-    for name in plot.FIGURES:
+    assert plots.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")]) == 0
+    for name in plots.FIGURES:
         data = (tmp_path / "figures" / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     summary = (tmp_path / "figures" / "summary.md").read_text()
@@ -452,8 +463,8 @@ def test_plot_writes_figures_and_summary(tmp_path):
     assert within == ["1.815 ± 0.0071", "1.615 ± 0.0071", "2.115 ± 0.0071", "2.115 ± 0.0071"]
     assert "within 1.6e+05 tokens" in rows[0]
     # a later point: K = 5 stopped short of it and is left out rather than flattered
-    runs = plot.load_runs(tmp_path / "sweep")
-    later = plot.summary_table(runs, equal_tokens=320_000).splitlines()[2]
+    runs = plots.load_runs(tmp_path / "sweep")
+    later = plots.summary_table(runs, equal_tokens=320_000).splitlines()[2]
     assert later.split("|")[10].strip() == "-"
     # time to target: adaptive delta 0.5 (K 20) reaches K = 10's best valid ppl at the same
     # update, with 39 / 19 of its processed tokens
@@ -462,13 +473,13 @@ def test_plot_writes_figures_and_summary(tmp_path):
               for row in target_rows if row.startswith("| adaptive")}  # fmt: skip
     assert ratios["adaptive delta=0.51"] == f"{39 / 19:.2f}"
     with pytest.raises(SystemExit, match="--equal-tokens must be positive"):
-        plot.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
+        plots.main([str(tmp_path / "sweep"), "--equal-tokens", "0"])
 
 
 def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
     synthetic_sweep(tmp_path / "sweep")
-    estimators = [sweep.EstimatorSpec("uoro"), sweep.EstimatorSpec("tbptt", "tbptt_lstm_copy")]
-    for spec in sweep.plan_runs([], [], [1, 2], estimators, 8):
+    estimators = [runs.EstimatorSpec("uoro"), runs.EstimatorSpec("tbptt", "tbptt_lstm_copy")]
+    for spec in runs.plan_runs([], [], [1, 2], estimators, 8):
         run_dir = tmp_path / "sweep" / "runs" / spec.name
         run_dir.mkdir(parents=True)
         valid = [
@@ -479,18 +490,18 @@ def test_plot_labels_and_tabulates_estimator_runs(tmp_path):
         ]  # fmt: skip
         train = [{"num_updates": u, "wall": u / 5, "tokens": 32 * u, "processed_tokens": 32 * u,
                   "trunc_k": 8, "loss": 2.0} for u in range(10, 510, 10)]  # fmt: skip
-        sweep.write_csv(run_dir / "trajectory.csv", sweep.TRAJECTORY_COLUMNS, train)
-        sweep.write_csv(run_dir / "validation.csv", sweep.VALIDATION_COLUMNS, valid)
+        results.write_csv(run_dir / "trajectory.csv", results.TRAJECTORY_COLUMNS, train)
+        results.write_csv(run_dir / "validation.csv", results.VALIDATION_COLUMNS, valid)
         result = fake_result(spec, 3.0 + spec.seed, 8)
         result["arch"] = spec.arch or "tbptt_lstm_lm_tiny"
         result["processed_tokens"] = 16000
-        sweep.write_json(run_dir / "result.json", result)
+        console.write_json(run_dir / "result.json", result)
     # a run of an older sweep: no arch in its result, but its command records one
     (tmp_path / "sweep" / "runs" / "fixed_k10_s1" / "command.txt").write_text(
         "fairseq-train data --arch tbptt_lstm_copy --lr 1.0"
     )
     out = tmp_path / "figures"
-    assert plot.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert plots.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
     for name in ("valid_loss_vs_processed", "valid_loss_vs_wall", "bias_vs_updates"):
         assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     summary = (out / "summary.md").read_text()
@@ -531,7 +542,7 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
     first = capsys.readouterr().out
     assert "run 1/2 fixed_k6_s1: start" in first and "run 2/2 delta0.5_s1: done" in first
     assert "valid @ 12/24" in first
-    table = sweep.read_csv(out / "results.csv")
+    table = results.read_csv(out / "results.csv")
     assert [(r["run"], r["mode"], r["updates"]) for r in table] == [
         ("fixed_k6_s1", "fixed", 24),
         ("delta0.5_s1", "adaptive", 24),
@@ -541,9 +552,9 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
         assert row["final_bias_hat"] > 0 and row["est_sec"] > 0 and row["wall_sec"] > 0
     assert table[0]["final_k"] == 6 and table[0]["tokens"] == 24 * 4 * 6
     assert 2 <= table[1]["final_k"] <= 20
-    trajectory = sweep.read_csv(out / "runs" / "delta0.5_s1" / "trajectory.csv")
+    trajectory = results.read_csv(out / "runs" / "delta0.5_s1" / "trajectory.csv")
     assert trajectory[-1]["num_updates"] == 24 and trajectory[0]["trunc_k"] == 8
-    validation = sweep.read_csv(out / "runs" / "delta0.5_s1" / "validation.csv")
+    validation = results.read_csv(out / "runs" / "delta0.5_s1" / "validation.csv")
     assert [row["num_updates"] for row in validation] == [12, 24]
     assert list((tmp_path / "tb" / "delta0.5_s1").rglob("events.out.tfevents.*"))
 
@@ -570,7 +581,7 @@ def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, caps
     assert sweep.main(argv) == 0
     output = capsys.readouterr().out
     assert "480 tokens each" in output and "valid @ 10: ppl" in output
-    fixed, adaptive = sweep.read_csv(out / "results.csv")
+    fixed, adaptive = results.read_csv(out / "results.csv")
     assert (fixed["updates"], fixed["tokens"]) == (20, 480)  # 4 columns x K 6 per update
     assert 480 <= adaptive["tokens"] < 480 + 4 * 20  # stops at the first update past the budget
     log = (out / "runs" / "delta0.5_s1" / "train.log").read_text()
@@ -584,23 +595,23 @@ def test_mini_sweep_with_a_token_budget(tiny_corpus, tmp_path, monkeypatch, caps
 
 
 def test_run_records_name_what_differs(tmp_path):
-    settings = sweep.SweepSettings(
+    settings = runs.SweepSettings(
         data=tmp_path / "a", out=tmp_path / "out", budget_updates=100, valid_interval=20,
         log_interval=5, extra_args=["--lr", "1.0", "--clip-norm", "0.5"],
     )  # fmt: skip
-    spec = sweep.RunSpec("fixed", 5, 1)
+    spec = runs.RunSpec("fixed", 5, 1)
     code = {"source_sha256": "a" * 64, "git_commit": "c1"}
-    recorded = {"command": sweep.train_command(spec, settings, tmp_path / "r1"), "code": code}
+    recorded = {"command": runs.train_command(spec, settings, tmp_path / "r1"), "code": code}
     # the same run in a moved sweep directory is the same run
-    moved = {"command": sweep.train_command(spec, settings, tmp_path / "r2"), "code": code}
-    assert sweep.record_differences(recorded, moved) == []
+    moved = {"command": runs.train_command(spec, settings, tmp_path / "r2"), "code": code}
+    assert run_records.record_differences(recorded, moved) == []
     settings.data, settings.budget_updates = tmp_path / "b", 200
     settings.extra_args = ["--lr", "1.0", "--lr", "0.5", "--dropout=0.1"]
     current = {
-        "command": sweep.train_command(spec, settings, tmp_path / "r1"),
+        "command": runs.train_command(spec, settings, tmp_path / "r1"),
         "code": {"source_sha256": "b" * 64, "git_commit": "c2"},
     }
-    assert sweep.record_differences(recorded, current) == [
+    assert run_records.record_differences(recorded, current) == [
         "--clip-norm 0.5 -> unset",
         "--dropout unset -> 0.1",
         "--lr 1.0 -> 0.5",
@@ -609,22 +620,24 @@ def test_run_records_name_what_differs(tmp_path):
         f"code {'a' * 12} -> {'b' * 12} (commit c1 -> c2)",
     ]
     # an older sweep's run (command.txt, no code version) is compared on its command
-    assert sweep.record_differences({"command": recorded["command"], "code": None}, current)[
+    assert run_records.record_differences({"command": recorded["command"], "code": None}, current)[
         -1
     ].startswith("data ")
 
 
 def test_code_version_hashes_the_sources_of_both_packages(tmp_path):
-    for package in sweep.SOURCE_PACKAGES:
+    for package in run_records.SOURCE_PACKAGES:
         (tmp_path / package / "sub").mkdir(parents=True)
         (tmp_path / package / "sub" / "module.py").write_text("x = 1\n")
-    first = sweep.code_version(tmp_path)
+    first = run_records.code_version(tmp_path)
     assert first["git_commit"] is None  # not a git checkout
     (tmp_path / "atbptt" / "notes.txt").write_text("not code")
-    assert sweep.code_version(tmp_path) == first
+    (tmp_path / "atbptt_fairseq" / "experiments").mkdir()  # starts runs, trains nothing
+    (tmp_path / "atbptt_fairseq" / "experiments" / "plots.py").write_text("x = 1\n")
+    assert run_records.code_version(tmp_path) == first
     (tmp_path / "atbptt_fairseq" / "sub" / "module.py").write_text("x = 2\n")
-    assert sweep.code_version(tmp_path)["source_sha256"] != first["source_sha256"]
-    assert sweep.code_version()["git_commit"]  # this checkout
+    assert run_records.code_version(tmp_path)["source_sha256"] != first["source_sha256"]
+    assert run_records.code_version()["git_commit"]  # this checkout
 
 
 def test_a_run_locked_by_another_sweep_process_is_left_to_it(tmp_path, capsys):
@@ -634,7 +647,7 @@ def test_a_run_locked_by_another_sweep_process_is_left_to_it(tmp_path, capsys):
     run_dir = out / "runs" / "fixed_k6_s1"
     argv = ["--data", str(tmp_path / "data"), "--out", str(out), "--fixed", "6", "--deltas",
             "none", "--budget-updates", "10"]  # fmt: skip
-    with sweep.run_lock(run_dir) as locked:  # as the other process holds it
+    with run_records.run_lock(run_dir) as locked:  # as the other process holds it
         assert locked
         assert sweep.main(argv) == 0
     output = capsys.readouterr().out
@@ -660,10 +673,13 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
     for name in ("fixed_k6_s1", "delta0.5_s1"):
         assert f"{name}: start" in output and f"{name}: done in" in output
         assert f"[{name}] valid @ 8/8" in output  # every progress line names its run
-    assert [r["run"] for r in sweep.read_csv(out / "results.csv")] == ["fixed_k6_s1", "delta0.5_s1"]
+    assert [r["run"] for r in results.read_csv(out / "results.csv")] == [
+        "fixed_k6_s1",
+        "delta0.5_s1",
+    ]
     record = json.loads((out / "runs" / "fixed_k6_s1" / "run.json").read_text())
     assert record["command"][1] == str(tiny_corpus.resolve())
-    assert record["code"] == sweep.code_version()
+    assert record["code"] == run_records.code_version()
 
     logs = {p: p.read_bytes() for p in out.glob("runs/*/train.log")}
     with pytest.raises(SystemExit) as refused:
@@ -680,9 +696,9 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
     (replaced,) = (out / "replaced").iterdir()
     assert replaced.name.startswith("fixed_k6_s1-") and (replaced / "result.json").is_file()
     rerun = json.loads((out / "runs" / "fixed_k6_s1" / "run.json").read_text())
-    assert sweep.option_value(rerun["command"], "--lr") == "0.5"
+    assert runs.option_value(rerun["command"], "--lr") == "0.5"
     assert (
-        sweep.option_value(json.loads((replaced / "run.json").read_text())["command"], "--lr")
+        runs.option_value(json.loads((replaced / "run.json").read_text())["command"], "--lr")
         == "1.0"
     )
 
@@ -706,7 +722,7 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
     output = capsys.readouterr().out
     # K of the estimators: K0 of the adaptive runs (MINI_SWEEP_TRAIN's --truncation-length 8)
     assert "4 runs (1 fixed K, 0 deltas, 3 estimators at K 8, seeds 1)" in output
-    table = sweep.read_csv(out / "results.csv")
+    table = results.read_csv(out / "results.csv")
     assert [(r["run"], r["mode"], r["method"], r["arch"], r["k"]) for r in table] == [
         ("fixed_k6_s1", "fixed", "tbptt", "tbptt_lstm_lm_tiny", 6),
         ("artbp_k8_s1", "estimator", "artbp", "tbptt_lstm_lm_tiny", 8),
@@ -721,10 +737,10 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
         if row["method"] != "artbp":  # ARTBP's segments have random lengths
             assert budget <= processed < budget + 4 * (2 * row["k"] - 1)  # one update at most
         assert 1 < row["test_ppl"] < 60 and row["updates"] > 1
-        assert len(sweep.read_csv(out / "runs" / row["run"] / "validation.csv")) >= 2
+        assert len(results.read_csv(out / "runs" / row["run"] / "validation.csv")) >= 2
     record = json.loads((out / "runs" / "uoro_k8_s1" / "run.json").read_text())
     assert (record["method"], record["arch"]) == ("uoro", "tbptt_lstm_lm_tiny")
-    assert sweep.option_value(record["command"], "--gradient-estimator") == "uoro"
+    assert runs.option_value(record["command"], "--gradient-estimator") == "uoro"
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
     assert sweep.main(argv) == 0
@@ -742,9 +758,9 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
 
     figures = tmp_path / "figures"
-    assert plot.main([str(out), "--out", str(figures)]) == 0
+    assert plots.main([str(out), "--out", str(figures)]) == 0
     printed = capsys.readouterr().out
-    for name in plot.FIGURES:
+    for name in plots.FIGURES:
         assert (figures / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     summary = (figures / "summary.md").read_text()
     for label in ("artbp K=8 on tbptt_lstm_lm_tiny", "uoro K=8 on tbptt_lstm_lm_tiny",
@@ -756,10 +772,7 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
 def test_the_demo_summary_says_when_k_sits_at_k_max_above_the_target(tmp_path):
     import json
 
-    import demo
-    import plot
-
-    def adaptive_run(name: str, k: int, bias: float) -> plot.RunData:
+    def adaptive_run(name: str, k: int, bias: float) -> plots.RunData:
         run_dir = tmp_path / "runs" / name
         run_dir.mkdir(parents=True)
         command = ["fairseq-train", "data", "--max-truncation-length", "100"]
@@ -771,7 +784,7 @@ def test_the_demo_summary_says_when_k_sits_at_k_max_above_the_target(tmp_path):
             "2026-12-05 06:02:02 | INFO | atbptt_fairseq.tasks.adaptive_tbptt_lm | "
             f"k_decision {json.dumps(decision)}\n"
         )
-        return plot.RunData({"run": name, "mode": "adaptive", "delta": "0.1"}, [], [])
+        return plots.RunData({"run": name, "mode": "adaptive", "delta": "0.1"}, [], [])
 
     runs = [adaptive_run("met", 68, 0.0999), adaptive_run("missed", 100, 1.96)]
     assert demo.fallback_lines(runs, tmp_path) == []
@@ -785,16 +798,16 @@ def test_the_k_figure_draws_steps_from_the_start_to_the_end_of_each_run(tmp_path
     line starts at update 0, jumps at update 50 (not a ramp from 50 to 100) and reaches 130."""
     rows = [{"num_updates": 50, "trunc_k": 10.0, "processed_tokens": 500.0},
             {"num_updates": 100, "trunc_k": 68.0, "processed_tokens": 7000.0}]  # fmt: skip
-    run = plot.RunData(
+    run = plots.RunData(
         {"run": "delta0.1_s1", "config": "delta0.1", "mode": "adaptive", "delta": 0.1,
          "updates": 130, "processed_tokens": 11000.0}, rows, [],
     )  # fmt: skip
-    xs, ys = plot.truncation_steps([run], "num_updates")
+    xs, ys = plots.truncation_steps([run], "num_updates")
     assert list(xs) == [0, 50, 100, 130] and list(ys) == [10, 10, 68, 68]
-    assert list(plot.truncation_steps([run], "processed_tokens")[0]) == [0, 500, 7000, 11000]
+    assert list(plots.truncation_steps([run], "processed_tokens")[0]) == [0, 500, 7000, 11000]
     drawn = []
-    monkeypatch.setattr(plot.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k["drawstyle"]))
-    plot.plot_truncation([run], tmp_path / "k.png")
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k["drawstyle"]))
+    plots.plot_truncation([run], tmp_path / "k.png")
     assert drawn == ["steps-pre"]
 
 
@@ -819,18 +832,18 @@ def test_a_run_subprocess_holds_the_run_lock_and_dies_with_its_starter(tmp_path)
     import threading
     import time
 
-    children = sweep.ChildProcesses()
+    children = launch.ChildProcesses()
     marker = f"atbptt-lock-holder-{tmp_path.name}"
     sleeper = ["python3", "-c", "import time; time.sleep(60)", marker]
-    with sweep.run_lock(tmp_path / "run") as lock_fd:
+    with run_records.run_lock(tmp_path / "run") as lock_fd:
         holder = children.start(sleeper, keep_fds=(lock_fd,))
-    with sweep.run_lock(tmp_path / "run") as lock_fd:  # the sweep let go; its trainer did not
+    with run_records.run_lock(tmp_path / "run") as lock_fd:  # the sweep let go; its trainer did not
         assert lock_fd is None
     with (tmp_path / "run" / "lock").open() as handle, pytest.raises(BlockingIOError):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.killpg(holder.pid, 9)  # its own process group
     holder.wait()
-    with sweep.run_lock(tmp_path / "run") as lock_fd:
+    with run_records.run_lock(tmp_path / "run") as lock_fd:
         assert lock_fd is not None
 
     started: list[subprocess.Popen] = []
@@ -867,7 +880,7 @@ def test_kill_9_of_the_sweep_leaves_no_trainer_running(tiny_corpus, tmp_path):
     sweep_process.wait()
 
     def lock_free() -> bool:
-        with sweep.run_lock(out / "runs" / "fixed_k6_s1") as lock_fd:
+        with run_records.run_lock(out / "runs" / "fixed_k6_s1") as lock_fd:
             return lock_fd is not None
 
     deadline = time.monotonic() + 10  # a killed process closes its files as it ends
@@ -882,25 +895,25 @@ def test_a_data_bin_rebuilt_in_place_is_not_taken_for_the_old_one(tmp_path, caps
     (data / "targets").mkdir(parents=True)
     for path in (data / "dict.txt", data / "targets" / "dict.txt", data / "train.idx"):
         path.write_text("a 1\n")
-    first = sweep.data_identity(data)
+    first = run_records.data_identity(data)
     (data / "train.bin").write_text("tokens")  # not part of the identity
-    assert sweep.data_identity(data) == first
+    assert run_records.data_identity(data) == first
     for changed in (data / "targets" / "dict.txt", data / "train.idx"):
         changed.write_text("b 1\n")
-        assert sweep.data_identity(data) != first
+        assert run_records.data_identity(data) != first
         changed.write_text("a 1\n")
 
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--fixed", "6", "--deltas", "none",
             "--budget-updates", "10"]  # fmt: skip
     settings = sweep.settings_from_args(sweep.build_parser().parse_args(argv), [])
-    spec = sweep.RunSpec("fixed", 6, 1)
+    spec = runs.RunSpec("fixed", 6, 1)
     run_dir = out / "runs" / spec.name
     run_dir.mkdir(parents=True)
-    record = {"command": sweep.train_command(spec, settings, run_dir),
-              "code": sweep.code_version(), "data": first}  # fmt: skip
-    sweep.write_json(run_dir / "run.json", record)
-    sweep.write_json(run_dir / "result.json", fake_result(spec, 3.0, 6))
+    record = {"command": runs.train_command(spec, settings, run_dir),
+              "code": run_records.code_version(), "data": first}  # fmt: skip
+    console.write_json(run_dir / "run.json", record)
+    console.write_json(run_dir / "result.json", fake_result(spec, 3.0, 6))
     assert sweep.main(argv) == 0
     assert "finished earlier, skipped" in capsys.readouterr().out
     (data / "dict.txt").write_text("a 1\nb 1\n")  # rebuilt in place: the same path

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sweep import parse_run
+from atbptt_fairseq.experiments.fairseq_logs import parse_run
 
 grid, dest = Path(sys.argv[1]), Path(sys.argv[2])
 marks = [1.2e6 * i for i in range(1, 11)]
