@@ -17,6 +17,7 @@ from atbptt_fairseq.experiments import (
     demo,
     fairseq_logs,
     launch,
+    launchers,
     plots,
     presets,
     results,
@@ -659,9 +660,9 @@ def test_a_run_locked_by_another_sweep_process_is_left_to_it(tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
-    tiny_corpus, tmp_path, monkeypatch, capsys
+    tiny_corpus, tmp_path, monkeypatch, capfd
 ):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # capfd: --jobs 2 runs in worker processes
     out = tmp_path / "sweep"
     argv = [
         "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "0.5",
@@ -669,7 +670,7 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
         "--", *MINI_SWEEP_TRAIN, "--estimate-interval", "4",
     ]  # fmt: skip
     assert sweep.main(argv) == 0
-    output = capsys.readouterr().out
+    output = capfd.readouterr().out
     for name in ("fixed_k6_s1", "delta0.5_s1"):
         assert f"{name}: start" in output and f"{name}: done in" in output
         assert f"[{name}] valid @ 8/8" in output  # every progress line names its run
@@ -691,7 +692,7 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
 
     argv = [*argv[: argv.index("--deltas")], "--deltas", "none", *argv[argv.index("0.5") + 1 :]]
     assert sweep.main(["--rerun-changed", *argv, "--lr", "0.5"]) == 0
-    output = capsys.readouterr().out
+    output = capfd.readouterr().out
     assert "[fixed_k6_s1] trained with another configuration: moved to" in output
     (replaced,) = (out / "replaced").iterdir()
     assert replaced.name.startswith("fixed_k6_s1-") and (replaced / "result.json").is_file()
@@ -705,12 +706,12 @@ def test_mini_sweep_with_jobs_then_refuses_or_reruns_another_configuration(
 
 @pytest.mark.e2e
 def test_mini_sweep_of_gradient_estimators_at_equal_compute(
-    tiny_corpus, tmp_path, monkeypatch, capsys
+    tiny_corpus, tmp_path, monkeypatch, capfd
 ):
     """A fixed K, ARTBP, UORO and fixed-K TBPTT on another architecture each run the same
     processed tokens; a rerun skips them; a bad spec is refused before anything runs; plot.py
     draws and tabulates them."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # capfd: --jobs 2 runs in worker processes
     out, budget = tmp_path / "sweep", 640
     argv = [
         "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "none",
@@ -719,7 +720,7 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
         "--jobs", "2", "--threads", "1", "--", *MINI_SWEEP_TRAIN,
     ]  # fmt: skip
     assert sweep.main(argv) == 0
-    output = capsys.readouterr().out
+    output = capfd.readouterr().out
     # K of the estimators: K0 of the adaptive runs (MINI_SWEEP_TRAIN's --truncation-length 8)
     assert "4 runs (1 fixed K, 0 deltas, 3 estimators at K 8, seeds 1)" in output
     table = results.read_csv(out / "results.csv")
@@ -744,7 +745,7 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.*")}
     assert sweep.main(argv) == 0
-    again = capsys.readouterr().out
+    again = capfd.readouterr().out
     assert again.count("finished earlier, skipped") == 4 and "start" not in again
     spec_at = argv.index("--estimators") + 1
     bad_specs = {"uoro@": "'uoro@' has '@' but no", "uoro,,artbp": "empty spec",
@@ -759,7 +760,7 @@ def test_mini_sweep_of_gradient_estimators_at_equal_compute(
 
     figures = tmp_path / "figures"
     assert plots.main([str(out), "--out", str(figures)]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     for name in plots.FIGURES:
         assert (figures / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     summary = (figures / "summary.md").read_text()
@@ -922,3 +923,61 @@ def test_a_data_bin_rebuilt_in_place_is_not_taken_for_the_old_one(tmp_path, caps
     message = str(refused.value)
     assert message.startswith("error: run fixed_k6_s1 in") and "\n" not in message
     assert f"data content {first['sha256'][:12]} -> " in message and "--rerun-changed" in message
+
+
+@pytest.mark.e2e
+def test_mini_sweep_on_submitit_local_executor(tiny_corpus, tmp_path, monkeypatch, capsys):
+    """The grid through hydra's submitit launcher (its local executor: a process per run, as a
+    SLURM job would be), then skipped by a rerun on joblib: the same runs, the same records."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "sweep"
+    argv = [
+        "--data", str(tiny_corpus), "--out", str(out), "--fixed", "6", "--deltas", "none",
+        "--budget-updates", "8", "--valid-interval", "4", "--threads", "1",
+        "--", *MINI_SWEEP_TRAIN,
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="--launcher-option takes KEY=VALUE"):
+        sweep.main([*argv[: -len(MINI_SWEEP_TRAIN) - 1], "--launcher-option", "partition", "--"])
+    assert sweep.main(["--launcher", "submitit-local", *argv]) == 0
+    output = capsys.readouterr().out
+    assert "launching 1 runs on submitit-local" in output
+    assert "run 1/1 fixed_k6_s1: done" in output
+    (row,) = results.read_csv(out / "results.csv")
+    assert (row["run"], row["updates"]) == ("fixed_k6_s1", 8) and 1 < row["test_ppl"] < 60
+    job_logs = "".join(p.read_text() for p in (out / "launcher").rglob("*_log.out"))
+    assert "fixed_k6_s1: done in" in job_logs and "[fixed_k6_s1] valid @ 8/8" in job_logs
+    assert sweep.main(argv) == 0
+    assert "fixed_k6_s1: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_presets_are_hydra_compositions_and_numbers_compare_by_value(tmp_path):
+    """A preset's options are what hydra composes from configs/ (``1e-05`` where the YAML says
+    ``1e-5``), and a run recorded with the YAML's spelling is the same run."""
+    copy = presets.get_preset("copy")
+    assert runs.option_value(copy.fixed_args, "--weight-decay") == "1e-05"
+    assert runs.option_value(copy.adaptive_args, "--truncation-length") == "15"
+    assert runs.option_value(copy.fixed_args, "--truncation-length") is None  # the grid's
+    settings = runs.SweepSettings(
+        data=tmp_path, out=tmp_path, budget_updates=10, valid_interval=5, log_interval=1,
+        preset=copy,
+    )  # fmt: skip
+    command = runs.train_command(runs.RunSpec("fixed", 5, 1), settings, tmp_path / "r")
+    as_yaml = [arg.replace("1e-05", "1e-5") for arg in command]
+    assert as_yaml != command
+    assert (
+        run_records.record_differences({"command": as_yaml}, {"command": command, "code": {}}) == []
+    )
+    assert run_records.record_differences(
+        {"command": [*command, "--lr", "1"]}, {"command": [*command, "--lr", "1.5"], "code": {}}
+    ) == ["--lr 1 -> 1.5"]
+
+
+def test_the_launchers_overrides_name_the_runs_and_pass_the_options(tmp_path):
+    joblib = launchers.hydra_overrides("joblib", 2, [], tmp_path, ["fixed_k5_s1", "delta0.1_s1"])
+    assert "run=fixed_k5_s1,delta0.1_s1" in joblib and "hydra.launcher.n_jobs=2" in joblib
+    assert "hydra/launcher=joblib" in joblib and "hydra.job.chdir=false" in joblib
+    slurm = launchers.hydra_overrides("submitit-slurm", 1, ["partition=gpu"], tmp_path, ["a"])
+    assert slurm[0] == "hydra/launcher=submitit_slurm"
+    assert slurm[-2:] == ["hydra.launcher.timeout_min=1440", "hydra.launcher.partition=gpu"]
+    with pytest.raises(ValueError, match="unknown launcher"):
+        launchers.hydra_overrides("ray", 1, [], tmp_path, ["a"])

@@ -1,15 +1,15 @@
 """Presets: the training options of a paper setting for fixed-K and adaptive runs, with the
-grids its configs declare; read from the hydra configs of ``configs/`` (one copy of the
+grids its configs declare; composed by hydra from the configs of ``configs/`` (one copy of the
 settings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from .fairseq_process import REPO
+from .launchers import hydra_app
 
 CONFIG_DIR = REPO / "configs"
 
@@ -47,9 +47,19 @@ CONFIG_NAME_FLAGS = {
 }
 
 
-def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
-    """Turn a hydra config of ``configs/`` into fairseq-train options."""
-    config = yaml.safe_load(path.read_text())
+def composed_config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
+    """The hydra config ``name`` of ``config_dir`` as hydra composes it for a run (its
+    ``hydra`` node included), interpolations left as written."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    with hydra_app(config_dir) as hydra:
+        config = hydra.compose_config(name, [], run_mode=RunMode.RUN, with_log_configuration=False)
+    return OmegaConf.to_container(config, resolve=False)
+
+
+def config_args(config: dict[str, Any], keep_truncation_length: bool = True) -> list[str]:
+    """Turn a composed hydra config of ``configs/`` into fairseq-train options."""
     args: list[str] = []
     for group, values in config.items():
         if group in ("hydra", "common", "checkpoint") or not isinstance(values, dict):
@@ -75,15 +85,14 @@ def config_args(path: Path, keep_truncation_length: bool = True) -> list[str]:
     return args
 
 
-def config_grid(path: Path, key: str) -> str:
-    """The grid a hydra config of ``configs/`` sweeps with ``-m``
+def config_grid(config: dict[str, Any], key: str) -> str:
+    """The grid a composed hydra config of ``configs/`` sweeps with ``-m``
     (``hydra.sweeper.params``)."""
-    config = yaml.safe_load(path.read_text())
     return str(config["hydra"]["sweeper"]["params"][key]).replace(" ", "")
 
 
 def _config_preset(corpus: str) -> Preset:
-    fixed, adaptive = CONFIG_DIR / f"{corpus}_fixed.yaml", CONFIG_DIR / f"{corpus}_adaptive.yaml"
+    fixed, adaptive = composed_config(f"{corpus}_fixed"), composed_config(f"{corpus}_adaptive")
     return Preset(
         fixed_args=config_args(fixed, keep_truncation_length=False),
         adaptive_args=config_args(adaptive),

@@ -82,6 +82,17 @@ def command_options(cmd: Sequence[str]) -> dict[str, str]:
     return options
 
 
+def same_value(old: str | None, new: str | None) -> bool:
+    """Whether two option values say the same: the same text, or the same number written two
+    ways (``1e-7`` and ``1e-07``: YAML's text and hydra's float)."""
+    if old == new:
+        return True
+    try:
+        return old is not None and new is not None and float(old) == float(new)
+    except ValueError:
+        return False
+
+
 def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between two run records (``{"command": [...], "code": {...}, "data":
     {...}}``), e.g. ``--lr 1.0 -> 0.5``; a record without code or data identity (an older
@@ -90,7 +101,7 @@ def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
     differences = [
         f"{name} {old.get(name, 'unset')} -> {new.get(name, 'unset')}"
         for name in sorted(set(old) | set(new))
-        if old.get(name) != new.get(name)
+        if not same_value(old.get(name), new.get(name))
     ]
     old_code, new_code = recorded.get("code"), current["code"]
     if old_code and old_code["source_sha256"] != new_code["source_sha256"]:

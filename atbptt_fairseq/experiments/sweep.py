@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,13 @@ import numpy as np
 from .console import write_json
 from .fairseq_logs import parse_run, training_finished
 from .launch import ChildProcesses, RunFailed, fmt_seconds, run_evals, run_train, say
+from .launchers import (
+    LAUNCHERS,
+    check_launcher_options,
+    hydra_overrides,
+    multirun,
+    stop_joblib_workers,
+)
 from .presets import PRESETS, get_preset
 from .results import load_results, summarize_run, write_results, write_trajectories
 from .run_records import (
@@ -131,17 +138,18 @@ def run_one(
 
 
 class SweepProgress:
-    """Elapsed time, durations and failures of a sweep's runs, shared by its ``--jobs`` threads."""
+    """Elapsed time, durations and failures of a sweep's runs, shared by the runs of one process
+    (``started``: the sweep's start, seconds since the epoch, the same in every process)."""
 
-    def __init__(self, total: int, jobs: int) -> None:
+    def __init__(self, total: int, jobs: int, started: float | None = None) -> None:
         self.total, self.jobs = total, jobs
-        self.started = time.monotonic()
+        self.started = time.time() if started is None else started
         self.durations: list[float] = []
         self.failures = 0
         self._lock = threading.Lock()
 
     def elapsed(self) -> str:
-        return fmt_seconds(time.monotonic() - self.started)
+        return fmt_seconds(time.time() - self.started)
 
     def eta(self, remaining: int) -> str:
         """Time for ``remaining`` runs at the mean duration so far, ``jobs`` at a time."""
@@ -158,46 +166,59 @@ class SweepProgress:
             self.failures += 1
 
 
-def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: bool = False) -> int:
-    """Run the grid in order, ``settings.jobs`` runs at a time, with start/finish lines and an
-    ETA; return the number of failures.
+@dataclass
+class InProcess:
+    """What the runs of one process share: the progress and ETA, the fairseq subprocesses to
+    stop on Ctrl-C, and the signal to start no new run."""
+
+    progress: SweepProgress
+    children: ChildProcesses = field(default_factory=ChildProcesses)
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
-    Refuses (one line, nothing started) if a run under ``--out`` was recorded with another
-    configuration, unless ``settings.rerun_changed``. A run that another sweep process holds
-    (its lock) is left to that process. After a failure no new run starts unless ``keep_going``.
-    """
-    settings.out.mkdir(parents=True, exist_ok=True)
-    code, data = code_version(), data_identity(settings.data)
-    changed = changed_runs(specs, settings, code, data)
-    if changed and not settings.rerun_changed:
-        refuse_changed_runs(changed, settings.out)
-    progress = SweepProgress(len(specs), settings.jobs)
-    children = ChildProcesses()
-    stop = threading.Event()
+@dataclass
+class GridJob:
+    """One run of the grid as hydra's task function (``cfg.run``: the run's name): trains it with
+    :func:`run_one`, prints its start and end, returns ``"done"``, ``"skipped"``, ``"locked"``,
+    ``"failed"`` or ``"not started"``. Picklable without ``shared``: joblib's worker processes
+    and submitit's jobs get it so, and each run then shares nothing with the others (no ETA
+    before a run of the same worker finished, no stop after another's failure)."""
 
-    def work(index: int, spec: RunSpec) -> None:
-        if stop.is_set():
-            return
-        head = f"run {index}/{len(specs)} {spec.name}"
+    specs: dict[str, RunSpec]
+    settings: SweepSettings
+    code: dict[str, Any]
+    data: dict[str, Any]
+    keep_going: bool = False
+    started: float = 0.0  # the sweep's start (time.time())
+    shared: InProcess | None = None
+
+    def __call__(self, cfg: Any) -> str:
+        shared = self.shared or InProcess(
+            SweepProgress(len(self.specs), self.settings.jobs, self.started)
+        )
+        progress, children = shared.progress, shared.children
+        if shared.stop.is_set():
+            return "not started"
+        index = list(self.specs).index(cfg.run) + 1
+        spec, total = self.specs[cfg.run], len(self.specs)
+        head = f"run {index}/{total} {spec.name}"
         run_start = time.monotonic()
 
         def announce() -> None:
             say(
-                f"{head}: start (elapsed {progress.elapsed()}, "
-                f"ETA {progress.eta(len(specs) - index + 1)})"
+                f"{head}: start (elapsed {progress.elapsed()}, ETA {progress.eta(total - index + 1)})"
             )
 
         try:
-            result, status = run_one(spec, settings, code, children, announce, data)
+            result, status = run_one(spec, self.settings, self.code, children, announce, self.data)
         except RunFailed as error:
             if children.stopping:
-                return
+                return "not started"
             progress.failed()
             say(f"{head}: FAILED after {fmt_seconds(time.monotonic() - run_start)}\n{error}")
-            if not keep_going:
-                stop.set()
-            return
+            if not self.keep_going:
+                shared.stop.set()
+            return "failed"
         if status == "locked":
             say(f"{head}: another sweep process is running it (its lock is held), skipped")
         elif status == "skipped":
@@ -205,29 +226,66 @@ def run_sweep(specs: Sequence[RunSpec], settings: SweepSettings, keep_going: boo
         else:
             duration = time.monotonic() - run_start
             progress.finished(duration)
-            write_results(settings.out)
+            write_results(self.settings.out)
             bias = result["final_bias_hat"]  # none without an estimate (estimator runs)
             say(
                 f"{head}: done in {fmt_seconds(duration)}: valid ppl "
                 f"{result['valid_ppl']:.4g}, test ppl {result['test_ppl']:.4g}, final K "
                 f"{result['final_k']:g}"
                 + ("" if math.isnan(bias) else f", delta_hat {bias:.3g}")
-                + f" (elapsed {progress.elapsed()}, ETA {progress.eta(len(specs) - index)})"
+                + f" (elapsed {progress.elapsed()}, ETA {progress.eta(total - index)})"
             )
+        return status
 
-    with ThreadPoolExecutor(max_workers=settings.jobs, thread_name_prefix="run") as pool:
-        futures = [pool.submit(work, index, spec) for index, spec in enumerate(specs, 1)]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:  # Ctrl-C, SIGTERM: stop every run's fairseq process too
-            stop.set()
-            children.stop_all()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+
+def run_sweep(
+    specs: Sequence[RunSpec],
+    settings: SweepSettings,
+    keep_going: bool = False,
+    launcher: str = "joblib",
+    launcher_options: Sequence[str] = (),
+) -> int:
+    """Run the grid through hydra's multirun on ``launcher`` (joblib: ``settings.jobs`` runs at
+    a time in grid order, one after another in this process or each in a worker process; the
+    submitit launchers: a process or SLURM job per run), with start/finish lines and an ETA;
+    return the number of failures.
+
+    Refuses (one line, nothing started) if a run under ``--out`` was recorded with another
+    configuration, unless ``settings.rerun_changed``. A run that another sweep process holds
+    (its lock) is left to that process. After a failure no new run starts unless ``keep_going``
+    (runs in worker processes or submitit jobs share no such signal: each goes on).
+    """
+    settings.out.mkdir(parents=True, exist_ok=True)
+    code, data = code_version(), data_identity(settings.data)
+    changed = changed_runs(specs, settings, code, data)
+    if changed and not settings.rerun_changed:
+        refuse_changed_runs(changed, settings.out)
+    by_name = {spec.name: spec for spec in specs}
+    in_process = launcher == "joblib" and settings.jobs == 1  # joblib runs n_jobs=1 in-process
+    started = time.time()
+    shared = InProcess(SweepProgress(len(specs), 1, started)) if in_process else None
+    job = GridJob(by_name, settings, code, data, keep_going, started, shared)
+    overrides = hydra_overrides(
+        launcher, settings.jobs, launcher_options, settings.out, list(by_name)
+    )
+    if launcher != "joblib":
+        say(f"launching {len(specs)} runs on {launcher}; their output: {settings.out / 'launcher'}")
+    try:
+        statuses = multirun(job, overrides)
+    except BaseException:  # Ctrl-C, SIGTERM: stop every run's fairseq process too
+        if shared is not None:
+            shared.stop.set()
+            shared.children.stop_all()
+        raise
+    finally:
+        if launcher == "joblib" and settings.jobs > 1:
+            stop_joblib_workers(settings.jobs)
+    if launcher != "joblib":
+        for index, (name, status) in enumerate(zip(by_name, statuses), 1):
+            say(f"run {index}/{len(specs)} {name}: {status}")
     path = write_results(settings.out)
     say(f"results: {path} ({len(load_results(settings.out))} finished runs)")
-    return progress.failures
+    return statuses.count("failed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,9 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="runs trained at once, each a fairseq-train of --threads threads (e.g. --jobs 2 "
-        "--threads 1 on 2 cores). Several sweep processes may also share one --out: a run "
-        "one of them is training is locked, and the others move on",
+        help="with --launcher joblib: runs trained at once, each in a worker process that "
+        "starts a fairseq-train of --threads threads (e.g. --jobs 2 --threads 1 on 2 cores; "
+        "1: one after another in this process). Several sweep processes may also share one "
+        "--out: a run one of them is training is locked, and the others move on",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="joblib",
+        help="hydra launcher of the grid: joblib (this machine, --jobs runs at a time), "
+        "submitit-local (a process per run, as on a cluster) or submitit-slurm (a SLURM job per "
+        "run; --out on a file system the nodes share) (default joblib)",
+    )
+    parser.add_argument(
+        "--launcher-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the launcher's hydra config, hydra.launcher.KEY=VALUE (repeatable), "
+        "e.g. partition=gpu, timeout_min=600, cpus_per_task=4, gpus_per_node=1, "
+        "array_parallelism=8",
     )
     parser.add_argument(
         "--rerun-changed",
@@ -408,6 +484,7 @@ def settings_from_args(args: argparse.Namespace, extra: list[str]) -> SweepSetti
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     check_extra_args(extra)
+    check_launcher_options(args.launcher_option)
     valid_interval = args.valid_interval or max(1, args.budget_updates // 10)
     # a token budget ends at an update no one knows in advance: log lines divide the interval
     log_span = args.budget_updates or valid_interval
@@ -488,4 +565,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # SIGTERM ends the sweep like Ctrl-C: the running fairseq children are stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    return 1 if run_sweep(specs, settings, keep_going=args.keep_going) else 0
+    failures = run_sweep(specs, settings, args.keep_going, args.launcher, args.launcher_option)
+    return 1 if failures else 0
