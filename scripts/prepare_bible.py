@@ -22,17 +22,16 @@ is valid/test) and binarized; fairseq appends </s> to every verse.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from atbptt_fairseq.experiments.bible import prepare_bible
-from atbptt_fairseq.experiments.data import recorded_options
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
 from atbptt_fairseq.experiments.text_corpus import add_split_options, resolve_fractions
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     parser.add_argument(
         "--max-lines", type=int, default=None, help="use only the first N verses (small subset)"
     )
@@ -48,24 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if `bible` is missing and running as root, apt-get install bible-kjv",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Read, tokenize and binarize the King James Bible into --dest."""
     args = build_parser().parse_args(argv)
-    valid_fraction, test_fraction = resolve_fractions(args)
     prepare_bible(
-        args.dest,
-        force=args.force,
-        options=recorded_options(args),
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
+        data_bin_request(args),
+        fractions=resolve_fractions(args),
         max_lines=args.max_lines,
         vocab_size=args.vocab_size,
         install=args.install,

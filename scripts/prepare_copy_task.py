@@ -21,20 +21,19 @@ fairseq-preprocess appends ``</s>`` to every line of both streams, so they stay 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from atbptt_fairseq.experiments.copy_task import (
     PAPER_FIXED_LENGTH,
     prepare_copy_task,
     resolve_lengths,
 )
-from atbptt_fairseq.experiments.data import recorded_options
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (defaults are the paper's sizes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     parser.add_argument(
         "--fixed-length",
         type=int,
@@ -70,11 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of columns (lines) in every split (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
@@ -82,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     """Generate the three splits, keep the text in DEST/raw and binarize inputs and targets."""
     args = build_parser().parse_args(argv)
     prepare_copy_task(
-        args.dest,
-        force=args.force,
-        options=recorded_options(args),
+        data_bin_request(args),
         lengths=resolve_lengths(args.fixed_length, args.variable, args.min_length, args.max_length),
         steps={"train": args.train_steps, "valid": args.valid_steps, "test": args.test_steps},
         columns=args.columns,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from atbptt_fairseq.experiments.data import recorded_options
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
 from atbptt_fairseq.experiments.lm_corpora import CORPORA, prepare_lm_corpus
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=sorted(CORPORA), required=True, help="which corpus")
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     parser.add_argument(
         "--source-dir",
         type=Path,
@@ -48,11 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fetch the release files by name from this base URL instead (checksums still checked)",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
@@ -61,9 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     prepare_lm_corpus(
         args.corpus,
-        args.dest,
-        force=args.force,
-        options=recorded_options(args),
+        data_bin_request(args),
         source_dir=args.source_dir,
         download_dir=args.download_dir,
         base_url=args.base_url,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from atbptt_fairseq.experiments.data import recorded_options
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
 from atbptt_fairseq.experiments.text_corpus import (
     add_split_options,
     prepare_text,
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a text file, or a directory: every .txt file below it (hidden ones skipped)",
     )
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     add_split_options(parser)
     parser.add_argument("--lowercase", action="store_true", help="lowercase the text")
     parser.add_argument(
@@ -66,25 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="unigram",
         help="SentencePiece model type (with --spm-vocab-size)",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Read the input, split it contiguously and binarize it into --dest."""
     args = build_parser().parse_args(argv)
-    valid_fraction, test_fraction = resolve_fractions(args)
     prepare_text(
         args.input,
-        args.dest,
-        force=args.force,
-        options=recorded_options(args),
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
+        data_bin_request(args),
+        fractions=resolve_fractions(args),
         lowercase=args.lowercase,
         vocab_size=args.vocab_size,
         spm_vocab_size=args.spm_vocab_size,

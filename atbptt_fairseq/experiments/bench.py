@@ -20,7 +20,7 @@ from typing import Any
 from atbptt_fairseq.experiments import console
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import run_preprocess
-from atbptt_fairseq.experiments.fairseq_process import REPO, OutputLine, run_fairseq
+from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR, REPO, OutputLine, run_fairseq
 
 
 def log(message: str) -> None:
@@ -154,6 +154,52 @@ def fairseq_cli(name: str) -> str:
     if found is None:
         raise fail(f"{name} not found next to {sys.executable} or on PATH; run `make install`")
     return found
+
+
+def plugin_model_args(hidden: int) -> list[str]:
+    """``fairseq-train`` options of the plugin's task and criterion with its LSTM language
+    model: one layer of ``hidden`` units, embeddings of the same size, tied."""
+    return [
+        "--user-dir",
+        str(PLUGIN_DIR),
+        "--task",
+        "adaptive_tbptt_lm",
+        "--arch",
+        "tbptt_lstm_lm",
+        "--embed-dim",
+        str(hidden),
+        "--hidden-size",
+        str(hidden),
+        "--num-layers",
+        "1",
+        "--tie-embeddings",
+        "--criterion",
+        "tbptt_cross_entropy",
+    ]
+
+
+def timed_run_args(
+    save_dir: Path, total_updates: int, log_interval: int, seed: int, device: str
+) -> list[str]:
+    """``fairseq-train`` options of a timed run: ``total_updates`` updates, a JSON log line
+    every ``log_interval``, no validation, no checkpoints, no data-loading workers."""
+    return [
+        "--max-update",
+        str(total_updates),
+        "--log-interval",
+        str(log_interval),
+        "--log-format",
+        "json",
+        "--disable-validation",
+        "--no-save",
+        "--save-dir",
+        str(save_dir),
+        "--num-workers",
+        "0",
+        "--seed",
+        str(seed),
+        *fairseq_device_args(device),
+    ]
 
 
 # --------------------------------------------------------------------------------------------

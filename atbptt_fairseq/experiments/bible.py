@@ -11,13 +11,10 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import (
-    Destination,
+    DataBinRequest,
     check_destination,
     log,
     reported_os_errors,
@@ -81,22 +78,19 @@ def tokenize(verse: str) -> str:
 
 
 def prepare_bible(
-    dest: Path,
+    request: DataBinRequest,
     *,
-    force: bool,
-    options: Mapping[str, Any],
-    valid_fraction: float,
-    test_fraction: float,
+    fractions: tuple[float, float],
     max_lines: int | None = None,
     vocab_size: int | None = None,
     install: bool = False,
 ) -> None:
-    """Read, tokenize and binarize the King James Bible (its first ``max_lines`` verses) into
-    ``dest`` (``options``: the command line's, recorded in the data-bin's marker)."""
+    """Read, tokenize, split (``fractions``: of valid and test) and binarize the King James
+    Bible (its first ``max_lines`` verses) as ``request`` asks."""
     if max_lines is not None and max_lines < 3:
         raise fail(f"--max-lines must be at least 3 (one line per split), got {max_lines}")
-    destination = Destination(dest, force, "prepare_bible.py", options=options)
-    with reported_os_errors(dest):
+    destination = request.destination("prepare_bible.py")
+    with reported_os_errors(request.dest):
         check_destination(destination)
         ensure_bible(install)
         verses = read_verses()
@@ -105,7 +99,7 @@ def prepare_bible(
         prepare_lines(
             lambda: iter(lines),
             destination,
-            valid_fraction=valid_fraction,
-            test_fraction=test_fraction,
+            valid_fraction=fractions[0],
+            test_fraction=fractions[1],
             vocab_size=vocab_size,
         )

@@ -11,12 +11,11 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import (
     SPLITS,
-    Destination,
+    DataBinRequest,
     check_destination,
     log,
     reported_os_errors,
@@ -99,28 +98,26 @@ def write_dictionary(path: Path, train_inputs: list[str]) -> None:
 
 
 def prepare_copy_task(
-    dest: Path,
+    request: DataBinRequest,
     *,
-    force: bool,
-    options: Mapping[str, Any],
     lengths: tuple[int, int],
     steps: Mapping[str, int],
     columns: int,
     seed: int,
 ) -> None:
     """Generate the three splits (``steps``: tokens per column of each; block lengths m in
-    ``lengths``), keep the text in ``dest/raw`` and binarize inputs and targets into ``dest``
-    (``options``: the command line's, recorded in the data-bin's marker)."""
+    ``lengths``), keep the text in ``raw/`` of the data-bin and binarize inputs and targets as
+    ``request`` asks."""
     min_length, max_length = lengths
     for split, n in steps.items():
         if n < 1:
             raise fail(f"--{split}-steps must be at least 1, got {n}")
     if columns < 1:
         raise fail(f"--columns must be at least 1, got {columns}")
-    destination = Destination(dest, force, "prepare_copy_task.py", options=options)
+    destination = request.destination("prepare_copy_task.py")
     check_destination(destination)
 
-    with reported_os_errors(dest), staged_directory(destination) as stage:
+    with reported_os_errors(request.dest), staged_directory(destination) as stage:
         raw = stage / "raw"
         inputs: dict[str, Path] = {}
         targets: dict[str, Path] = {}

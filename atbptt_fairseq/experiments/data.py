@@ -75,9 +75,38 @@ class Destination:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The command-line options worth recording in the marker (all but --dest and --force)."""
-    return {name: value for name, value in vars(args).items() if name not in ("dest", "force")}
+@dataclass(frozen=True)
+class DataBinRequest:
+    """What a preparation's command line asks of its output: the data-bin ``dest`` (``--dest``),
+    whether ``force`` (``--force``) may replace one there, and the ``options`` to record in its
+    marker."""
+
+    dest: Path
+    force: bool
+    options: Mapping[str, Any]
+
+    def destination(
+        self, tool: str, inputs: tuple[Path, ...] = (), scanned_dirs: tuple[Path, ...] = ()
+    ) -> Destination:
+        """The :class:`Destination` of preparation ``tool`` reading ``inputs``."""
+        return Destination(self.dest, self.force, tool, inputs, scanned_dirs, self.options)
+
+
+def add_destination_options(parser: argparse.ArgumentParser) -> None:
+    """``--dest`` and ``--force``, the options of every preparation."""
+    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
+
+
+def data_bin_request(args: argparse.Namespace) -> DataBinRequest:
+    """The request of a preparation's parsed command line; every option but --dest and --force
+    is recorded in the marker."""
+    options = {name: value for name, value in vars(args).items() if name not in ("dest", "force")}
+    return DataBinRequest(args.dest, args.force, options)
 
 
 def _files_below(directory: Path) -> list[str]:

@@ -19,24 +19,24 @@ from typing import Any
 from atbptt import TruncationController
 from atbptt_fairseq.experiments.bench import (
     TrainRun,
-    fairseq_device_args,
     finish,
     format_table,
     last_value,
     log,
     make_corpus,
     median,
+    plugin_model_args,
     rotate,
     run_fairseq_train,
     set_up_machine,
     synchronize,
     throughput_from_log,
+    timed_run_args,
     verdict,
     wait_until_quiet,
     warn_if_disturbed,
     zipf_tokens,
 )
-from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig
 
 TARGET_OVERHEAD = 0.05
@@ -375,23 +375,9 @@ def run_args(
     total = preset.log_interval + preset.updates
     options = [
         str(data_dir),
-        "--user-dir",
-        str(PLUGIN_DIR),
-        "--task",
-        "adaptive_tbptt_lm",
-        "--arch",
-        "tbptt_lstm_lm",
-        "--embed-dim",
-        str(preset.hidden),
-        "--hidden-size",
-        str(preset.hidden),
-        "--num-layers",
-        "1",
+        *plugin_model_args(preset.hidden),
         "--dropout",
         "0.2",
-        "--tie-embeddings",
-        "--criterion",
-        "tbptt_cross_entropy",
         "--optimizer",
         "sgd",
         "--lr",
@@ -402,21 +388,7 @@ def run_args(
         str(length),
         "--tbptt-style",
         args.tbptt_style,
-        "--max-update",
-        str(total),
-        "--log-interval",
-        str(preset.log_interval),
-        "--log-format",
-        "json",
-        "--disable-validation",
-        "--no-save",
-        "--save-dir",
-        str(save_dir),
-        "--num-workers",
-        "0",
-        "--seed",
-        str(args.seed),
-        *fairseq_device_args(args.device),
+        *timed_run_args(save_dir, total, preset.log_interval, args.seed, args.device),
     ]
     if adaptive:
         options += [

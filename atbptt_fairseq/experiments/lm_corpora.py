@@ -8,15 +8,14 @@ dictionary; its docstring lists the corpora.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import (
     SPLITS,
-    Destination,
+    DataBinRequest,
     check_destination,
     download,
     extract_archive,
@@ -160,23 +159,19 @@ def stage_split(path: Path, out: Path, drop_empty_lines: bool) -> Path:
 
 def prepare_lm_corpus(
     name: str,
-    dest: Path,
+    request: DataBinRequest,
     *,
-    force: bool,
-    options: Mapping[str, Any],
     source_dir: Path | None = None,
     download_dir: Path | None = None,
     base_url: str | None = None,
 ) -> None:
     """Get corpus ``name`` (from ``source_dir``, else downloaded into ``download_dir``, default
-    DEST's parent/downloads), check it and binarize it into ``dest`` (``options``: the command
-    line's, recorded in the data-bin's marker)."""
+    the data-bin's parent/downloads), check it and binarize it as ``request`` asks."""
     corpus = CORPORA[name]
+    dest = request.dest
     download_dir = download_dir or dest.parent / "downloads"
     source = source_dir if source_dir is not None else download_dir
-    destination = Destination(
-        dest, force, "prepare_lm_corpus.py", inputs=(source,), options=options
-    )
+    destination = request.destination("prepare_lm_corpus.py", inputs=(source,))
     check_destination(destination)
 
     with reported_os_errors(dest), work_directory(dest) as work:

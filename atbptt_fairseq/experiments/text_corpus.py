@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import (
     SPLITS,
+    DataBinRequest,
     Destination,
     check_destination,
     log,
@@ -223,34 +223,28 @@ def add_split_options(parser: argparse.ArgumentParser) -> None:
 
 def prepare_text(
     input_path: Path,
-    dest: Path,
+    request: DataBinRequest,
     *,
-    force: bool,
-    options: Mapping[str, Any],
-    valid_fraction: float,
-    test_fraction: float,
+    fractions: tuple[float, float],
     lowercase: bool = False,
     vocab_size: int | None = None,
     spm_vocab_size: int | None = None,
     spm_model_type: str = "unigram",
 ) -> None:
-    """Read ``input_path`` (a file or a directory), split it contiguously and binarize it into
-    ``dest`` (``options``: the command line's, recorded in the data-bin's marker)."""
-    destination = Destination(
-        dest,
-        force,
+    """Read ``input_path`` (a file or a directory), split it contiguously into train, valid
+    and test (``fractions``: of valid and test) and binarize it as ``request`` asks."""
+    destination = request.destination(
         "prepare_text.py",
         inputs=(input_path,),
         scanned_dirs=(input_path,) if input_path.is_dir() else (),
-        options=options,
     )
-    with reported_os_errors(dest):
+    with reported_os_errors(request.dest):
         files = list_input_files(input_path)
         prepare_lines(
             lambda: iter_text_lines(files, lowercase),
             destination,
-            valid_fraction=valid_fraction,
-            test_fraction=test_fraction,
+            valid_fraction=fractions[0],
+            test_fraction=fractions[1],
             vocab_size=vocab_size,
             spm_vocab_size=spm_vocab_size,
             spm_model_type=spm_model_type,

@@ -17,23 +17,23 @@ from typing import Any
 from atbptt_fairseq.experiments.bench import (
     Throughput,
     dictionary_size,
-    fairseq_device_args,
     finish,
     format_table,
     load_token_stream,
     log,
     make_corpus,
     median,
+    plugin_model_args,
     rotate,
     run_fairseq_train,
     set_up_machine,
     synchronize,
     throughput_from_log,
+    timed_run_args,
     verdict,
     wait_until_quiet,
     warn_if_disturbed,
 )
-from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR
 
 TARGET_VS_PLAIN = 0.95
 TARGET_VS_LSTM_LM = 1.8
@@ -87,44 +87,16 @@ def common_fairseq_args(
         str(args.lr),
         "--batch-size",
         str(preset.batch),
-        "--max-update",
-        str(total_updates),
-        "--log-interval",
-        str(preset.log_interval),
-        "--log-format",
-        "json",
-        "--disable-validation",
-        "--no-save",
-        "--save-dir",
-        str(save_dir),
-        "--num-workers",
-        "0",
-        "--seed",
-        str(args.seed),
+        *timed_run_args(save_dir, total_updates, preset.log_interval, args.seed, args.device),
         "--dropout",
         str(args.dropout),
-        *fairseq_device_args(args.device),
     ]
 
 
 def plugin_args(preset: Preset, style: str) -> list[str]:
     """(a): the plugin at fixed K."""
     return [
-        "--user-dir",
-        str(PLUGIN_DIR),
-        "--task",
-        "adaptive_tbptt_lm",
-        "--arch",
-        "tbptt_lstm_lm",
-        "--embed-dim",
-        str(preset.hidden),
-        "--hidden-size",
-        str(preset.hidden),
-        "--num-layers",
-        "1",
-        "--tie-embeddings",
-        "--criterion",
-        "tbptt_cross_entropy",
+        *plugin_model_args(preset.hidden),
         "--truncation-length",
         str(preset.length),
         "--tbptt-style",
