@@ -80,7 +80,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         check_config(cfg)
         self.method = method_config(cfg)  # the core's options, as atbptt.TbpttDriver takes them
         world_size, rank = world()
-        try:  # the one segment loop; --gradient-estimator (not tbptt) trains through it too
+        try:  # the one segment loop: every --gradient-estimator, tbptt included, trains in it
             self.loop = TbpttLoop(
                 self.method, build_gradient_estimator(cfg), rank, world_size, average_over_workers,
                 flag=lambda name: "--" + name.replace("_", "-"),
