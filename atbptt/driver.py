@@ -34,12 +34,11 @@ from .config import (  # noqa: F401  (re-exported: the driver's module was their
     TBPTT_STYLES,
     TbpttConfig,
     budget_tokens,
-    build_controller,
     describe_changes,
     lr_factor,
     resume_changes,
 )
-from .controller import TruncationDecision
+from .controller import TruncationDecision, build_controller  # noqa: F401  (re-exported)
 from .estimators.base import GradientEstimator
 from .gradient_profile import State
 from .loop import (  # noqa: F401  (re-exported)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import TbpttConfig, budget_tokens, build_controller, check_config, lr_factor
-from .controller import TruncationController, TruncationDecision
+from .config import TbpttConfig, budget_tokens, check_config, lr_factor
+from .controller import TruncationController, TruncationDecision, build_controller
 from .estimators.base import Carry, GradientEstimator, LoopSegment, next_segment, placement
 from .estimators.truncated import Truncation
 from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows

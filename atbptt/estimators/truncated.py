@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import TBPTT_STYLES
 from ..controller import TruncationController
 from ..gradient_profile import State
 from ..protocol import RecurrentModel
@@ -21,8 +22,6 @@ from .base import (
     token_loss_sum,
     trainable,
 )
-
-TBPTT_STYLES = ("overlap", "disjoint")
 
 
 class Truncation(GradientEstimator):

@@ -17,6 +17,7 @@ from atbptt import (
 )
 from atbptt.estimators import Carry
 from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq.tasks.config import option_flag
 from atbptt_fairseq.tasks.estimators import task_layout
 
 logger = logging.getLogger(__name__)
@@ -135,13 +136,9 @@ def check_resumed_options(
     ]
     if breaking:
         raise UserInputError(
-            f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "
+            f"cannot resume with {describe_changes(breaking, option_flag)}: the checkpoint's carried "
             "state belongs to the saved value; resume with it, or start a new run "
             "(another --save-dir, or --reset-dataloader to start a new pass)"
         )
     if changes:
-        logger.warning(f"resuming with changed options: {describe_changes(changes, _flag)}")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+        logger.warning(f"resuming with changed options: {describe_changes(changes, option_flag)}")
