@@ -79,6 +79,8 @@ class Truncation(GradientEstimator):
         carry: Carry,
         normaliser: float | None = None,
     ) -> tuple[float, Carry]:
+        """One segment fed on its own (not a planned window): in the overlap style it re-reads
+        the K - 1 inputs kept in the carry, K the fixed one or else the segment's length."""
         truncation_length = (
             inputs.size(1) if self.truncation_length is None else self.truncation_length
         )
