@@ -1,5 +1,5 @@
 """The issue-28 grid's tables, from each finished run's records (result.json, validation.csv, the
-k_decision lines of train.log, eval_test_last.log where test_at_last.sh wrote it).
+K decisions of atbptt_metrics.jsonl, eval_test_last.log where test_at_last.sh wrote it).
 
     python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] [--plots DIR] > table.md
 
@@ -17,8 +17,16 @@ import statistics
 import sys
 from pathlib import Path
 
+from atbptt.records import METRICS_FILE, read_records
+
 
 def decisions(run: Path) -> list[dict]:
+    """The run's K decisions: its metrics records (collect.sh copies them beside result.json; a
+    grid keeps them in the save dir), or for a run made before the records existed (code before
+    atbptt/records.py) the k_decision JSON that the run logged in train.log."""
+    for metrics in (run / METRICS_FILE, run / "checkpoints" / METRICS_FILE):
+        if metrics.is_file():
+            return read_records(metrics, kind="k_decision")
     lines = (run / "train.log").read_text().splitlines()
     return [json.loads(line.split("k_decision ", 1)[1]) for line in lines if "k_decision {" in line]
 
