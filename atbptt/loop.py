@@ -47,11 +47,12 @@ class TbpttLoop:
     ``config``: the method's options (checked here). ``estimator``: how the gradient of a segment
     is computed, a :class:`atbptt.estimators.GradientEstimator` (ARTBP, UORO, KF-RTRL, exact
     RTRL); None: (adaptive) truncated BPTT at the controller's K in ``config.tbptt_style``
-    (:class:`atbptt.estimators.Truncation`). Every one trains through :meth:`train`. ``rank``/``world_size``: this worker's share of the
-    columns (``batch_size`` columns each); ``average`` all-reduces the measured gradient profile
-    of an estimate in place, so that every worker decides the same K. ``flag`` names an option
-    in messages (the fairseq task: ``--estimate-window``). Give the training stream
-    with :meth:`use_stream` before the first segment.
+    (:class:`atbptt.estimators.Truncation`). Every one trains through :meth:`train`.
+    ``rank``/``world_size``: this worker's share of the columns (``batch_size`` columns each);
+    ``average`` all-reduces the measured gradient profile of an estimate in place, so that every
+    worker decides the same K. ``flag`` names an option in messages (the fairseq task:
+    ``--estimate-window``). Give the training stream with :meth:`use_stream` before the first
+    segment.
     """
 
     def __init__(

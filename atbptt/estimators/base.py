@@ -9,8 +9,8 @@ whatever the method needs besides (forward-mode sensitivities, the last input to
 Truncated BPTT (fixed or adaptive K, :mod:`atbptt.estimators.truncated`) ignores the history
 before its window (biased); ARTBP, UORO and KF-RTRL estimate it without bias; exact RTRL computes
 it. Every one of them trains through :meth:`GradientEstimator.train_segment` on the segments that
-:func:`atbptt.plan_segment` cuts, in :class:`atbptt.TbpttLoop` and in :func:`run_segments` alike. Summed over the segments of a sequence at fixed
-parameters, an unbiased estimator's gradients average to the full-BPTT gradient of the sequence
+:func:`next_segment` cuts, in :class:`atbptt.TbpttLoop` and in :func:`run_segments` alike. Summed
+over the segments of a sequence at fixed parameters, an unbiased estimator's gradients average to the full-BPTT gradient of the sequence
 (:func:`full_gradient`), which is what ``tests/test_estimators.py`` checks.
 """
 

@@ -136,8 +136,8 @@ def check_resumed_options(
     ]
     if breaking:
         raise UserInputError(
-            f"cannot resume with {describe_changes(breaking, option_flag)}: the checkpoint's carried "
-            "state belongs to the saved value; resume with it, or start a new run "
+            f"cannot resume with {describe_changes(breaking, option_flag)}: the checkpoint's "
+            "carried state belongs to the saved value; resume with it, or start a new run "
             "(another --save-dir, or --reset-dataloader to start a new pass)"
         )
     if changes:
