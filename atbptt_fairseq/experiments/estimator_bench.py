@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from atbptt import TruncationController
+from atbptt.records import METRICS_FILE, read_records
 from atbptt_fairseq.experiments.bench import (
     TrainRun,
     finish,
@@ -452,20 +453,16 @@ class RunFigures:
     decisions: list[tuple[int, int, float]]  # (update, K after it, seconds) of every estimate
 
 
-DECISION_LINE = re.compile(r"update (\d+): K = (\d+) \(.*, ([0-9.]+)s\)")
-
-
-def run_figures(run: TrainRun) -> RunFigures:
-    """Wall time, tokens, estimate seconds and K of a run, from its JSON log (and the task's
-    ``update N: K = ...`` lines for the individual decisions)."""
+def run_figures(run: TrainRun, save_dir: Path) -> RunFigures:
+    """Wall time, tokens, estimate seconds and K of a run, from its JSON log (and the individual
+    decisions from the ``k_decision`` records of its ``atbptt_metrics.jsonl`` in ``save_dir``)."""
     throughput = throughput_from_log(run, 1)
     est = [line.stats.get("est_sec", 0.0) for line in run.lines]
     final_k = last_value(run, "trunc_k")
-    decisions = []
-    for text in run.output:
-        match = DECISION_LINE.search(text)
-        if match and "adaptive_tbptt_lm" in text:
-            decisions.append((int(match[1]), int(match[2]), float(match[3])))
+    decisions = [
+        (int(record["update"]), int(record["truncation_length"]), float(record["seconds"]))
+        for record in read_records(save_dir / METRICS_FILE, "k_decision")
+    ]
     return RunFigures(
         seconds=throughput.seconds_log,
         seconds_clock=throughput.seconds_clock,
@@ -534,8 +531,9 @@ def bench_overhead(preset: RunPreset, work: Path, args: argparse.Namespace) -> d
                 f"pair {pair + 1}/{args.pairs}: {kind} run "
                 f"({'K0' if is_adaptive else 'K'} {length}; other work {busy:.0%} of the CPU)"
             )
-            options = run_args(preset, data_dir, work / "save", length, is_adaptive, args)
-            figures = run_figures(run_fairseq_train(options, args.threads, f"{kind} run"))
+            save_dir = work / f"save-{pair}-{kind}"  # its own metrics file
+            options = run_args(preset, data_dir, save_dir, length, is_adaptive, args)
+            figures = run_figures(run_fairseq_train(options, args.threads, f"{kind} run"), save_dir)
             (adaptive if is_adaptive else fixed).append(figures)
             if is_adaptive and frozen_k is None:
                 frozen_k = figures.final_k
