@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import tempfile
 import time
 from collections.abc import Callable
