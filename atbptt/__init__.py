@@ -19,7 +19,6 @@ from .config import (
     RESUME_BREAKING_OPTIONS,
     TbpttConfig,
     budget_tokens,
-    build_controller,
     describe_changes,
     lr_factor,
     resume_changes,
@@ -30,6 +29,7 @@ from .controller import (
     LAG_ORIGINS,
     TruncationController,
     TruncationDecision,
+    build_controller,
 )
 from .driver import TbpttDriver, TrainingSegment, evaluate_stream
 from .gradient_profile import (

@@ -1,6 +1,7 @@
-"""The method's options in one place (:class:`TbpttConfig`), their checks, and the small rules
-derived from them (the controller they build, the tokens an estimate budget counts, the learning
-rate factor, the options a resume may change)."""
+"""The method's options in one place (:class:`TbpttConfig`), their checks (:func:`check_config`,
+the one place they are written: the controller and the fairseq task call it), and the small rules
+derived from them (the tokens an estimate budget counts, the learning rate factor, the options a
+resume may change). The controller the options build: :func:`atbptt.build_controller`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bias import CUMULATIVE_MODES
-from .controller import BIAS_REFERENCES, ESTIMATE_METHODS, LAG_ORIGINS, TruncationController
 from .learning_rate import LR_SCALINGS, learning_rate_factor
 
 TBPTT_STYLES = ("overlap", "disjoint")
@@ -19,6 +19,23 @@ TBPTT_STYLES = ("overlap", "disjoint")
 # carries the state after the first K steps of a 2K - 1 window, the disjoint one at its end
 RESUME_BREAKING_OPTIONS = ("tbptt_style",)
 BUDGET_COUNTS = ("processed", "scored")
+
+LAG_ORIGINS = ("final", "previous")
+"""Where lag 0 of the profile lies: ``final``, the state the final loss reads (the paper's
+formula, phi_0 the readout gradient); ``previous``, the state before it (the authors' code)."""
+
+BIAS_REFERENCES = ("gradient", "update")
+"""What the estimated bias is relative to: ``gradient``, the norm of the full (untruncated)
+gradient (the paper's delta); ``update``, the expected norm of the training update's gradient at
+K, the full gradient plus the noise of a minibatch of (columns x K) scored tokens, measured from
+the spread of the R in-window estimates (docs/pays_for_itself). A bias far below that noise does
+not change what an SGD step does."""
+
+ESTIMATE_METHODS = ("norms", "in-window")
+"""How the bias is estimated: ``norms``, the paper's bound from state-gradient norms
+(:func:`atbptt.estimate_bias`); ``in-window``, the parameter-gradient bias measured inside the
+window plus the norm tail beyond it (:mod:`atbptt.in_window`), whose ``measure`` returns an
+:class:`~atbptt.in_window.InWindowMeasurement`."""
 
 
 @dataclass
@@ -244,35 +261,6 @@ class TbpttConfig:
     )
 
 
-def build_controller(config: TbpttConfig) -> TruncationController:
-    """The controller for ``config``; a fixed K is not bound by the adaptive range."""
-    adaptive = config.target_bias is not None
-    window = (
-        config.estimate_window
-        if adaptive
-        else max(config.estimate_window, config.truncation_length)
-    )
-    return TruncationController(
-        initial_length=config.truncation_length,
-        min_length=config.min_truncation_length if adaptive else config.truncation_length,
-        max_length=config.max_truncation_length if adaptive else config.truncation_length,
-        target_bias=config.target_bias,
-        window=window,
-        burnin=config.estimate_burnin if config.estimate_burnin >= 0 else window // 10,
-        num_sequences=config.estimate_sequences,
-        num_estimates=config.estimate_repeats,
-        interval=config.estimate_interval,
-        budget=config.estimate_budget,
-        cumulative=config.estimate_cumulative,
-        lag_origin=config.estimate_lag_origin,
-        tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
-        estimate_method=config.estimate_method,
-        max_change=config.max_truncation_change,
-        bias_relative_to=config.bias_relative_to,
-        estimate_at_start=config.estimate_at_start,
-    )
-
-
 def budget_tokens(config: TbpttConfig, processed: int, scored: int) -> int:
     """The tokens of a training segment that count towards the estimate budget:
     ``estimate_budget_counts`` says whether the inputs run (processed) or the targets scored."""
@@ -333,6 +321,12 @@ def check_config(config: TbpttConfig, flag: Callable[[str], str] = str) -> None:
         value = getattr(config, name)
         if value < least:
             raise ValueError(f"{flag(name)} must be at least {least} (got {value})")
+    anchor, window = config.estimate_tail_anchor, config.estimate_window
+    if anchor >= window:
+        raise ValueError(
+            f"{flag('estimate_tail_anchor')} must lie in [0, {flag('estimate_window')}) = "
+            f"[0, {window}) (got {anchor}); -1: W - W // 10 - 1"
+        )
     change = config.max_truncation_change
     if not (change == 0 or change > 1):
         raise ValueError(
@@ -343,6 +337,17 @@ def check_config(config: TbpttConfig, flag: Callable[[str], str] = str) -> None:
         raise ValueError(
             f"{flag('estimate_method')} in-window measures the bias at K steps directly and has "
             f"no lag origin to choose: leave out {flag('estimate_lag_origin')} previous"
+        )
+    if config.bias_relative_to == "update" and config.estimate_method != "in-window":
+        raise ValueError(
+            f"{flag('bias_relative_to')} update needs the parameter gradients of the in-window "
+            f"estimate: set {flag('estimate_method')} in-window"
+        )
+    if config.bias_relative_to == "update" and config.estimate_repeats < 2:
+        raise ValueError(
+            f"{flag('bias_relative_to')} update measures the gradient noise from the spread of "
+            f"the R estimates: {flag('estimate_repeats')} must be at least 2 "
+            f"(got {config.estimate_repeats})"
         )
     if config.estimate_interval == 0 and not 0.0 < config.estimate_budget <= 1.0:
         raise ValueError(

@@ -13,35 +13,23 @@ from typing import Any
 import torch
 
 from .bias import (
-    CUMULATIVE_MODES,
     BiasEstimate,
     estimate_bias,
     raw_truncation_length,
     unbounded_reason,
+)
+from .config import (  # noqa: F401  (re-exported: the controller's module was their home)
+    BIAS_REFERENCES,
+    ESTIMATE_METHODS,
+    LAG_ORIGINS,
+    TbpttConfig,
+    check_config,
 )
 from .gradient_profile import GradientProfile
 from .in_window import InWindowMeasurement, estimate_bias_in_window
 from .update_noise import UpdateNoiseAccumulator
 
 logger = logging.getLogger(__name__)
-
-LAG_ORIGINS = ("final", "previous")
-"""Where lag 0 of the profile lies: ``final``, the state the final loss reads (the paper's
-formula, phi_0 the readout gradient); ``previous``, the state before it (the authors' code)."""
-
-BIAS_REFERENCES = ("gradient", "update")
-"""What the estimated bias is relative to: ``gradient``, the norm of the full (untruncated)
-gradient (the paper's delta); ``update``, the expected norm of the training update's gradient at
-K, the full gradient plus the noise of a minibatch of (columns x K) scored tokens, measured from
-the spread of the R in-window estimates (docs/pays_for_itself). A bias far below that noise does
-not change what an SGD step does."""
-
-ESTIMATE_METHODS = ("norms", "in-window")
-"""How the bias is estimated: ``norms``, the paper's bound from state-gradient norms
-(:func:`atbptt.estimate_bias`); ``in-window``, the parameter-gradient bias measured inside the
-window plus the norm tail beyond it (:mod:`atbptt.in_window`), whose ``measure`` returns an
-:class:`~atbptt.in_window.InWindowMeasurement`."""
-
 
 @dataclass
 class TruncationDecision:
@@ -108,70 +96,28 @@ class TruncationController:
         bias_relative_to: str = "gradient",
         estimate_at_start: bool = False,
     ) -> None:
-        if target_bias is not None and not 0.0 < target_bias < 1.0:
-            raise ValueError(
-                f"target_bias must lie strictly between 0 and 1 (got {target_bias}); "
-                "unset it to train with a fixed truncation length"
-            )
-        if not 1 <= min_length <= initial_length <= max_length:
-            raise ValueError(
-                "truncation lengths must satisfy 1 <= min_length <= initial_length <= max_length "
-                f"(got {min_length}, {initial_length}, {max_length}); adjust them"
-            )
-        if window < max_length:
-            raise ValueError(
-                f"window ({window}) must be at least max_length ({max_length}): the bias is only "
-                "estimated for K up to the window; enlarge the window or lower max_length"
-            )
-        if burnin < 0:
+        options = TbpttConfig(
+            truncation_length=initial_length,
+            target_bias=target_bias,
+            min_truncation_length=min_length,
+            max_truncation_length=max_length,
+            max_truncation_change=max_change,
+            estimate_window=window,
+            estimate_burnin=burnin,
+            estimate_sequences=num_sequences,
+            estimate_repeats=num_estimates,
+            estimate_interval=interval,
+            estimate_budget=budget,
+            estimate_lag_origin=lag_origin,
+            estimate_tail_anchor=-1 if tail_anchor is None else tail_anchor,
+            estimate_method=estimate_method,
+            estimate_cumulative=cumulative,
+            bias_relative_to=bias_relative_to,
+            estimate_at_start=estimate_at_start,
+        )
+        check_config(options, flag=lambda name: _ARGUMENTS.get(name, name))
+        if burnin < 0:  # the options' -1 (W // 10) is resolved by now
             raise ValueError(f"burnin must be >= 0 (got {burnin})")
-        if num_sequences < 1:
-            raise ValueError(f"num_sequences must be >= 1 (got {num_sequences})")
-        if num_estimates < 1:
-            raise ValueError(f"num_estimates must be >= 1 (got {num_estimates})")
-        if interval < 0:
-            raise ValueError(f"interval must be >= 0 updates (got {interval})")
-        if interval == 0 and not 0.0 < budget <= 1.0:
-            raise ValueError(
-                f"budget must lie in (0, 1] when interval is 0 (got {budget}): it is the share "
-                "of training tokens an estimate may cost"
-            )
-        if cumulative not in CUMULATIVE_MODES:
-            raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES} (got {cumulative!r})")
-        if lag_origin not in LAG_ORIGINS:
-            raise ValueError(f"lag_origin must be one of {LAG_ORIGINS} (got {lag_origin!r})")
-        if estimate_method not in ESTIMATE_METHODS:
-            raise ValueError(
-                f"estimate_method must be one of {ESTIMATE_METHODS} (got {estimate_method!r})"
-            )
-        if estimate_method == "in-window" and lag_origin != "final":
-            raise ValueError(
-                "the in-window estimate measures the parameter gradient's bias at K steps "
-                "directly: it has no lag origin to choose; use lag_origin 'final', not 'previous'"
-            )
-        if bias_relative_to not in BIAS_REFERENCES:
-            raise ValueError(
-                f"bias_relative_to must be one of {BIAS_REFERENCES} (got {bias_relative_to!r})"
-            )
-        if bias_relative_to == "update":
-            if estimate_method != "in-window":
-                raise ValueError(
-                    "the bias relative to the update needs the parameter gradients of the "
-                    "in-window estimate: use estimate_method 'in-window'"
-                )
-            if num_estimates < 2:
-                raise ValueError(
-                    "the bias relative to the update measures the gradient noise from the spread "
-                    f"of the R estimates: R (num_estimates) must be at least 2 (got {num_estimates})"
-                )
-        if not (max_change == 0.0 or 1.0 < max_change < math.inf):
-            raise ValueError(
-                f"max_change must be 0 (unbounded) or a finite factor above 1 (got {max_change})"
-            )
-        if tail_anchor is not None and not 0 <= tail_anchor < window:
-            raise ValueError(
-                f"tail_anchor must lie in [0, window) = [0, {window}) (got {tail_anchor})"
-            )
         self.min_length = min_length
         self.max_length = max_length
         self.target_bias = target_bias
@@ -423,3 +369,50 @@ class TruncationController:
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values))
+
+
+# the controller's argument for each option of TbpttConfig it takes (messages name the argument)
+_ARGUMENTS = {
+    "truncation_length": "initial_length",
+    "min_truncation_length": "min_length",
+    "max_truncation_length": "max_length",
+    "max_truncation_change": "max_change",
+    "estimate_window": "window",
+    "estimate_burnin": "burnin",
+    "estimate_sequences": "num_sequences",
+    "estimate_repeats": "num_estimates",
+    "estimate_interval": "interval",
+    "estimate_budget": "budget",
+    "estimate_lag_origin": "lag_origin",
+    "estimate_tail_anchor": "tail_anchor",
+    "estimate_cumulative": "cumulative",
+}
+
+
+def build_controller(config: TbpttConfig) -> TruncationController:
+    """The controller for ``config``; a fixed K is not bound by the adaptive range."""
+    adaptive = config.target_bias is not None
+    window = (
+        config.estimate_window
+        if adaptive
+        else max(config.estimate_window, config.truncation_length)
+    )
+    return TruncationController(
+        initial_length=config.truncation_length,
+        min_length=config.min_truncation_length if adaptive else config.truncation_length,
+        max_length=config.max_truncation_length if adaptive else config.truncation_length,
+        target_bias=config.target_bias,
+        window=window,
+        burnin=config.estimate_burnin if config.estimate_burnin >= 0 else window // 10,
+        num_sequences=config.estimate_sequences,
+        num_estimates=config.estimate_repeats,
+        interval=config.estimate_interval,
+        budget=config.estimate_budget,
+        cumulative=config.estimate_cumulative,
+        lag_origin=config.estimate_lag_origin,
+        tail_anchor=None if config.estimate_tail_anchor < 0 else config.estimate_tail_anchor,
+        estimate_method=config.estimate_method,
+        max_change=config.max_truncation_change,
+        bias_relative_to=config.bias_relative_to,
+        estimate_at_start=config.estimate_at_start,
+    )

@@ -34,12 +34,11 @@ from .config import (  # noqa: F401  (re-exported: the driver's module was their
     TBPTT_STYLES,
     TbpttConfig,
     budget_tokens,
-    build_controller,
     describe_changes,
     lr_factor,
     resume_changes,
 )
-from .controller import TruncationDecision
+from .controller import TruncationDecision, build_controller  # noqa: F401  (re-exported)
 from .estimators.base import GradientEstimator
 from .gradient_profile import State
 from .loop import (  # noqa: F401  (re-exported)
@@ -61,8 +60,8 @@ class TrainingSegment:
     """One update's window: read ``inputs`` from ``state``, score the positions from
     ``output_start`` on against ``targets``, carry the state after ``carry_offset`` steps.
 
-    Call :meth:`loss` (or run the model yourself and call :meth:`carry`; with a gradient
-    estimator, :meth:`accumulate`) exactly once. ``records``: the update's figures and the
+    Call :meth:`accumulate` (every estimator), or with truncated BPTT :meth:`loss` (or run the
+    model yourself and call :meth:`carry`), exactly once. ``records``: the update's figures and the
     decision on K that ran before it, as the metrics file holds them (:mod:`atbptt.records`).
     """
 
@@ -81,9 +80,10 @@ class TrainingSegment:
 
     def loss(self, model: RecurrentModel) -> Tensor:
         """Mean cross-entropy over the scored positions; hands the next state to the driver."""
-        if self._driver.estimator is not None:
+        if not self._driver.estimator.differentiable_loss:
             raise RuntimeError(
-                "the driver has a gradient estimator: call segment.accumulate(model)"
+                f"the driver's gradient estimator ({self._driver.estimator.name}) writes the "
+                "gradient itself: call segment.accumulate(model)"
             )
         logits, carried = model.run_window(
             self.inputs, self.state, self.output_start, self.carry_offset
@@ -99,11 +99,10 @@ class TrainingSegment:
         self._driver.loop.carry(state)
 
     def accumulate(self, model: RecurrentModel) -> float:
-        """With the driver's gradient estimator: add its gradient estimate for this segment to
-        ``.grad`` (divided by B x K, K the nominal length, so a random segment length does not
-        rescale the step) and carry its state; returns the segment's mean cross-entropy."""
-        if self._driver.estimator is None:
-            raise RuntimeError("the driver has no gradient estimator: use segment.loss(model)")
+        """Add the driver's gradient estimate for this segment to ``.grad`` and carry its state
+        (truncated BPTT: the gradient of the mean loss; the other estimators: divided by B x K, K
+        the nominal length, so a random segment length does not rescale the step); returns the
+        segment's mean cross-entropy."""
         self._driver._finish(self)
         loss = self._driver.loop.train(self._planned, model)
         return float(loss) / self.targets.numel()
@@ -117,8 +116,8 @@ class TbpttDriver:
     ``batch_size`` columns are trained side by side, each carrying its own state; the state is
     reset at the start of every pass. One process: the driver does not split columns over ranks.
     ``estimator``: a gradient estimator of :mod:`atbptt.estimators` instead of truncated BPTT
-    (segments are then disjoint stretches of the length it asks for, trained by
-    ``segment.accumulate(model)``).
+    (segments are then disjoint stretches of the length it asks for); every estimator trains by
+    ``segment.accumulate(model)``, truncated BPTT also by ``segment.loss(model)``.
     """
 
     def __init__(
@@ -135,7 +134,7 @@ class TbpttDriver:
         self.metrics = None if metrics_dir is None else MetricsFile(metrics_dir)
         self.loop.use_stream(tokens, batch_size, targets)
         self.config = config
-        self.estimator = estimator
+        self.estimator = self.loop.estimator
         self.controller = self.loop.controller
         self.batch_size = batch_size
         self.segments_per_epoch = self.loop.segments_per_epoch

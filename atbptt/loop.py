@@ -16,16 +16,15 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TbpttConfig, budget_tokens, build_controller, check_config, lr_factor
-from .controller import TruncationController, TruncationDecision
-from .estimators.base import Carry, GradientEstimator
+from .config import TbpttConfig, budget_tokens, check_config, lr_factor
+from .controller import TruncationController, TruncationDecision, build_controller
+from .estimators.base import Carry, GradientEstimator, LoopSegment, next_segment, placement
+from .estimators.truncated import Truncation
 from .gradient_profile import GradientProfile, State, measure_gradient_profile, sample_windows
 from .in_window import InWindowMeasurement, measure_in_window
 from .protocol import RecurrentModel
@@ -33,7 +32,6 @@ from .token_stream import (
     StreamCursor,
     aligned_stream,
     lay_out_columns,
-    plan_segment,
     segments_per_pass,
 )
 
@@ -43,38 +41,18 @@ logger = logging.getLogger(__name__)
 Snapshot = tuple[Any, ...]
 
 
-@dataclass
-class LoopSegment:
-    """One update's window over this worker's columns.
-
-    Read ``inputs`` from ``state``, score the positions from ``output_start`` on against
-    ``targets``, carry the state after ``carry_offset`` steps. ``normaliser``: the divisor of the
-    summed cross-entropy whose gradient :meth:`TbpttLoop.train` writes (the scored tokens for
-    truncated BPTT, the paper's mean loss; B x the nominal K for the other estimators, so that
-    ARTBP's random lengths do not rescale the step).
-    """
-
-    inputs: Tensor  # B x T, on the model's device
-    targets: Tensor  # B x (T - output_start)
-    state: State  # the carried state (detached), or a zero state at the start of a pass
-    output_start: int
-    carry_offset: int
-    truncation_length: int  # K in force for this update (capped at the column length)
-    trained_length: int  # what trunc_k logs: K, or an estimator's segment length (ARTBP: random)
-    new_pass: bool  # the state was reset: a pass over the data begins
-    normaliser: float
-
-
 class TbpttLoop:
     """The segment loop of one worker over a token stream laid out in columns.
 
-    ``config``: the method's options (checked here). ``estimator``: a gradient estimator of
-    :mod:`atbptt.estimators` (ARTBP, UORO, KF-RTRL, exact RTRL); None trains by (adaptive)
-    truncated BPTT at the controller's K. ``rank``/``world_size``: this worker's share of the
-    columns (``batch_size`` columns each); ``average`` all-reduces the measured gradient profile
-    of an estimate in place, so that every worker decides the same K. ``flag`` names an option
-    in messages (the fairseq task: ``--estimate-window``). Give the training stream
-    with :meth:`use_stream` before the first segment.
+    ``config``: the method's options (checked here). ``estimator``: how the gradient of a segment
+    is computed, a :class:`atbptt.estimators.GradientEstimator` (ARTBP, UORO, KF-RTRL, exact
+    RTRL); None: (adaptive) truncated BPTT at the controller's K in ``config.tbptt_style``
+    (:class:`atbptt.estimators.Truncation`). Every one trains through :meth:`train`.
+    ``rank``/``world_size``: this worker's share of the columns (``batch_size`` columns each);
+    ``average`` all-reduces the measured gradient profile of an estimate in place, so that every
+    worker decides the same K. ``flag`` names an option in messages (the fairseq task:
+    ``--estimate-window``). Give the training stream with :meth:`use_stream` before the first
+    segment.
     """
 
     def __init__(
@@ -89,14 +67,14 @@ class TbpttLoop:
         check_config(config, flag)
         self.flag = flag  # how the messages name an option (the fairseq task: its flags)
         self.config = config
-        self.estimator = estimator
+        self.estimator: GradientEstimator = estimator or Truncation(config.tbptt_style)
         self.rank, self.world_size, self.average = rank, world_size, average
         self.controller: TruncationController = build_controller(config)
         self.columns: tuple[Tensor, Tensor] | None = None  # (inputs, targets), C x n
         self.stream: tuple[Tensor, Tensor] | None = None  # estimate windows are cut from it
         self.cursor = StreamCursor()
-        self.carried: State | None = None  # truncated BPTT's state after the last segment
-        self.estimator_carry: Carry | None = None  # an estimator's state and history
+        # the state after the last segment and the estimator's history (sensitivities)
+        self.estimator_carry: Carry | None = None
         self.state_batch_dim = 1  # of the trained model's state (nn.LSTM's layers x B x H)
         self.num_segments = 0  # segments served
         self.scored_tokens = 0  # target tokens of all segments, all workers
@@ -143,7 +121,6 @@ class TbpttLoop:
     def restart_pass(self, count_pass: bool = False) -> None:
         """Start the stream from its beginning with a zero state (a new shard or layout)."""
         self.cursor = StreamCursor(passes=self.cursor.passes + int(count_pass))
-        self.carried = None
         self.estimator_carry = None
 
     # ------------------------------------------------------------------------------ facts
@@ -172,9 +149,8 @@ class TbpttLoop:
     @property
     def segments_per_epoch(self) -> int:
         """``updates_per_epoch``, or one pass over the columns at K0."""
-        style = self.config.tbptt_style if self.estimator is None else "disjoint"
         return self.config.updates_per_epoch or segments_per_pass(
-            self.config.truncation_length, style, self.column_length
+            self.config.truncation_length, self.estimator.style, self.column_length
         )
 
     def applied_length(self, truncation_length: int) -> int:
@@ -231,10 +207,9 @@ class TbpttLoop:
         self._checked_model = id(model)
 
     def trained_model(self, model: RecurrentModel) -> RecurrentModel:
-        """The module the gradient is taken of: an estimator's (a model may hand over its core
-        recurrence with ``gradient_estimation_model()``), else the model itself."""
-        handed_over = getattr(model, "gradient_estimation_model", None)
-        return model if self.estimator is None or handed_over is None else handed_over()
+        """The module the gradient is taken of (the estimator's choice: truncated BPTT takes the
+        whole model; the others the core recurrence a model may hand over)."""
+        return self.estimator.trained_module(model)
 
     # ------------------------------------------------------------------------- estimates
 
@@ -286,62 +261,27 @@ class TbpttLoop:
     # -------------------------------------------------------------------------- training
 
     def next_segment(self, model: RecurrentModel) -> LoopSegment:
-        """Plan the next segment at the K in force (an estimator: of the length it asks for,
-        disjoint), on the device and in the precision of ``model``; count its tokens."""
+        """Plan the next segment at the K in force (of the length and style the estimator asks
+        for), on the device and in the precision of ``model``; count its tokens."""
         if self.columns is None:
             raise RuntimeError("no training stream: call use_stream(tokens, batch_size) first")
         trained = self.trained_model(model)
         self.check_model(trained)
         truncation_length = self.truncation_length
-        if self.estimator is None:
-            style, length = self.config.tbptt_style, truncation_length
-        else:
-            style, length = "disjoint", self.estimator.segment_length(truncation_length)
-        plan = plan_segment(self.cursor, length, style, self.column_length)
-        device, dtype = placement(trained)
         self.state_batch_dim = getattr(trained, "state_batch_dim", 1)
-        inputs, targets = self.columns
-        window = slice(plan.window_start, plan.window_end)
-        scored = slice(plan.window_start + plan.output_start, plan.window_end)
-        segment_inputs, segment_targets = (
-            inputs[:, window].to(device),
-            targets[:, scored].to(device),
-        )
-        if self.estimator is not None:
-            if plan.new_pass or self.estimator_carry is None:
-                self.estimator_carry = self.estimator.start(trained, segment_inputs.size(0))
-            else:  # a carry restored from a checkpoint lives on the CPU
-                self.estimator_carry = self.estimator_carry.to(device, dtype)
-            state = self.estimator_carry.state
-            normaliser = float(segment_inputs.size(0) * truncation_length)
-        else:
-            if plan.new_pass:
-                self.carried = None
-            if self.carried is None:
-                state = trained.zero_state(segment_inputs.size(0))
-            else:  # a state restored from a checkpoint lives on the CPU, maybe in another dtype
-                state = tuple(tensor.to(device=device, dtype=dtype) for tensor in self.carried)
-            normaliser = float(segment_targets.numel())
-        processed, scored_count = segment_inputs.numel(), segment_targets.numel()
+        segment, self.estimator_carry = next_segment(
+            self.estimator, trained, self.columns, self.cursor, self.estimator_carry,
+            truncation_length,
+        )  # fmt: skip
+        processed, scored_count = segment.inputs.numel(), segment.targets.numel()
         if not self._counted_ahead:  # a segment served again after a rewind counts once
             self.controller.record_tokens(budget_tokens(self.config, processed, scored_count))
             self.processed_tokens += processed * self.world_size
             self.scored_tokens += scored_count * self.world_size
         self._counted_ahead = False
-        self.update_length = truncation_length
-        self.trained_length = truncation_length if self.estimator is None else length
+        self.update_length, self.trained_length = truncation_length, segment.trained_length
         self.num_segments += 1
-        return LoopSegment(
-            inputs=segment_inputs,
-            targets=segment_targets,
-            state=state,
-            output_start=plan.output_start,
-            carry_offset=plan.carry_offset,
-            truncation_length=truncation_length,
-            trained_length=truncation_length if self.estimator is None else length,
-            new_pass=plan.new_pass,
-            normaliser=normaliser,
-        )
+        return segment
 
     def train(
         self,
@@ -355,49 +295,38 @@ class TbpttLoop:
         """Add the gradient of the segment's summed cross-entropy / ``segment.normaliser`` to
         ``.grad`` and carry the state on; returns the summed cross-entropy (detached).
 
-        The one training call of every estimator. ``divided_later``: the divisor the caller
-        applies to the gradient itself (fairseq divides by the sample size it is handed), taken
-        out of the normaliser here. Truncated BPTT runs ``forward`` (default: the model's
-        ``run_window`` and the summed cross-entropy; it returns the summed loss and the state
-        after ``carry_offset`` steps) and ``backward`` (default ``Tensor.backward``) on the loss;
-        the other estimators write ``.grad`` themselves. ``ignore_grad``: leave ``.grad`` as it
-        was (fairseq's dummy batches), the state still advances.
+        The one training call, for every estimator (:meth:`GradientEstimator.train_segment`).
+        ``divided_later``: the divisor the caller applies to the gradient itself (fairseq divides
+        by the sample size it is handed), taken out of the normaliser here. ``forward`` (the
+        summed loss of the segment and the state after ``carry_offset`` steps) and ``backward``
+        (of that loss): a front end's own, for truncated BPTT (default: the model's
+        ``run_window`` and ``Tensor.backward``); the other estimators write ``.grad``
+        themselves. ``ignore_grad``: leave ``.grad`` as it was (fairseq's dummy batches), the
+        state still advances.
         """
-        trained = self.trained_model(model)
         scale = segment.normaliser / divided_later
-        if self.estimator is not None:
-            parameters = [p for p in trained.parameters() if p.requires_grad]  # type: ignore
-            # a dummy batch's gradient must not count: keep the gradients only then
-            kept = (
-                [None if p.grad is None else p.grad.clone() for p in parameters]
-                if ignore_grad
-                else []
-            )
-            mean_loss, carry = self.estimator.accumulate(
-                trained, segment.inputs, segment.targets, self.estimator_carry, scale
-            )
-            if ignore_grad:
-                for parameter, grad in zip(parameters, kept):
-                    parameter.grad = grad
-            self.estimator_carry = carry
-            return torch.tensor(mean_loss * segment.targets.numel(), dtype=torch.float64)
-        loss, carried = (forward or _window_loss(trained))(segment)
-        if ignore_grad:
-            loss *= 0
-        (backward or Tensor.backward)(loss if scale == 1.0 else loss / scale)
-        self.carry(carried)
-        return loss.detach()
+        loss, self.estimator_carry = self.estimator.train_segment(
+            self.trained_model(model),
+            segment,
+            self.estimator_carry,  # type: ignore[arg-type]
+            scale,
+            forward,
+            backward,
+            ignore_grad,
+        )
+        return loss
 
     def carry(self, state: State) -> None:
-        """Keep ``state`` (detached) as truncated BPTT's state for the next segment."""
-        self.carried = tuple(tensor.detach() for tensor in state)
+        """Keep ``state`` (detached) as the state the next segment starts from (a front end
+        that ran truncated BPTT's window itself)."""
+        self.estimator_carry = Carry(tuple(tensor.detach() for tensor in state))
 
     @property
     def carried_state(self) -> State | None:
         """The state the next segment starts from, in the trained model's layout."""
-        if self.estimator is not None:
-            return None if self.estimator_carry is None else self.estimator_carry.state
-        return self.carried
+        return None if self.estimator_carry is None else self.estimator_carry.state
+
+    carried = carried_state
 
     # ------------------------------------------------------------------- retried updates
 
@@ -407,9 +336,8 @@ class TbpttLoop:
         twice (the segment served again after a rewind is not counted again)."""
         return (
             copy.deepcopy(self.cursor),
-            self.carried,
             self.estimator_carry,
-            None if self.estimator is None else copy.deepcopy(self.estimator.state_dict()),
+            copy.deepcopy(self.estimator.state_dict()),
             self.update_length,
             self.trained_length,
             self.num_segments,
@@ -419,12 +347,11 @@ class TbpttLoop:
 
     def rewind(self, snapshot: Snapshot) -> None:
         """Back to where :meth:`snapshot` was taken."""
-        (cursor, carried, estimator_carry, estimator_state, update_length, trained_length,
+        (cursor, estimator_carry, estimator_state, update_length, trained_length,
          num_segments, estimate_tokens, estimate_seconds) = snapshot  # fmt: skip
         self.cursor = copy.deepcopy(cursor)
-        self.carried, self.estimator_carry = carried, estimator_carry
-        if self.estimator is not None:
-            self.estimator.load_state_dict(copy.deepcopy(estimator_state))
+        self.estimator_carry = estimator_carry
+        self.estimator.load_state_dict(copy.deepcopy(estimator_state))
         self.update_length, self.trained_length = update_length, trained_length
         self._counted_ahead = self._counted_ahead or self.num_segments != num_segments
         self.num_segments = num_segments
@@ -482,7 +409,9 @@ class TbpttLoop:
         tensors, loadable with ``torch.load(weights_only=True)``."""
         state = self.carried_state
         carried = None if state is None else [t.detach().cpu() for t in state]
-        carry = self.estimator_carry
+        # truncated BPTT's carry is the bare state: carried_state holds it (the format before)
+        checkpointed = self.estimator.checkpointed
+        carry = self.estimator_carry if checkpointed else None
         return {
             "cursor": self.cursor.state_dict(),
             "num_updates": self.num_segments,
@@ -492,7 +421,7 @@ class TbpttLoop:
             "carried_state": carried,
             "controller": self.controller.state_dict(),
             "config": dataclasses.asdict(self.config),
-            "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "estimator": self.estimator.state_dict() if checkpointed else None,
             "estimator_carry": None if carry is None else carry.state_dict(),
         }
 
@@ -507,12 +436,13 @@ class TbpttLoop:
         estimator_carry: Carry | None = None,
     ) -> None:
         """Continue from the parts of a front end's own checkpoint format (fairseq's)."""
-        self.cursor, self.carried, self.estimator_carry = cursor, carried, estimator_carry
+        self.cursor = cursor
         self._counted_ahead = False
         self.controller.load_state_dict(controller)
         self.scored_tokens, self.processed_tokens = int(scored_tokens), int(processed_tokens)
-        if self.estimator is not None and estimator is not None:
+        if estimator is not None:
             self.estimator.load_state_dict(estimator)
+        self.estimator_carry = self._carry_from(carried, estimator_carry)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where :meth:`state_dict` left off (the front end checks the data)."""
@@ -522,31 +452,19 @@ class TbpttLoop:
         self.update_length = int(state["segment_length"])
         self.scored_tokens = int(state["scored_tokens"])
         self.processed_tokens = int(state["processed_tokens"])
-        carried = state["carried_state"]
-        self.carried = None if carried is None else tuple(carried)
         self.controller.load_state_dict(state["controller"])
-        if self.estimator is not None and state.get("estimator") is not None:
+        if self.estimator.checkpointed and state.get("estimator") is not None:
             self.estimator.load_state_dict(state["estimator"])
         saved_carry = state.get("estimator_carry")
-        self.estimator_carry = None if saved_carry is None else Carry.from_state_dict(saved_carry)
+        carry = None if saved_carry is None else Carry.from_state_dict(saved_carry)
+        self.estimator_carry = self._carry_from(state["carried_state"], carry)
 
-
-def _window_loss(model: RecurrentModel) -> Callable[[LoopSegment], tuple[Tensor, State]]:
-    """Truncated BPTT's forward: the summed cross-entropy of the scored positions (fp32) and
-    the state after ``carry_offset`` steps."""
-
-    def forward(segment: LoopSegment) -> tuple[Tensor, State]:
-        logits, carried = model.run_window(
-            segment.inputs, segment.state, segment.output_start, segment.carry_offset
-        )
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            segment.targets.reshape(-1),
-            reduction="sum",
-        )
-        return loss, carried
-
-    return forward
+    def _carry_from(self, carried: Any, carry: Carry | None) -> Carry | None:
+        """The carry to continue from: an estimator's saved carry (its history), or, for truncated
+        BPTT, the saved bare state (an estimator with history has none without its carry)."""
+        if self.estimator.checkpointed:
+            return carry
+        return None if carried is None else Carry(tuple(carried))
 
 
 def estimate_truncation(
@@ -631,13 +549,3 @@ def stream_identity(tokens: Tensor, targets: Tensor | None = None) -> str:
             digest.update(str(tensor.dtype).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def placement(model: RecurrentModel) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's state (from its parameters when it has any)."""
-    if isinstance(model, nn.Module):
-        for parameter in model.parameters():
-            if parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-    reference = model.zero_state(1)[0]
-    return reference.device, reference.dtype

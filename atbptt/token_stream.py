@@ -103,7 +103,11 @@ class Segment:
 
 
 def plan_segment(
-    cursor: StreamCursor, truncation_length: int, style: str, stream_length: int
+    cursor: StreamCursor,
+    truncation_length: int,
+    style: str,
+    stream_length: int,
+    join_remainder: bool = True,
 ) -> Segment:
     """Plan the next segment and advance ``cursor`` past it.
 
@@ -113,7 +117,8 @@ def plan_segment(
     K-1 steps before the next scored position. At the start of a pass the window is clipped to the
     stream start, so every position of a pass is scored exactly once. A remainder at the end of the
     pass shorter than half a segment joins the last segment (up to 1.5 K scored positions), so no
-    update is spent on a few tokens (e.g. one end-of-sentence symbol) with a large loss variance.
+    update is spent on a few tokens (e.g. one end-of-sentence symbol) with a large loss variance;
+    ``join_remainder`` False keeps it a segment of its own.
     """
     if truncation_length < 1:
         raise ValueError(f"truncation length must be >= 1, got {truncation_length}")
@@ -126,7 +131,7 @@ def plan_segment(
     start = cursor.state_position
     scored_start = cursor.position
     end = min(scored_start + truncation_length, stream_length)
-    if 2 * (stream_length - end) < truncation_length:
+    if join_remainder and 2 * (stream_length - end) < truncation_length:
         end = stream_length
     if style == "disjoint":
         next_state_position = end

@@ -22,83 +22,16 @@ is valid/test) and binarized; fairseq appends </s> to every verse.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
-
-from prepare_common import (
-    Destination,
-    check_destination,
-    fail,
-    log,
-    recorded_options,
-    reported_os_errors,
-)
-from prepare_text import add_split_options, prepare_lines, resolve_fractions
-
-BIBLE_COMMAND = ("bible", "-f", "Gen1:1-Rev22:21")
-REFERENCE = re.compile(r"^\S*?\d+:\d+\s+")
-TOKEN = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*|[^\w\s]|_")
-MISSING = "the `bible` command is missing; install it with `apt-get install bible-kjv`"
-
-
-def install_bible() -> None:
-    """Install bible-kjv with apt-get (running `apt-get update` first only if needed)."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "bible-kjv"]
-    log("installing bible-kjv with apt-get")
-    if subprocess.run(install, check=False, env=env, capture_output=True).returncode == 0:
-        return
-    log("apt-get install failed; running apt-get update and retrying")
-    subprocess.run(["apt-get", "update"], check=False, env=env, capture_output=True)
-    proc = subprocess.run(install, check=False, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["no output"]
-        raise fail(f"apt-get install -y bible-kjv failed: {lines[-1]}")
-
-
-def ensure_bible(install: bool) -> None:
-    """Make sure the `bible` command exists, installing it when allowed (root and --install)."""
-    if shutil.which(BIBLE_COMMAND[0]) is not None:
-        return
-    if not install:
-        raise fail(f"{MISSING} (or rerun with --install as root)")
-    if os.geteuid() != 0:
-        raise fail(f"{MISSING} as root; --install only works when running as root")
-    install_bible()
-    if shutil.which(BIBLE_COMMAND[0]) is None:
-        raise fail("bible-kjv was installed but the `bible` command is still not on PATH")
-
-
-def read_verses() -> list[str]:
-    """Every verse of the King James Bible, one per line, without its reference."""
-    proc = subprocess.run(
-        BIBLE_COMMAND, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise fail(f"`{' '.join(BIBLE_COMMAND)}` failed with exit status {proc.returncode}")
-    verses = []
-    for line in proc.stdout.splitlines():
-        match = REFERENCE.match(line)
-        if match:
-            verses.append(line[match.end() :].strip())
-    if not verses:
-        raise fail(f"`{' '.join(BIBLE_COMMAND)}` printed no verses; is bible-kjv-text installed?")
-    return verses
-
-
-def tokenize(verse: str) -> str:
-    """Lowercase and split punctuation off as separate tokens."""
-    return " ".join(TOKEN.findall(verse.lower()))
+from atbptt_fairseq.experiments.bible import prepare_bible
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
+from atbptt_fairseq.experiments.text_corpus import add_split_options, resolve_fractions
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     parser.add_argument(
         "--max-lines", type=int, default=None, help="use only the first N verses (small subset)"
     )
@@ -114,36 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if `bible` is missing and running as root, apt-get install bible-kjv",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Read, tokenize and binarize the King James Bible into --dest."""
     args = build_parser().parse_args(argv)
-    valid_fraction, test_fraction = resolve_fractions(args)
-    if args.max_lines is not None and args.max_lines < 3:
-        raise fail(f"--max-lines must be at least 3 (one line per split), got {args.max_lines}")
-    destination = Destination(
-        args.dest, args.force, Path(__file__).name, options=recorded_options(args)
+    prepare_bible(
+        data_bin_request(args),
+        fractions=resolve_fractions(args),
+        max_lines=args.max_lines,
+        vocab_size=args.vocab_size,
+        install=args.install,
     )
-    with reported_os_errors(args.dest):
-        check_destination(destination)
-        ensure_bible(args.install)
-        verses = read_verses()
-        log(f"read {len(verses)} verses from `{' '.join(BIBLE_COMMAND)}`")
-        lines = [text for text in (tokenize(verse) for verse in verses[: args.max_lines]) if text]
-        prepare_lines(
-            lambda: iter(lines),
-            destination,
-            valid_fraction=valid_fraction,
-            test_fraction=test_fraction,
-            vocab_size=args.vocab_size,
-        )
 
 
 if __name__ == "__main__":

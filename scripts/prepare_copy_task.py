@@ -21,99 +21,19 @@ fairseq-preprocess appends ``</s>`` to every line of both streams, so they stay 
 from __future__ import annotations
 
 import argparse
-import random
-from collections import Counter
-from pathlib import Path
 
-
-from prepare_common import (
-    SPLITS,
-    Destination,
-    check_destination,
-    fail,
-    log,
-    recorded_options,
-    reported_os_errors,
-    run_preprocess,
-    staged_directory,
-    write_lines,
+from atbptt_fairseq.experiments.copy_task import (
+    PAPER_FIXED_LENGTH,
+    prepare_copy_task,
+    resolve_lengths,
 )
-
-BLANK = "_"
-START = "#"
-DATA_SYMBOLS: tuple[str, ...] = ("A", "B", "C", "D")
-SYMBOLS: tuple[str, ...] = (BLANK, START) + DATA_SYMBOLS
-
-PAPER_FIXED_LENGTH = 10
-PAPER_VARIABLE_LENGTHS = (5, 10)
-
-
-def make_block(m: int, rng: random.Random) -> tuple[list[str], list[str]]:
-    """One input block ``[#, m-1 symbols, m blanks]`` and its target, the block shifted by m."""
-    data = [rng.choice(DATA_SYMBOLS) for _ in range(m - 1)]
-    inputs = [START] + data + [BLANK] * m
-    targets = [BLANK] * m + [START] + data
-    return inputs, targets
-
-
-def make_column(
-    steps: int, min_length: int, max_length: int, rng: random.Random
-) -> tuple[list[str], list[str]]:
-    """Input and target streams of exactly ``steps`` tokens; m ~ U{min..max} for each block."""
-    inputs: list[str] = []
-    targets: list[str] = []
-    while len(inputs) < steps:
-        block_in, block_tgt = make_block(rng.randint(min_length, max_length), rng)
-        inputs += block_in
-        targets += block_tgt
-    return inputs[:steps], targets[:steps]
-
-
-def generate_split(
-    steps: int, columns: int, min_length: int, max_length: int, seed: int, split: str
-) -> tuple[list[str], list[str]]:
-    """Input and target text lines (one per column) of one split.
-
-    Each split has its own random stream derived from (seed, split), so changing the size of
-    one split does not change the others.
-    """
-    rng = random.Random(f"copy-task-{seed}-{split}")
-    input_lines: list[str] = []
-    target_lines: list[str] = []
-    for _ in range(columns):
-        inputs, targets = make_column(steps, min_length, max_length, rng)
-        input_lines.append(" ".join(inputs))
-        target_lines.append(" ".join(targets))
-    return input_lines, target_lines
-
-
-def resolve_lengths(args: argparse.Namespace) -> tuple[int, int]:
-    """The (min, max) block length m from --fixed-length / --variable / --min/--max-length."""
-    variable = args.variable or args.min_length is not None or args.max_length is not None
-    if variable:
-        if args.fixed_length is not None:
-            raise fail(
-                "--fixed-length cannot be combined with --variable/--min-length/--max-length"
-            )
-        lo = PAPER_VARIABLE_LENGTHS[0] if args.min_length is None else args.min_length
-        hi = PAPER_VARIABLE_LENGTHS[1] if args.max_length is None else args.max_length
-    else:
-        lo = hi = PAPER_FIXED_LENGTH if args.fixed_length is None else args.fixed_length
-    if lo < 1 or lo > hi:
-        raise fail(f"block lengths must satisfy 1 <= min <= max, got min {lo} and max {hi}")
-    return lo, hi
-
-
-def write_dictionary(path: Path, train_inputs: list[str]) -> None:
-    """Write the fixed 6-symbol dict.txt (order fixes the indices; counts from the train inputs)."""
-    counts = Counter(token for line in train_inputs for token in line.split())
-    write_lines(path, (f"{symbol} {counts.get(symbol, 0)}" for symbol in SYMBOLS))
+from atbptt_fairseq.experiments.data import add_destination_options, data_bin_request
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (defaults are the paper's sizes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    add_destination_options(parser)
     parser.add_argument(
         "--fixed-length",
         type=int,
@@ -149,52 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of columns (lines) in every split (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --dest that holds a data-bin written by these scripts",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Generate the three splits, keep the text in DEST/raw and binarize inputs and targets."""
     args = build_parser().parse_args(argv)
-    min_length, max_length = resolve_lengths(args)
-    steps = {"train": args.train_steps, "valid": args.valid_steps, "test": args.test_steps}
-    for split, n in steps.items():
-        if n < 1:
-            raise fail(f"--{split}-steps must be at least 1, got {n}")
-    if args.columns < 1:
-        raise fail(f"--columns must be at least 1, got {args.columns}")
-    destination = Destination(
-        args.dest, args.force, Path(__file__).name, options=recorded_options(args)
+    prepare_copy_task(
+        data_bin_request(args),
+        lengths=resolve_lengths(args.fixed_length, args.variable, args.min_length, args.max_length),
+        steps={"train": args.train_steps, "valid": args.valid_steps, "test": args.test_steps},
+        columns=args.columns,
+        seed=args.seed,
     )
-    check_destination(destination)
-
-    with reported_os_errors(args.dest), staged_directory(destination) as stage:
-        raw = stage / "raw"
-        inputs: dict[str, Path] = {}
-        targets: dict[str, Path] = {}
-        train_inputs: list[str] = []
-        for split in SPLITS:
-            input_lines, target_lines = generate_split(
-                steps[split], args.columns, min_length, max_length, args.seed, split
-            )
-            inputs[split] = raw / f"{split}.input.txt"
-            targets[split] = raw / f"{split}.target.txt"
-            write_lines(inputs[split], input_lines)
-            write_lines(targets[split], target_lines)
-            if split == "train":
-                train_inputs = input_lines
-            log(
-                f"{split}: {args.columns} columns x {steps[split]} steps "
-                f"(m in {min_length}..{max_length})"
-            )
-        symbols = raw / "dict.txt"
-        write_dictionary(symbols, train_inputs)
-        run_preprocess(stage, inputs, srcdict=symbols, what="inputs")
-        run_preprocess(stage / "targets", targets, srcdict=stage / "dict.txt", what="targets")
 
 
 if __name__ == "__main__":

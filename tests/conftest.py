@@ -108,16 +108,27 @@ def tiny_corpus(tmp_path_factory) -> Path:
     )
 
 
-def load_example(name: str):
-    """Import ``examples/<name>.py`` (not a package) as a module, for its model and data."""
+def _load_file(folder: str, name: str):
+    """Run ``<folder>/<name>.py`` (not a package) as a module of its own, without its
+    ``__main__`` part; return the module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", REPO / "examples" / f"{name}.py"
-    )
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (not a package) as a module, for its model and data."""
+    return _load_file("examples", name)
+
+
+def load_script(name: str):
+    """The command line ``scripts/<name>.py`` as a module, to call its ``main(argv)`` (or parse
+    with its ``build_parser()``) in-process: the scripts are command lines, not a library (their
+    logic is :mod:`atbptt_fairseq.experiments`, which the tests import)."""
+    return _load_file("scripts", name)
 
 
 class PickledCommand:

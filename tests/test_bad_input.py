@@ -627,11 +627,15 @@ import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-import prepare_bible  # noqa: E402
-import prepare_common  # noqa: E402
-import prepare_copy_task  # noqa: E402
-import prepare_lm_corpus  # noqa: E402
-import prepare_text  # noqa: E402
+from conftest import load_script  # noqa: E402
+
+from atbptt_fairseq.experiments import data as data_bin  # noqa: E402
+from atbptt_fairseq.experiments import text_corpus  # noqa: E402
+
+prepare_bible = load_script("prepare_bible")
+prepare_copy_task = load_script("prepare_copy_task")
+prepare_lm_corpus = load_script("prepare_lm_corpus")
+prepare_text = load_script("prepare_text")
 
 TEXT_LINES = [f"the cat number {i} sat on the mat ." for i in range(60)]
 
@@ -721,7 +725,7 @@ def test_force_never_replaces_an_input_or_the_working_or_home_directory(
 def test_force_replaces_only_a_data_bin_these_scripts_recognise(texts, tmp_path, tiny_corpus):
     dest = tmp_path / "bin"
     prepare_text.main(["--input", str(texts), "--dest", str(dest)])
-    marker = json.loads((dest / prepare_common.DATA_BIN_MARKER).read_text())
+    marker = json.loads((dest / data_bin.DATA_BIN_MARKER).read_text())
     assert marker["written_by"] == "prepare_text.py"
     assert marker["inputs"] == [str(texts.resolve())]
     assert set(marker["files"]) == {p.as_posix() for p in
@@ -743,17 +747,17 @@ def test_force_replaces_only_a_data_bin_these_scripts_recognise(texts, tmp_path,
 
     # a plain fairseq-preprocess output (dict.txt, *.bin, *.idx, preprocess.log) is recognised
     plain = copy_data(tiny_corpus, tmp_path / "plain")
-    check = prepare_common.check_destination
-    check(prepare_common.Destination(plain, True, "test"))
+    check = data_bin.check_destination
+    check(data_bin.Destination(plain, True, "test"))
     with pytest.raises(SystemExit, match=r"written by fairseq-preprocess\); pass --force"):
-        check(prepare_common.Destination(plain, False, "test"))
+        check(data_bin.Destination(plain, False, "test"))
     (plain / "train.txt").write_text("the text it came from\n")
     with pytest.raises(SystemExit, match=r"did not write \(train.txt\)"):
-        check(prepare_common.Destination(plain, True, "test"))
+        check(data_bin.Destination(plain, True, "test"))
     # a damaged marker does not make a directory replaceable
-    (dest / prepare_common.DATA_BIN_MARKER).write_text("{not json")
+    (dest / data_bin.DATA_BIN_MARKER).write_text("{not json")
     with pytest.raises(SystemExit, match="did not write"):
-        check(prepare_common.Destination(dest, True, "test"))
+        check(data_bin.Destination(dest, True, "test"))
 
 
 def test_disk_full_while_writing_a_data_bin(texts, tmp_path, tiny_corpus, monkeypatch):
@@ -761,14 +765,14 @@ def test_disk_full_while_writing_a_data_bin(texts, tmp_path, tiny_corpus, monkey
     # from the kernel; the existing data-bin that --force would replace stays as it was.
     dest = copy_data(tiny_corpus, tmp_path / "bin")
     before = tree_bytes(dest)
-    real_write_split_files = prepare_text.write_split_files
+    real_write_split_files = text_corpus.write_split_files
 
     def write_onto_a_full_disk(lines, counts, out_dir, suffix="txt"):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"train.{suffix}").symlink_to("/dev/full")
         return real_write_split_files(lines, counts, out_dir, suffix)
 
-    monkeypatch.setattr(prepare_text, "write_split_files", write_onto_a_full_disk)
+    monkeypatch.setattr(text_corpus, "write_split_files", write_onto_a_full_disk)
     message = prepare_error(prepare_text.main, "--input", texts, "--dest", dest, "--force")
     assert f"preparing {dest} failed: No space left on device" in message
     assert "free some space" in message
@@ -881,7 +885,7 @@ def test_text_that_is_not_utf8_is_refused(tmp_path, content, fragment):
 def test_text_with_a_byte_order_mark_is_decoded(tmp_path, encoding):
     source = tmp_path / "in.txt"
     source.write_bytes("Caf\u00e9 au lait\nzwei Zeilen\n".encode(encoding))  # mark + text
-    assert list(prepare_common.read_text_lines(source)) == ["Caf\u00e9 au lait\n", "zwei Zeilen\n"]
+    assert list(data_bin.read_text_lines(source)) == ["Caf\u00e9 au lait\n", "zwei Zeilen\n"]
 
 
 def test_directory_input_is_read_recursively_in_sorted_order(tmp_path, capsys):
@@ -891,14 +895,14 @@ def test_directory_input_is_read_recursively_in_sorted_order(tmp_path, capsys):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"{name}\n")
     (root / "linked").symlink_to(root / "c")
-    files = prepare_text.list_input_files(root)
+    files = text_corpus.list_input_files(root)
     assert [f.relative_to(root).as_posix() for f in files] == [
         "a/deeper/y.txt", "a/z.txt", "b.txt", "c/x.txt",
     ]  # fmt: skip
     # skipped: notes.md, .hidden.txt, .git/, a/.ipynb_checkpoints/ and the link to c/
     log = capsys.readouterr().err
     assert "reading 4 .txt files below" in log and "(skipped 5 " in log
-    lines = list(prepare_text.iter_text_lines(files, lowercase=False))
+    lines = list(text_corpus.iter_text_lines(files, lowercase=False))
     assert lines == ["a/deeper/y.txt", "a/z.txt", "b.txt", "c/x.txt"]
 
 

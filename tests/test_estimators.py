@@ -281,3 +281,43 @@ def test_driver_trains_with_an_estimator_and_resumes_exactly(make_estimator, kin
     train(reference, reference_driver, reference_optimizer, 14)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("style", ["overlap", "disjoint"])
+def test_truncated_bptt_is_an_estimator_of_the_loop(style):
+    """The loop without an estimator trains by truncated BPTT through the estimator interface:
+    segment.accumulate gives the gradient that segment.loss's backward gives, and the
+    checkpoint keeps the bare carried state (no estimator part)."""
+    from atbptt import TbpttConfig, TbpttDriver
+    from atbptt.estimators import Truncation
+
+    inputs, targets = delayed_copy(1, 60, seed=10)
+    config = TbpttConfig(truncation_length=4, tbptt_style=style)
+    drivers = [TbpttDriver(inputs[0], 3, config, targets=targets[0]) for _ in range(2)]
+    models = [make_model(TanhRnn), make_model(TanhRnn)]
+    assert isinstance(drivers[0].loop.estimator, Truncation)
+    assert drivers[0].loop.estimator.style == style
+    for _ in range(7):  # across a pass start (5 segments a pass)
+        by_loss, by_accumulate = (d.next_segment(m) for d, m in zip(drivers, models))
+        for model in models:
+            model.zero_grad()
+        by_loss.loss(models[0]).backward()
+        by_accumulate.accumulate(models[1])
+        gradients = [
+            flatten([p.grad for p in m.parameters()], list(m.parameters())) for m in models
+        ]
+        assert gradients[0].norm() > 0
+        assert torch.allclose(gradients[0], gradients[1], atol=1e-12, rtol=1e-10)
+    saved = drivers[1].state_dict()
+    assert saved["estimator"] is None and saved["estimator_carry"] is None
+    assert torch.equal(saved["carried_state"][0], drivers[0].state_dict()["carried_state"][0])
+
+
+def test_run_segments_keeps_a_short_remainder_a_segment_of_its_own():
+    """The loop joins a remainder shorter than K/2 to the last segment; run_segments (the
+    unbiasedness tests) keeps the estimator's own cuts."""
+    model = make_model(TanhRnn)
+    inputs, targets = delayed_copy(2, 10, seed=11)
+    scored = []
+    list(run_segments(Uoro(), model, inputs, targets, 3, on_segment=lambda *s: scored.append(s)))
+    assert scored == [(0, 3), (3, 6), (6, 9), (9, 10)]

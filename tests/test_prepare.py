@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 
-import prepare_bible
-import prepare_common
-import prepare_copy_task
-import prepare_lm_corpus
-import prepare_text
+from conftest import load_script
+
+from atbptt_fairseq.experiments import bible, copy_task, lm_corpora, text_corpus
+from atbptt_fairseq.experiments import data as data_bin
+
+prepare_bible = load_script("prepare_bible")
+prepare_copy_task = load_script("prepare_copy_task")
+prepare_lm_corpus = load_script("prepare_lm_corpus")
+prepare_text = load_script("prepare_text")
 
 SPLITS = ("train", "valid", "test")
 
@@ -94,7 +98,7 @@ def no_leftovers(parent: Path) -> None:
 
 
 def test_copy_task_fixed_shapes_and_shift() -> None:
-    inputs, targets = prepare_copy_task.generate_split(57, 3, 10, 10, seed=1, split="train")
+    inputs, targets = copy_task.generate_split(57, 3, 10, 10, seed=1, split="train")
     assert len(inputs) == len(targets) == 3
     for inp, tgt in zip(inputs, targets):
         inp_tokens, tgt_tokens = inp.split(), tgt.split()
@@ -103,7 +107,7 @@ def test_copy_task_fixed_shapes_and_shift() -> None:
 
 
 def test_copy_task_variable_lengths() -> None:
-    inputs, targets = prepare_copy_task.generate_split(400, 4, 5, 10, seed=3, split="valid")
+    inputs, targets = copy_task.generate_split(400, 4, 5, 10, seed=3, split="valid")
     lengths = []
     for inp, tgt in zip(inputs, targets):
         assert len(inp.split()) == 400
@@ -112,17 +116,22 @@ def test_copy_task_variable_lengths() -> None:
 
 
 def test_copy_task_determinism() -> None:
-    first = prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
-    assert first == prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
-    assert first != prepare_copy_task.generate_split(100, 2, 5, 10, seed=8, split="train")
-    assert first != prepare_copy_task.generate_split(100, 2, 5, 10, seed=7, split="test")
+    first = copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
+    assert first == copy_task.generate_split(100, 2, 5, 10, seed=7, split="train")
+    assert first != copy_task.generate_split(100, 2, 5, 10, seed=8, split="train")
+    assert first != copy_task.generate_split(100, 2, 5, 10, seed=7, split="test")
 
 
 def test_copy_task_length_options(tmp_path: Path) -> None:
-    parse = prepare_copy_task.build_parser().parse_args
-    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x"])) == (10, 10)
-    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x", "--variable"])) == (5, 10)
-    assert prepare_copy_task.resolve_lengths(parse(["--dest", "x", "--max-length", "8"])) == (5, 8)
+    def lengths(argv: list[str]) -> tuple[int, int]:
+        args = prepare_copy_task.build_parser().parse_args(argv)
+        return copy_task.resolve_lengths(
+            args.fixed_length, args.variable, args.min_length, args.max_length
+        )
+
+    assert lengths(["--dest", "x"]) == (10, 10)
+    assert lengths(["--dest", "x", "--variable"]) == (5, 10)
+    assert lengths(["--dest", "x", "--max-length", "8"]) == (5, 8)
     for bad in (["--min-length", "7", "--max-length", "3"], ["--fixed-length", "4", "--variable"]):
         with pytest.raises(SystemExit) as excinfo:
             prepare_copy_task.main(["--dest", str(tmp_path / "c"), *bad])
@@ -156,10 +165,10 @@ def test_copy_task_binarized(tmp_path: Path) -> None:
 
 
 def test_split_counts() -> None:
-    assert prepare_common.split_counts(100, 0.05, 0.05) == (90, 5, 5)
-    assert prepare_common.split_counts(3, 0.05, 0.05) == (1, 1, 1)
+    assert data_bin.split_counts(100, 0.05, 0.05) == (90, 5, 5)
+    assert data_bin.split_counts(3, 0.05, 0.05) == (1, 1, 1)
     with pytest.raises(SystemExit) as excinfo:
-        prepare_common.split_counts(2, 0.05, 0.05)
+        data_bin.split_counts(2, 0.05, 0.05)
     assert "too few" in error_of(excinfo)
 
 
@@ -167,22 +176,22 @@ def test_download_checksum_ok_mismatch_offline(tmp_path: Path) -> None:
     source = write_text(tmp_path / "remote" / "file.txt", ["hello world"])
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
     target = tmp_path / "downloads" / "file.txt"
-    prepare_common.download(source.as_uri(), target, md5)
+    data_bin.download(source.as_uri(), target, md5)
     assert target.read_bytes() == source.read_bytes()
     target.unlink()
     with pytest.raises(SystemExit) as excinfo:
-        prepare_common.download(source.as_uri(), target, "0" * 32)
+        data_bin.download(source.as_uri(), target, "0" * 32)
     assert "checksum mismatch" in error_of(excinfo)
     assert not target.exists() and not target.with_name("file.txt.part").exists()
     with pytest.raises(SystemExit) as excinfo:
-        prepare_common.download((tmp_path / "missing.zip").as_uri(), target, md5)
+        data_bin.download((tmp_path / "missing.zip").as_uri(), target, md5)
     assert "cannot download" in error_of(excinfo)
 
 
 def test_staged_directory_cleans_up_on_error(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    destination = prepare_common.Destination(dest, False, "test")
-    with pytest.raises(RuntimeError), prepare_common.staged_directory(destination) as stage:
+    destination = data_bin.Destination(dest, False, "test")
+    with pytest.raises(RuntimeError), data_bin.staged_directory(destination) as stage:
         (stage / "train.bin").write_text("partial")
         raise RuntimeError("interrupted")
     assert not dest.exists()
@@ -193,7 +202,7 @@ def test_interrupted_preprocess_leaves_no_destination(tmp_path: Path, monkeypatc
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_text, "run_preprocess", broken)
+    monkeypatch.setattr(text_corpus, "run_preprocess", broken)
     source = write_text(tmp_path / "in.txt", ["a b c"] * 30)
     with pytest.raises(KeyboardInterrupt):
         prepare_text.main(["--input", str(source), "--dest", str(tmp_path / "out")])
@@ -355,11 +364,11 @@ def fake_wikitext_download(tmp_path: Path, monkeypatch, md5: str | None = None) 
         for path in sorted((tmp_path / "build").rglob("*")):
             zf.write(path, path.relative_to(tmp_path / "build").as_posix())
     shutil.rmtree(tmp_path / "build")
-    remote = prepare_lm_corpus.Remote(
+    remote = lm_corpora.Remote(
         archive.name, archive.as_uri(), md5 or hashlib.md5(archive.read_bytes()).hexdigest()
     )
-    corpus = dataclasses.replace(prepare_lm_corpus.CORPORA["wikitext2"], remotes=(remote,))
-    monkeypatch.setitem(prepare_lm_corpus.CORPORA, "wikitext2", corpus)
+    corpus = dataclasses.replace(lm_corpora.CORPORA["wikitext2"], remotes=(remote,))
+    monkeypatch.setitem(lm_corpora.CORPORA, "wikitext2", corpus)
     return archive
 
 
@@ -409,10 +418,10 @@ def test_lm_corpus_missing_source_files(tmp_path: Path) -> None:
 
 
 def test_bible_tokenize_and_missing_command(monkeypatch, tmp_path: Path) -> None:
-    assert prepare_bible.tokenize(
-        "And God said, Let there be light: and LORD'S well-favoured."
-    ) == ("and god said , let there be light : and lord's well-favoured .")
-    monkeypatch.setattr(prepare_bible.shutil, "which", lambda name: None)
+    assert bible.tokenize("And God said, Let there be light: and LORD'S well-favoured.") == (
+        "and god said , let there be light : and lord's well-favoured ."
+    )
+    monkeypatch.setattr(bible.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit) as excinfo:
         prepare_bible.main(["--dest", str(tmp_path / "kjv")])
     assert "apt-get install bible-kjv" in error_of(excinfo)

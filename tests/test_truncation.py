@@ -514,3 +514,24 @@ def test_controller_passes_its_tail_anchor_to_the_estimate():
     assert float(expected) != pytest.approx(float(default))
     with pytest.raises(ValueError, match="tail_anchor"):
         make_controller(tail_anchor=100)
+
+
+def test_the_controller_and_the_options_share_one_check():
+    """The controller's arguments are checked by the options' one check (atbptt.config), in
+    the controller's names; the options' messages name the options (a front end's flags)."""
+    from atbptt.config import TbpttConfig, check_config
+
+    with pytest.raises(ValueError, match=r"tail_anchor must lie in \[0, window\) = \[0, 100\)"):
+        make_controller(tail_anchor=100)
+    with pytest.raises(ValueError, match="num_estimates must be at least 2"):
+        make_controller(bias_relative_to="update", estimate_method="in-window", num_estimates=1)
+    flag = "--{}".format
+    with pytest.raises(ValueError, match=r"--estimate_tail_anchor must lie in \[0, --estimate_w"):
+        check_config(TbpttConfig(estimate_tail_anchor=400), flag)
+    with pytest.raises(ValueError, match="--bias_relative_to update needs .* --estimate_method"):
+        check_config(TbpttConfig(bias_relative_to="update"), flag)
+    with pytest.raises(ValueError, match="--estimate_repeats must be at least 2"):
+        check_config(
+            TbpttConfig(bias_relative_to="update", estimate_method="in-window", estimate_repeats=1),
+            flag,
+        )

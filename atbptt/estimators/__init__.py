@@ -1,7 +1,8 @@
 """Gradient estimators for recurrent models behind one interface, and models they need.
 
-- :class:`Truncated` (TBPTT at a fixed K) and :class:`AdaptiveTruncation` (at the K of an
-  adaptive controller): biased by the cut history;
+- :class:`Truncation` (TBPTT at the loop's K in force: what :class:`atbptt.TbpttLoop` trains
+  with when given no other estimator), :class:`Truncated` (at a fixed K) and
+  :class:`AdaptiveTruncation` (at the K of an adaptive controller): biased by the cut history;
 - :class:`Artbp`: random truncation with compensation factors, unbiased (any model);
 - :class:`Uoro`: rank-one forward-mode RTRL, unbiased and noisy (any model ``torch.func`` steps);
 - :class:`KfRtrl`: Kronecker-factored RTRL, unbiased, less noisy (:class:`TanhRnn`);
@@ -14,6 +15,7 @@ from .artbp import Artbp
 from .base import (
     Carry,
     GradientEstimator,
+    LoopSegment,
     full_gradient,
     functional_step,
     run_segments,
@@ -22,7 +24,7 @@ from .base import (
 from .exact_rtrl import ExactRtrl
 from .kf_rtrl import KfRtrl
 from .models import ElementwiseLstm, TanhRnn
-from .truncated import AdaptiveTruncation, Truncated
+from .truncated import AdaptiveTruncation, Truncated, Truncation
 from .uoro import Uoro
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "ExactRtrl",
     "GradientEstimator",
     "KfRtrl",
+    "LoopSegment",
     "TanhRnn",
     "Truncated",
+    "Truncation",
     "Uoro",
     "full_gradient",
     "functional_step",

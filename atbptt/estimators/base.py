@@ -6,9 +6,11 @@ by a normaliser) with respect to the parameters, *through the whole history of t
 returns what it carries to the next segment (:class:`Carry`): the detached recurrent state, and
 whatever the method needs besides (forward-mode sensitivities, the last input tokens).
 
-Truncated BPTT ignores the history before its window (biased); ARTBP, UORO and KF-RTRL estimate
-it without bias; exact RTRL computes it. Summed over the segments of a sequence at fixed
-parameters, an unbiased estimator's gradients average to the full-BPTT gradient of the sequence
+Truncated BPTT (fixed or adaptive K, :mod:`atbptt.estimators.truncated`) ignores the history
+before its window (biased); ARTBP, UORO and KF-RTRL estimate it without bias; exact RTRL computes
+it. Every one of them trains through :meth:`GradientEstimator.train_segment` on the segments that
+:func:`next_segment` cuts, in :class:`atbptt.TbpttLoop` and in :func:`run_segments` alike. Summed
+over the segments of a sequence at fixed parameters, an unbiased estimator's gradients average to the full-BPTT gradient of the sequence
 (:func:`full_gradient`), which is what ``tests/test_estimators.py`` checks.
 """
 
@@ -25,6 +27,31 @@ from torch import Tensor, nn
 
 from ..gradient_profile import State
 from ..protocol import RecurrentModel
+from ..token_stream import Segment, StreamCursor, plan_segment
+
+
+@dataclass
+class LoopSegment:
+    """One update's window over the columns, as :meth:`GradientEstimator.train_segment` trains it.
+
+    Read ``inputs`` from ``state``, score the positions from ``output_start`` on against
+    ``targets``, carry the state after ``carry_offset`` steps. ``normaliser``: the divisor of the
+    summed cross-entropy whose gradient is written (:meth:`GradientEstimator.normaliser`).
+    """
+
+    inputs: Tensor  # B x T, on the model's device
+    targets: Tensor  # B x (T - output_start)
+    state: State  # the carried state (detached), or a zero state at the start of a pass
+    output_start: int
+    carry_offset: int
+    truncation_length: int  # K in force for this update (capped at the column length)
+    trained_length: int  # what trunc_k logs: K, or an estimator's segment length (ARTBP: random)
+    new_pass: bool  # the state was reset: a pass over the data begins
+    normaliser: float
+
+
+# truncated BPTT's forward of a segment: its summed cross-entropy and the state after carry_offset
+WindowForward = Callable[[LoopSegment], tuple[Tensor, State]]
 
 
 @dataclass
@@ -70,6 +97,14 @@ class GradientEstimator(ABC):
     """
 
     name: str = "estimator"
+    # how the loop cuts segments for it (plan_segment): truncated BPTT may overlap its windows
+    style: str = "disjoint"
+    # whether it has a checkpoint part of its own (generator, carry with history); truncated
+    # BPTT's carry is the bare recurrent state, which the checkpoints hold as ``carried_state``
+    checkpointed: bool = True
+    # whether a segment's gradient is the backward of the window's loss, which a caller may run
+    # itself (the plain-PyTorch driver's ``segment.loss``): truncated BPTT only
+    differentiable_loss: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
@@ -84,6 +119,44 @@ class GradientEstimator(ABC):
     def start(self, model: RecurrentModel, batch_size: int) -> Carry:
         """The carry at the start of a stream: the zero state and no history."""
         return Carry(tuple(model.zero_state(batch_size)))
+
+    def normaliser(self, batch_size: int, nominal: int, scored: int) -> float:
+        """The divisor of a segment's summed cross-entropy in training: B x the nominal K, so
+        that a random segment length (ARTBP) does not rescale the step."""
+        return float(batch_size * nominal)
+
+    def trained_module(self, model: RecurrentModel) -> RecurrentModel:
+        """The module the gradient is taken of: a model may hand over its core recurrence with
+        ``gradient_estimation_model()``."""
+        handed_over = getattr(model, "gradient_estimation_model", None)
+        return model if handed_over is None else handed_over()
+
+    def train_segment(
+        self,
+        model: RecurrentModel,
+        segment: LoopSegment,
+        carry: Carry,
+        scale: float,
+        forward: WindowForward | None = None,
+        backward: Callable[[Tensor], Any] | None = None,
+        ignore_grad: bool = False,
+    ) -> tuple[Tensor, Carry]:
+        """Add the gradient estimate of the segment's summed cross-entropy / ``scale`` to
+        ``.grad``; return that sum (detached) and the carry for the next segment.
+
+        ``forward`` and ``backward`` are truncated BPTT's (a front end's own forward and
+        backward of the window's loss); this estimator writes ``.grad`` itself. ``ignore_grad``:
+        leave ``.grad`` as it was (fairseq's dummy batches); the carry still advances.
+        """
+        parameters = [p for p in model.parameters() if p.requires_grad]  # type: ignore
+        kept = (
+            [None if p.grad is None else p.grad.clone() for p in parameters] if ignore_grad else []
+        )
+        mean_loss, carry = self.accumulate(model, segment.inputs, segment.targets, carry, scale)
+        if ignore_grad:
+            for parameter, grad in zip(parameters, kept):
+                parameter.grad = grad
+        return torch.tensor(mean_loss * segment.targets.numel(), dtype=torch.float64), carry
 
     @abstractmethod
     def accumulate(
@@ -101,11 +174,12 @@ class GradientEstimator(ABC):
         scored. ``normaliser`` defaults to ``B x T`` (the segment's mean loss).
         """
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
+        """Its checkpoint part (None: nothing to save, see ``checkpointed``)."""
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.generator.set_state(state["generator"])  # type: ignore[index]
 
     # ------------------------------------------------------------------------- helpers
 
@@ -178,22 +252,82 @@ def run_segments(
     normaliser: float | None = None,
     on_segment: Callable[[int, int], None] | None = None,
 ) -> Iterator[float]:
-    """Feed a ``B x T`` sequence to ``estimator`` segment by segment; yield each segment's loss.
+    """Feed a ``B x T`` sequence to ``estimator`` segment by segment, as the loop does (the
+    segments of :func:`atbptt.plan_segment`, trained by :meth:`GradientEstimator.train_segment`)
+    but without joining a short remainder to the last segment (so that ARTBP's cuts stay its
+    own); yield each segment's mean loss. ``normaliser`` defaults to each segment's scored
+    tokens (its mean loss). ``on_segment(start, end)``: the scored positions, before each.
 
     Gradients accumulate in ``.grad`` (the caller zeroes and steps).
     """
-    carry = estimator.start(model, inputs.size(0))
-    position = 0
-    while position < inputs.size(1):
-        length = estimator.segment_length(nominal_length)
-        end = min(position + length, inputs.size(1))
-        if on_segment is not None:
-            on_segment(position, end)
-        loss, carry = estimator.accumulate(
-            model, inputs[:, position:end], targets[:, position:end], carry, normaliser
+    cursor, carry = StreamCursor(), None
+    while cursor.position < inputs.size(1):
+        segment, carry = next_segment(
+            estimator, model, (inputs, targets), cursor, carry, nominal_length, join_remainder=False
         )
-        position = end
-        yield loss
+        if on_segment is not None:
+            on_segment(cursor.position - segment.targets.size(1), cursor.position)
+        scale = float(segment.targets.numel()) if normaliser is None else normaliser
+        loss, carry = estimator.train_segment(model, segment, carry, scale)
+        yield float(loss) / segment.targets.numel()
+
+
+def next_segment(
+    estimator: GradientEstimator,
+    model: RecurrentModel,
+    columns: tuple[Tensor, Tensor],
+    cursor: StreamCursor,
+    carry: Carry | None,
+    nominal_length: int,
+    join_remainder: bool = True,
+) -> tuple[LoopSegment, Carry]:
+    """The next segment of ``columns`` (B x n inputs and targets) for ``estimator`` at the
+    nominal K, on the device and in the precision of ``model``, and the carry it starts from
+    (the estimator's fresh one at the start of a pass); advances ``cursor`` past it.
+
+    The one place that cuts segments and hands the carry on: :meth:`atbptt.TbpttLoop.next_segment`
+    and :func:`run_segments` call it. ``join_remainder``: see :func:`atbptt.plan_segment`.
+    """
+    length = estimator.segment_length(nominal_length)
+    plan = plan_segment(cursor, length, estimator.style, columns[0].size(1), join_remainder)
+    device, dtype = placement(model)
+    inputs, targets = cut_segment(columns, plan, device)
+    if plan.new_pass or carry is None:
+        carry = estimator.start(model, inputs.size(0))
+    else:  # a carry restored from a checkpoint lives on the CPU, maybe in another dtype
+        carry = carry.to(device, dtype)
+    segment = LoopSegment(
+        inputs=inputs,
+        targets=targets,
+        state=carry.state,
+        output_start=plan.output_start,
+        carry_offset=plan.carry_offset,
+        truncation_length=nominal_length,
+        trained_length=length,
+        new_pass=plan.new_pass,
+        normaliser=estimator.normaliser(inputs.size(0), nominal_length, targets.numel()),
+    )
+    return segment, carry
+
+
+def cut_segment(
+    columns: tuple[Tensor, Tensor], plan: Segment, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The inputs of a planned window and the targets of its scored positions, on ``device``."""
+    inputs, targets = columns
+    window = slice(plan.window_start, plan.window_end)
+    scored = slice(plan.window_start + plan.output_start, plan.window_end)
+    return inputs[:, window].to(device), targets[:, scored].to(device)
+
+
+def placement(model: RecurrentModel) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's state (from its parameters when it has any)."""
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+    reference = model.zero_state(1)[0]
+    return reference.device, reference.dtype
 
 
 def flatten(gradients: list[Tensor | None] | tuple, parameters: list[Tensor]) -> Tensor:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,51 @@ def child_env(threads: int = 0) -> dict[str, str]:
     if threads > 0:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """One line of a fairseq tool's output, as it arrived."""
+
+    text: str  # without its newline
+    arrival: float  # time.perf_counter() of this process when the line was read
+    record: tuple[str, dict[str, Any]] | None  # (tag, record) of a JSON log line, else None
+
+
+def run_fairseq(
+    cmd: Sequence[str],
+    on_line: Callable[[OutputLine], None],
+    *,
+    threads: int = 0,
+    cwd: Path | None = None,
+    tags: Sequence[str] = LOG_TAGS,
+    start: Callable[..., subprocess.Popen] = subprocess.Popen,
+    wait: Callable[[subprocess.Popen], int] = subprocess.Popen.wait,
+) -> int:
+    """Run a fairseq command-line tool (stdout and stderr merged, :func:`child_env` with
+    ``threads``) and hand every line of its output to ``on_line`` as it arrives, parsed by
+    :func:`json_record` with ``tags``; return its exit status.
+
+    If reading or ``on_line`` raises (Ctrl-C included), the tool is terminated and reaped before
+    the exception goes on. ``start(cmd, **popen_options)`` and ``wait(process)`` start and reap
+    it: ``subprocess.Popen`` by default; a caller that must stop its children from elsewhere
+    (a sweep on Ctrl-C) passes its own.
+    """
+    process = start(
+        list(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=child_env(threads),
+        cwd=cwd,
+    )
+    assert process.stdout is not None
+    try:
+        for raw in process.stdout:
+            on_line(OutputLine(raw.rstrip("\n"), time.perf_counter(), json_record(raw, tags)))
+    except BaseException:
+        process.terminate()
+        wait(process)
+        raise
+    return wait(process)

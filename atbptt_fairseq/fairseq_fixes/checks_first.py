@@ -35,13 +35,23 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def plugin_task_class(cfg) -> type | None:
+    """The task class of ``cfg`` (a full fairseq config) if it is one of this plugin's, else None
+    (told by its module: the task imports the fixes, so the fixes do not import the task)."""
+    task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
+    module = getattr(task_class, "__module__", "")
+    return (
+        task_class
+        if isinstance(task_class, type) and module.startswith("atbptt_fairseq.")
+        else None
+    )
+
+
 def check_task(cfg) -> None:
     """Set up the plugin's task of ``cfg`` (a full fairseq config) to run its checks, which raise
     :class:`~atbptt_fairseq.errors.UserInputError` for bad input; other tasks are left alone."""
-    from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmTask
-
-    task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
-    if isinstance(task_class, type) and issubclass(task_class, AdaptiveTbpttLmTask):
+    task_class = plugin_task_class(cfg)
+    if task_class is not None:
         with _quiet("atbptt_fairseq"):
             task_class.setup_task(cfg.task)
 

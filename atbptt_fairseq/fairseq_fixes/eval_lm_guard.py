@@ -23,7 +23,6 @@ from argparse import Namespace
 from fairseq import checkpoint_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.file_io import PathManager
-from fairseq.tasks import TASK_REGISTRY
 from fairseq_cli import eval_lm as eval_lm_cli
 
 from atbptt_fairseq.errors import UserInputError
@@ -41,14 +40,6 @@ def check_context_window(context_window: int) -> None:
         )
 
 
-def _uses_plugin_task(cfg) -> bool:
-    """Whether the task is one of this plugin's (told by its module: the task imports this
-    guard, so the guard does not import the task)."""
-    task_class = TASK_REGISTRY.get(cfg.task._name) if cfg.task is not None else None
-    module = getattr(task_class, "__module__", "")
-    return isinstance(task_class, type) and module.startswith("atbptt_fairseq.")
-
-
 _original_main = eval_lm_cli.main
 
 
@@ -58,7 +49,7 @@ def main(cfg, **kwargs):
     :func:`check_model_paths` for the plugin's task."""
     if isinstance(cfg, Namespace):
         cfg = convert_namespace_to_omegaconf(cfg)
-    if _uses_plugin_task(cfg):
+    if checks_first.plugin_task_class(cfg) is not None:
         check_context_window(cfg.eval_lm.context_window)
         check_model_paths(cfg)
         checks_first.check_task(cfg)  # bad input in one line, before fairseq's config dump

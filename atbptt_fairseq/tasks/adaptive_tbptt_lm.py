@@ -42,6 +42,7 @@ from atbptt_fairseq.tasks.config import (
     check_gradient_estimator,
     check_precision,
     method_config,
+    option_flag,
     options_without_effect,
 )
 from atbptt_fairseq.tasks.estimators import build_gradient_estimator, check_estimator_model
@@ -80,10 +81,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
         check_config(cfg)
         self.method = method_config(cfg)  # the core's options, as atbptt.TbpttDriver takes them
         world_size, rank = world()
-        try:  # the one segment loop; --gradient-estimator (not tbptt) trains through it too
+        try:  # the one segment loop: every --gradient-estimator, tbptt included, trains in it
             self.loop = TbpttLoop(
                 self.method, build_gradient_estimator(cfg), rank, world_size, average_over_workers,
-                flag=lambda name: "--" + name.replace("_", "-"),
+                flag=option_flag,
             )  # fmt: skip
         except ValueError as error:  # check_config should have caught it first
             raise UserInputError(f"adaptive_tbptt_lm options: {error}") from None

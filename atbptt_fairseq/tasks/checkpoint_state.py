@@ -17,6 +17,7 @@ from atbptt import (
 )
 from atbptt.estimators import Carry
 from atbptt_fairseq.errors import UserInputError
+from atbptt_fairseq.tasks.config import option_flag
 from atbptt_fairseq.tasks.estimators import task_layout
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def loop_checkpoint(
         "scored_tokens": loop.scored_tokens,
         "processed_tokens": loop.processed_tokens,
     }
-    if estimator is not None:  # --gradient-estimator: its name, RNG and carry (sensitivities)
+    if estimator.checkpointed:  # --gradient-estimator: its name, RNG and carry (sensitivities)
         state["gradient_estimator"] = {
             "name": estimator.name,
             "state": estimator.state_dict(),
@@ -98,13 +99,13 @@ def restore_loop(
             train_shard = saved_shard
     estimator, saved = loop.estimator, state.get("gradient_estimator")
     estimator_state, carry = None, None
-    if estimator is not None and (saved is None or saved.get("name") != estimator.name):
+    if estimator.checkpointed and (saved is None or saved.get("name") != estimator.name):
         logger.warning(
             f"the checkpoint holds no {estimator.name} state (it was trained with "
             f"another --gradient-estimator): the estimator starts afresh at a new pass"
         )
         cursor, carried = StreamCursor(passes=cursor.passes + 1), None
-    elif estimator is not None:
+    elif estimator.checkpointed:
         estimator_state = saved["state"]
         # a carry that does not continue the restored stream (a new pass or shard) is dropped
         if saved.get("carry") is not None and carried is not None:
@@ -135,13 +136,9 @@ def check_resumed_options(
     ]
     if breaking:
         raise UserInputError(
-            f"cannot resume with {describe_changes(breaking, _flag)}: the checkpoint's carried "
-            "state belongs to the saved value; resume with it, or start a new run "
+            f"cannot resume with {describe_changes(breaking, option_flag)}: the checkpoint's "
+            "carried state belongs to the saved value; resume with it, or start a new run "
             "(another --save-dir, or --reset-dataloader to start a new pass)"
         )
     if changes:
-        logger.warning(f"resuming with changed options: {describe_changes(changes, _flag)}")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+        logger.warning(f"resuming with changed options: {describe_changes(changes, option_flag)}")

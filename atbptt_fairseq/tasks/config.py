@@ -216,7 +216,7 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     warn in one line about options the combination leaves without effect."""
     check_gradient_estimator(cfg)
     try:
-        check_method_config(method_config(cfg), flag=_flag)
+        check_method_config(method_config(cfg), flag=option_flag)
     except ValueError as error:
         raise UserInputError(str(error)) from None
     for name in (
@@ -228,13 +228,14 @@ def check_config(cfg: AdaptiveTbpttLmConfig) -> None:
     ):
         value, least = getattr(cfg, name), 1 if name.startswith("eval") else 0
         if value < least:
-            raise UserInputError(f"{_flag(name)} must be at least {least} (got {value})")
+            raise UserInputError(f"{option_flag(name)} must be at least {least} (got {value})")
     check_learning_rates(cfg)
     check_validation_subsets(cfg)
     check_option_combinations(cfg)
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """An option's command-line flag: ``estimate_window`` -> ``--estimate-window``."""
     return "--" + name.replace("_", "-")
 
 
@@ -363,7 +364,7 @@ def _shown(value: Any) -> str:
 
 def _given(name: str, value: Any) -> str:
     """An option as given on the command line: ``--monitor-bias``, ``--estimate-window 100``."""
-    return _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_shown(value)}"
+    return option_flag(name) if isinstance(value, bool) else f"{option_flag(name)} {_shown(value)}"
 
 
 def method_config(cfg: AdaptiveTbpttLmConfig) -> TbpttConfig:

@@ -26,7 +26,8 @@ ESTIMATOR_MODELS = {"kf-rtrl": TanhRnn, "exact-rtrl": ElementwiseLstm}
 
 
 def build_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> Optional[GradientEstimator]:
-    """The estimator of --gradient-estimator, seeded with --seed; None for the task's TBPTT."""
+    """The estimator of --gradient-estimator, seeded with --seed; None: the loop's own
+    truncated BPTT."""
     method = getattr(cfg, "gradient_estimator", "tbptt")
     seed = cfg.seed if isinstance(cfg.seed, int) else 0
     estimator = ESTIMATORS.get(method)

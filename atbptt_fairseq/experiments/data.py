@@ -1,4 +1,4 @@
-"""Shared helpers of the data-preparation scripts.
+"""What every data preparation shares: destinations, staging, markers, text, fairseq-preprocess.
 
 Every preparation ends in the output of ``fairseq-preprocess --only-source``: a directory with
 ``dict.txt`` and ``{train,valid,test}.{bin,idx}``. The helpers here build that directory in a
@@ -34,17 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atbptt_fairseq.experiments import console
+from atbptt_fairseq.experiments.console import fail
+
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 
 
 def log(message: str) -> None:
-    """Print one short progress line to stderr (stdout stays free for data)."""
-    print(f"[prepare] {message}", file=sys.stderr, flush=True)
-
-
-def fail(message: str) -> SystemExit:
-    """Return the one-line user-facing error for ``raise fail(...)``."""
-    return SystemExit(f"error: {message}")
+    """One progress line of a preparation on stderr (stdout stays free for data)."""
+    console.log(message, "prepare")
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,9 +75,38 @@ class Destination:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The command-line options worth recording in the marker (all but --dest and --force)."""
-    return {name: value for name, value in vars(args).items() if name not in ("dest", "force")}
+@dataclass(frozen=True)
+class DataBinRequest:
+    """What a preparation's command line asks of its output: the data-bin ``dest`` (``--dest``),
+    whether ``force`` (``--force``) may replace one there, and the ``options`` to record in its
+    marker."""
+
+    dest: Path
+    force: bool
+    options: Mapping[str, Any]
+
+    def destination(
+        self, tool: str, inputs: tuple[Path, ...] = (), scanned_dirs: tuple[Path, ...] = ()
+    ) -> Destination:
+        """The :class:`Destination` of preparation ``tool`` reading ``inputs``."""
+        return Destination(self.dest, self.force, tool, inputs, scanned_dirs, self.options)
+
+
+def add_destination_options(parser: argparse.ArgumentParser) -> None:
+    """``--dest`` and ``--force``, the options of every preparation."""
+    parser.add_argument("--dest", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dest that holds a data-bin written by these scripts",
+    )
+
+
+def data_bin_request(args: argparse.Namespace) -> DataBinRequest:
+    """The request of a preparation's parsed command line; every option but --dest and --force
+    is recorded in the marker."""
+    options = {name: value for name, value in vars(args).items() if name not in ("dest", "force")}
+    return DataBinRequest(args.dest, args.force, options)
 
 
 def _files_below(directory: Path) -> list[str]:
@@ -346,27 +373,17 @@ def run_preprocess(
     thresholdsrc: int | None = None,
     what: str = "text",
 ) -> None:
-    """Binarize the train/valid/test text files into ``destdir`` with fairseq-preprocess.
+    """Binarize the text files of ``split_files`` (split name -> file; train and any of valid and
+    test) into ``destdir`` with fairseq-preprocess.
 
     Each text line becomes one sentence and fairseq appends ``</s>`` to it. The dictionary is
     built from the train split unless ``srcdict`` is given.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "fairseq_cli.preprocess",
-        "--only-source",
-        "--trainpref",
-        str(split_files["train"]),
-        "--validpref",
-        str(split_files["valid"]),
-        "--testpref",
-        str(split_files["test"]),
-        "--destdir",
-        str(destdir),
-        "--workers",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source"]
+    for split in SPLITS:
+        if split in split_files:
+            cmd += [f"--{split}pref", str(split_files[split])]
+    cmd += ["--destdir", str(destdir), "--workers", "1"]
     if srcdict is not None:
         cmd += ["--srcdict", str(srcdict)]
     if nwordssrc is not None:
@@ -381,7 +398,7 @@ def run_preprocess(
         raise fail(f"fairseq-preprocess failed (exit {proc.returncode}): {last}")
     missing = [
         name
-        for name in ["dict.txt"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]
+        for name in ["dict.txt"] + [f"{s}.{ext}" for s in split_files for ext in ("bin", "idx")]
         if not (destdir / name).is_file()
     ]
     if missing:

@@ -1,37 +1,31 @@
-"""Shared helpers of the benchmark scripts (``bench_throughput.py``, ``bench_estimator.py``).
-
-Synthetic corpora binarized with fairseq-preprocess, ``fairseq-train`` runs whose JSON log lines
-are parsed (and time-stamped by this process as they arrive), thread and device settings, robust
-summaries and plain-text tables. Nothing here imports fairseq or torch at module level.
+"""What the benchmarks (``scripts/bench_*.py``) share: threads and devices, a quiet machine,
+synthetic corpora, ``fairseq-train`` runs whose JSON log lines are time-stamped as they arrive,
+robust summaries and plain-text tables. Nothing here imports fairseq or torch at module level.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR, child_env, json_record  # noqa: F401  (the benchmarks use them)
-from atbptt_fairseq.experiments.fairseq_process import REPO as REPO_ROOT
+from atbptt_fairseq.experiments import console
+from atbptt_fairseq.experiments.console import fail
+from atbptt_fairseq.experiments.data import run_preprocess
+from atbptt_fairseq.experiments.fairseq_process import PLUGIN_DIR, REPO, OutputLine, run_fairseq
 
 
 def log(message: str) -> None:
-    """One progress line on stderr (stdout carries the results)."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def fail(message: str) -> SystemExit:
-    """The one-line user-facing error for ``raise fail(...)``."""
-    return SystemExit(f"error: {message}")
+    """One progress line of a benchmark on stderr (stdout carries the results)."""
+    console.log(message, "bench")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +102,7 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
     """
     busy = cpu_busy_fraction()
     deadline = time.perf_counter() + max_wait
-    while busy == busy and busy >= threshold and time.perf_counter() < deadline:
+    while not math.isnan(busy) and busy >= threshold and time.perf_counter() < deadline:
         time.sleep(2.0)
         busy = cpu_busy_fraction()
     return busy
@@ -162,6 +156,52 @@ def fairseq_cli(name: str) -> str:
     return found
 
 
+def plugin_model_args(hidden: int) -> list[str]:
+    """``fairseq-train`` options of the plugin's task and criterion with its LSTM language
+    model: one layer of ``hidden`` units, embeddings of the same size, tied."""
+    return [
+        "--user-dir",
+        str(PLUGIN_DIR),
+        "--task",
+        "adaptive_tbptt_lm",
+        "--arch",
+        "tbptt_lstm_lm",
+        "--embed-dim",
+        str(hidden),
+        "--hidden-size",
+        str(hidden),
+        "--num-layers",
+        "1",
+        "--tie-embeddings",
+        "--criterion",
+        "tbptt_cross_entropy",
+    ]
+
+
+def timed_run_args(
+    save_dir: Path, total_updates: int, log_interval: int, seed: int, device: str
+) -> list[str]:
+    """``fairseq-train`` options of a timed run: ``total_updates`` updates, a JSON log line
+    every ``log_interval``, no validation, no checkpoints, no data-loading workers."""
+    return [
+        "--max-update",
+        str(total_updates),
+        "--log-interval",
+        str(log_interval),
+        "--log-format",
+        "json",
+        "--disable-validation",
+        "--no-save",
+        "--save-dir",
+        str(save_dir),
+        "--num-workers",
+        "0",
+        "--seed",
+        str(seed),
+        *fairseq_device_args(device),
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic corpus
 # --------------------------------------------------------------------------------------------
@@ -198,24 +238,9 @@ def make_corpus(
                 out.write(" ".join(f"w{i}" for i in range(vocab)) + "\n")
             for start in range(0, count, line_length):
                 out.write(" ".join(f"w{i}" for i in ids[start : start + line_length]) + "\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "fairseq_cli.preprocess",
-        "--only-source",
-        "--trainpref",
-        str(raw / "train.txt"),
-        "--validpref",
-        str(raw / "valid.txt"),
-        "--destdir",
-        str(dest),
-        "--workers",
-        "1",
-    ]
     log(f"binarizing a {train_tokens:,}-token random corpus (V {vocab}) into {dest}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(1), check=False)
-    if proc.returncode != 0:
-        raise fail(f"fairseq-preprocess failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    splits = {split: raw / f"{split}.txt" for split in ("train", "valid")}
+    run_preprocess(dest, splits, what="the random corpus")
     return dest
 
 
@@ -275,28 +300,18 @@ def run_fairseq_train(args: Sequence[str], threads: int, label: str) -> TrainRun
 
     ``ARGS`` must include ``--log-format json``. Raises with the tail of the output on failure.
     """
-    cmd = [fairseq_cli("fairseq-train"), *args]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env=child_env(threads),
-        cwd=str(REPO_ROOT),
-    )
     lines: list[LogLine] = []
     output: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        now = time.perf_counter()
-        output.append(raw.rstrip("\n"))
-        record = json_record(raw, ("train_inner",))
-        if record is not None and record[0] == "train_inner":
-            stats = {key: _number(value) for key, value in record[1].items()}
-            lines.append(LogLine(stats=stats, arrival=now))
-    code = proc.wait()
+
+    def keep(line: OutputLine) -> None:
+        output.append(line.text)
+        if line.record is not None:
+            stats = {key: _number(value) for key, value in line.record[1].items()}
+            lines.append(LogLine(stats=stats, arrival=line.arrival))
+
+    cmd = [fairseq_cli("fairseq-train"), *args]
+    start = time.perf_counter()
+    code = run_fairseq(cmd, keep, threads=threads, cwd=REPO, tags=("train_inner",))
     seconds = time.perf_counter() - start
     if code != 0:
         tail = "\n".join(output[-25:])
@@ -403,13 +418,10 @@ def verdict(met: bool) -> str:
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` (indented JSON) when a path is given."""
+    """Write ``payload`` to ``path`` (indented JSON, atomically) when a path is given."""
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2, sort_keys=False)
-        out.write("\n")
+    console.write_json(Path(path), payload, indent=2)
     log(f"wrote {path}")
 
 
@@ -431,3 +443,20 @@ def machine_summary(threads: int, device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         summary["gpu"] = torch.cuda.get_device_name(0)
     return summary
+
+
+def set_up_machine(args: argparse.Namespace) -> dict[str, Any]:
+    """Resolve ``args.device`` and ``args.threads`` in place (``--device auto``, ``--threads 0``),
+    give this process those threads, and start the benchmark's JSON payload with the machine."""
+    args.device = resolve_device(args.device)
+    args.threads = resolve_threads(args.threads)
+    apply_threads(args.threads)
+    return {"machine": machine_summary(args.threads, args.device)}
+
+
+def finish(payload: dict[str, Any], started: float, json_path: str | None) -> None:
+    """Add the wall time since ``started`` (perf_counter) to ``payload``, print it, and write
+    the payload to ``json_path`` (``--json``) when given."""
+    payload["wall_seconds"] = time.perf_counter() - started
+    print(f"\ntotal wall time {payload['wall_seconds']:.0f} s")
+    write_json(json_path, payload)
