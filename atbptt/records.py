@@ -1,10 +1,12 @@
 """Metrics as data: the loop's records, one JSON object a line in ``atbptt_metrics.jsonl``.
 
-Two kinds of record, both produced by :class:`atbptt.TbpttLoop`: ``update`` (per update: K in
-force as trained, the last estimate's bias and decay rate, the lr and clip factors, processed and
-scored tokens, estimate seconds) and ``k_decision`` (per estimate: every field of the
-:class:`~atbptt.TruncationDecision`, the raw choice and the reason included). Front ends write them
-with :func:`append_records`; scripts read them with :func:`read_records` instead of parsing logs.
+Two kinds of record produced by :class:`atbptt.TbpttLoop`: ``update`` (per update: K in force as
+trained, the last estimate's bias and decay rate, the lr and clip factors, processed and scored
+tokens, estimate seconds) and ``k_decision`` (per estimate: every field of the
+:class:`~atbptt.TruncationDecision`, the raw choice and the reason included); and ``valid``, one
+per validation of a split, from the front end that validates (:func:`valid_record`). Front ends
+write them with :func:`append_records`; scripts read them with :func:`read_records` instead of
+parsing logs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,37 @@ METRICS_FILE = "atbptt_metrics.jsonl"
 def decision_record(update: int, decision: TruncationDecision) -> dict[str, Any]:
     """The record of a decision on K taken before ``update``."""
     return {"kind": "k_decision", "update": update, **dataclasses.asdict(decision)}
+
+
+def valid_record(
+    num_updates: int,
+    subset: str,
+    loss: float,
+    processed_tokens: int,
+    scored_tokens: int,
+    wall: float,
+) -> dict[str, Any]:
+    """The record of a validation on ``subset`` after ``num_updates`` updates: its loss in bits
+    per token (unrounded) and perplexity, the training tokens processed and scored so far and the
+    run's wall-clock seconds."""
+    return {
+        "kind": "valid",
+        "num_updates": num_updates,
+        "subset": subset,
+        "loss": loss,
+        "ppl": 2.0**loss,
+        "processed_tokens": processed_tokens,
+        "scored_tokens": scored_tokens,
+        "wall": wall,
+    }
+
+
+def record_update(record: dict[str, Any]) -> int:
+    """The update a record belongs to: its ``update``; a validation after ``num_updates``
+    updates belongs to the last of them (a checkpoint of that update was saved after it)."""
+    if "update" in record:
+        return int(record["update"])
+    return int(record.get("num_updates", 0)) - 1
 
 
 def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
@@ -57,7 +90,7 @@ def drop_records_from(path: str | os.PathLike, update: int) -> None:
     ones again), replacing the file atomically."""
     if not Path(path).exists():
         return
-    kept = [record for record in read_records(path) if record.get("update", -1) < update]
+    kept = [record for record in read_records(path) if record_update(record) < update]
     partial = Path(f"{path}.tmp")
     partial.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
     os.replace(partial, path)

@@ -213,7 +213,9 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
 
 def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
     """--validate-interval-processed-tokens validates and saves at equal compute, and the count
-    resumes: a run of K 4 (8 tokens per update) validates every 2 updates for 16 tokens."""
+    resumes: a run of K 4 (8 tokens per update) validates every 2 updates for 16 tokens. Each
+    validation of each split is a valid record of atbptt_metrics.jsonl, once across the resume,
+    with the loss fairseq logs."""
 
     def train(updates: int) -> str:
         return run_cli(
@@ -221,7 +223,7 @@ def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
             "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--max-update", str(updates),
             "--validate-interval-processed-tokens", "16", "--save-dir", str(tmp_path),
             "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
-            "--no-progress-bar",
+            "--no-progress-bar", "--valid-subset", "valid,test",
         )  # fmt: skip
 
     first = train(5)
@@ -230,6 +232,19 @@ def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
     assert (tmp_path / "checkpoint_1_4.pt").exists() or (tmp_path / "checkpoint_last.pt").exists()
     resumed = train(8)
     assert [r["valid_num_updates"] for r in json_records(resumed, "valid")] == ["6", "8"]
+    records = read_records(tmp_path / METRICS_FILE, "valid")
+    assert [(r["num_updates"], r["subset"]) for r in records] == [
+        (n, subset) for n in (2, 4, 5, 6, 8) for subset in ("valid", "test")
+    ]
+    for subset in ("valid", "test"):
+        logged = json_records(first, subset) + json_records(resumed, subset)
+        recorded = [r for r in records if r["subset"] == subset]
+        for line, record in zip(logged, recorded, strict=True):
+            assert round(record["loss"], 3) == pytest.approx(float(line[f"{subset}_loss"]))
+            assert record["ppl"] == pytest.approx(float(line[f"{subset}_ppl"]), abs=0.01)
+    assert [r["processed_tokens"] for r in records[::2]] == [16, 32, 40, 48, 64]
+    walls = [r["wall"] for r in records]  # the run's clock goes on across the resume
+    assert all(later >= earlier for earlier, later in zip(walls, walls[1:])) and walls[0] >= 0
 
 
 def test_processed_token_validation_replaces_the_epoch_end_validation(tiny_corpus, tmp_path):

@@ -354,7 +354,8 @@ def test_checkpoint_dict_round_trip_restores_the_next_segment(tiny_corpus):
 
 def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus, tmp_path):
     """train_step and optimizer_step write one update record per update (a retry writes none)
-    to atbptt_metrics.jsonl in the save dir; a resume drops the records after its update."""
+    to atbptt_metrics.jsonl in the save dir, post_validate a valid record per split; a resume
+    drops the records after its update, keeping the validation before its checkpoint."""
     from atbptt.records import METRICS_FILE, read_records
 
     def new_task():
@@ -362,7 +363,7 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
             data=str(tiny_corpus), seed=1, train_subset="train", truncation_length=6,
             target_bias=0.5, min_truncation_length=2, max_truncation_length=12,
             estimate_window=12, estimate_interval=2, estimate_sequences=2, estimate_repeats=1,
-            save_dir=str(tmp_path),
+            save_dir=str(tmp_path), valid_subset="valid,test",
         )  # fmt: skip
         task = AdaptiveTbpttLmTask.setup_task(config)
         task.load_dataset("train")
@@ -383,18 +384,24 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
         for _ in range(1 + (update == 3)):  # update 3 is retried
             task.train_step(slots[update], model, criterion, optimizer, update)
             task.optimizer_step(optimizer, model, update)
-        if update == 3:
+        if update == 3:  # fairseq validates (here on two splits), then saves
+            for loss in (2.5, 2.0):
+                task.post_validate(model, {"num_updates": 4, "loss": loss}, {})
             state = task.get_checkpoint_dict()["AdaptiveTbpttLmTask"]
+    task.post_validate(model, {"num_updates": 6, "loss": 1.5}, {})
     path = tmp_path / METRICS_FILE
     updates = read_records(path, "update")
     assert [r["update"] for r in updates] == list(range(6))
     assert [d["update"] for d in read_records(path, "k_decision")] == [2, 4]
     assert updates[-1]["scored_tokens"] == task.loop.scored_tokens
     assert updates[2]["est_sec"] > 0 and updates[3]["est_sec"] == 0
+    valid = [(r["num_updates"], r["subset"], r["ppl"]) for r in read_records(path, "valid")]
+    assert valid == [(4, "valid", 2**2.5), (4, "test", 4.0), (6, "valid", 2**1.5)]
     restored, _ = new_task()
     restored.set_checkpoint_dict(state)
     assert [r["update"] for r in read_records(path, "update")] == list(range(4))
     assert [d["update"] for d in read_records(path, "k_decision")] == [2]
+    assert [r["num_updates"] for r in read_records(path, "valid")] == [4, 4]
 
 
 def _model_config():

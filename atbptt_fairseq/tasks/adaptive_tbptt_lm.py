@@ -46,7 +46,7 @@ from atbptt_fairseq.tasks.config import (
     options_without_effect,
 )
 from atbptt_fairseq.tasks.estimators import build_gradient_estimator, check_estimator_model
-from atbptt_fairseq.tasks.method_metrics import reduce_method_metrics
+from atbptt_fairseq.tasks.method_metrics import RunRecords, reduce_method_metrics
 from atbptt_fairseq.tasks.streams import (
     SplitStream,
     batch_iterator,
@@ -64,9 +64,6 @@ logger = logging.getLogger(__name__)
 # an update's training loss above this many bits per token has diverged: its perplexity 2^loss
 # overflows a float64 (ppl inf in the logs), where guessing uniformly costs log2(vocabulary) bits
 DIVERGED_BITS_PER_TOKEN = 1024.0
-
-# prefix of the JSON log line that records every decision on K (TruncationDecision's fields)
-DECISION_RECORD = "k_decision"
 
 
 @register_task("adaptive_tbptt_lm", dataclass=AdaptiveTbpttLmConfig)
@@ -102,7 +99,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._estimate_seconds = 0.0  # of this update's estimate, for its record
         save_dir = getattr(cfg, "save_dir", None)  # unresolved outside fairseq-train: no file
         resolved = isinstance(save_dir, str) and "${" not in save_dir
-        self._metrics = MetricsFile(save_dir) if resolved and rank == 0 else None
+        metrics_file = MetricsFile(save_dir) if resolved and rank == 0 else None
+        self._records = RunRecords(metrics_file, cfg.valid_subset)
 
     @property
     def controller(self) -> TruncationController:
@@ -292,9 +290,8 @@ class AdaptiveTbpttLmTask(FairseqTask):
             f"{decision.seconds:.2f}s): {decision.reason}"
         )
         record = decision_record(update_num, decision)
-        logger.info(f"{DECISION_RECORD} {json.dumps(record)}")
-        if self._metrics is not None:
-            self._metrics.write(record)
+        logger.info(f"k_decision {json.dumps(record)}")  # also in the log, for its readers
+        self._records.write(record)
 
     def training_diverged(self, num_updates: int) -> Optional[str]:
         """Why the last update's training loss has diverged, in one line; None while it has not
@@ -345,8 +342,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             record = self.loop.update_record(update_num)
             if "est_sec" in record:
                 record["est_sec"], self._estimate_seconds = self._estimate_seconds, 0.0
-            if self._metrics is not None:
-                self._metrics.write(record)
+            self._records.write(record)
             self._updates_trained = update_num + 1
         with scaled_learning_rate(optimizer.param_groups, self.loop.lr_factor):
             optimizer.step()
@@ -359,6 +355,10 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def begin_valid_epoch(self, epoch: int, model) -> None:
         unwrap(model).reset_streams()
+
+    def post_validate(self, model, stats: Dict[str, Any], aggregate) -> None:
+        """Record a split's validation (fairseq-train, after each split, before logging it)."""
+        self._records.validation(stats, aggregate, self.loop)
 
     # ------------------------------------------------------------------------ checkpoints
 
@@ -384,6 +384,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
                 "dictionary": dictionary_identity(self.dictionary),
                 "method": dataclasses.asdict(self.method),  # compared on resume
                 "num_updates": self._updates_trained,  # the metrics records kept on resume
+                "wall": self._records.wall(),
             }
         }
 
@@ -442,8 +443,6 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._train_shard = restore_loop(self.loop, state, world_size, rank, self._train_shard)
         self._last_call = self._snapshot = None
         self._processed_validations = int(state.get("processed_validations", 0))
-        if "num_updates" in state:  # the records of updates after the checkpoint come again
-            self._updates_trained = int(state["num_updates"])
-            if self._metrics is not None:
-                self._metrics.resume_at(self._updates_trained)
+        self._updates_trained = int(state.get("num_updates", self._updates_trained))
+        self._records.resume(state)  # the records of updates after the checkpoint come again
         # lr_base / lr_set of older checkpoints are ignored: the lr in the optimizer is unscaled

@@ -1,9 +1,14 @@
-"""The method's figures in fairseq's metrics (the loop's records, reduced over workers)."""
+"""The method's figures in fairseq's metrics (the loop's records, reduced over workers), and the
+task's records in ``atbptt_metrics.jsonl`` (:class:`RunRecords`)."""
 
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, List, Optional, Tuple
 
 from fairseq import metrics
 from fairseq.logging.meters import AverageMeter
+
+from atbptt import TbpttLoop
+from atbptt.records import MetricsFile, valid_record
 
 # fairseq-train's aggregator of a whole epoch (its "train" log line)
 EPOCH_AGGREGATOR = "train"
@@ -48,3 +53,45 @@ def log_epoch_last(key: str, value: float, round: int) -> None:
     if key not in meters:
         meters.add_meter(key, AverageMeter(round=round), priority=50)
     meters[key].update(value, 0)
+
+
+class RunRecords:
+    """The records a fairseq-train run writes to its metrics file (``None``: not this rank, or no
+    save dir), with the run's wall clock: fairseq's ``wall`` meter, which restarts at 0 on a
+    resume, plus the wall at the checkpoint resumed from."""
+
+    def __init__(self, metrics_file: Optional[MetricsFile], valid_subsets: Any) -> None:
+        self.metrics_file = metrics_file
+        # fairseq validates its --valid-subset splits in this order, once per validation
+        self.valid_subsets = str(valid_subsets).split(",")
+        self.wall_before = 0.0  # of the attempts before the checkpoint resumed from
+        self._validated: Tuple[int, int] = (-1, 0)  # (update, splits validated there)
+
+    def wall(self) -> float:
+        """Seconds of training so far (NaN outside fairseq-train, which starts the meter)."""
+        meter = metrics.get_meter("default", "wall")
+        return math.nan if meter is None else self.wall_before + meter.elapsed_time
+
+    def write(self, *records: Dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(*records)
+
+    def validation(self, stats: Dict[str, Any], aggregate, loop: TbpttLoop) -> None:
+        """Record a validation whose fairseq ``stats`` and meters are given, naming its split by
+        its place among this update's validations."""
+        update = int(stats["num_updates"])
+        index = self._validated[1] if self._validated[0] == update else 0
+        self._validated = (update, index + 1)
+        subset = self.valid_subsets[index] if index < len(self.valid_subsets) else f"valid{index}"
+        loss = aggregate["loss"].avg if "loss" in aggregate else float(stats["loss"])
+        self.write(
+            valid_record(
+                update, subset, float(loss), loop.processed_tokens, loop.scored_tokens, self.wall()
+            )
+        )
+
+    def resume(self, state: Dict[str, Any]) -> None:
+        """Go on from a checkpoint's task state: its wall clock, and its update's records kept."""
+        self.wall_before = float(state.get("wall", 0.0))
+        if "num_updates" in state and self.metrics_file is not None:
+            self.metrics_file.resume_at(int(state["num_updates"]))
