@@ -215,7 +215,7 @@ def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
     """--validate-interval-processed-tokens validates and saves at equal compute, and the count
     resumes: a run of K 4 (8 tokens per update) validates every 2 updates for 16 tokens. Each
     validation of each split is a valid record of atbptt_metrics.jsonl, once across the resume,
-    with the loss fairseq logs."""
+    with the loss fairseq logs, as each update's record has the training loss."""
 
     def train(updates: int) -> str:
         return run_cli(
@@ -243,7 +243,14 @@ def test_validation_every_processed_tokens(tiny_corpus, tmp_path):
             assert round(record["loss"], 3) == pytest.approx(float(line[f"{subset}_loss"]))
             assert record["ppl"] == pytest.approx(float(line[f"{subset}_ppl"]), abs=0.01)
     assert [r["processed_tokens"] for r in records[::2]] == [16, 32, 40, 48, 64]
-    walls = [r["wall"] for r in records]  # the run's clock goes on across the resume
+    updates = read_records(tmp_path / METRICS_FILE, "update")  # with fairseq's training loss
+    inner = json_records(first, "train_inner") + json_records(resumed, "train_inner")
+    assert [r["update"] + 1 for r in updates] == [int(line["num_updates"]) for line in inner]
+    logged = [float(line["loss"]) for line in inner]
+    assert [r["loss"] for r in updates] == pytest.approx(logged, abs=1.5e-3)
+    # the run's clock goes on across the resume
+    walls = [r["wall"] for r in read_records(tmp_path / METRICS_FILE) if "wall" in r]
+    assert len(walls) == len(records) + len(updates)
     assert all(later >= earlier for earlier, later in zip(walls, walls[1:])) and walls[0] >= 0
 
 

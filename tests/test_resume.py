@@ -7,6 +7,7 @@ optimizer state are bitwise equal.
 """
 
 import copy
+import math
 import os
 import re
 import signal
@@ -353,8 +354,8 @@ def test_checkpoint_dict_round_trip_restores_the_next_segment(tiny_corpus):
 
 
 def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus, tmp_path):
-    """train_step and optimizer_step write one update record per update (a retry writes none)
-    to atbptt_metrics.jsonl in the save dir, post_validate a valid record per split; a resume
+    """train_step, optimizer_step and training_diverged write one update record per update (a
+    retry writes none; its training loss once known) to atbptt_metrics.jsonl in the save dir, post_validate a valid record per split; a resume
     drops the records after its update, keeping the validation before its checkpoint."""
     from atbptt.records import METRICS_FILE, read_records
 
@@ -379,11 +380,13 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
     optimizer.clip_grad_norm = lambda threshold: None
     optimizer.param_groups = optimizer.optimizer.param_groups
     optimizer.step = optimizer.optimizer.step
-    state = None
+    state, losses = None, []
     for update in range(6):
         for _ in range(1 + (update == 3)):  # update 3 is retried
-            task.train_step(slots[update], model, criterion, optimizer, update)
+            _, _, logged = task.train_step(slots[update], model, criterion, optimizer, update)
             task.optimizer_step(optimizer, model, update)
+        assert task.training_diverged(update + 1) is None  # fairseq-train's check: the loss
+        losses.append(float(logged["loss"]) / logged["ntokens"] / math.log(2))
         if update == 3:  # fairseq validates (here on two splits), then saves
             for loss in (2.5, 2.0):
                 task.post_validate(model, {"num_updates": 4, "loss": loss}, {})
@@ -395,6 +398,8 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
     assert [d["update"] for d in read_records(path, "k_decision")] == [2, 4]
     assert updates[-1]["scored_tokens"] == task.loop.scored_tokens
     assert updates[2]["est_sec"] > 0 and updates[3]["est_sec"] == 0
+    assert [r["loss"] for r in updates] == pytest.approx(losses)  # bits per token, as logged
+    assert all("wall" in r for r in updates)
     valid = [(r["num_updates"], r["subset"], r["ppl"]) for r in read_records(path, "valid")]
     assert valid == [(4, "valid", 2**2.5), (4, "test", 4.0), (6, "valid", 2**1.5)]
     restored, _ = new_task()

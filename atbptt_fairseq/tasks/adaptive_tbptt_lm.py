@@ -11,14 +11,12 @@ controller, which travel in the checkpoint.
 import dataclasses
 import json
 import logging
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fairseq import metrics, utils
 from fairseq.data import Dictionary
-from fairseq.distributed import utils as distributed_utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from torch import Tensor
@@ -46,7 +44,7 @@ from atbptt_fairseq.tasks.config import (
     options_without_effect,
 )
 from atbptt_fairseq.tasks.estimators import build_gradient_estimator, check_estimator_model
-from atbptt_fairseq.tasks.method_metrics import RunRecords, reduce_method_metrics
+from atbptt_fairseq.tasks.method_metrics import RunRecords, UpdateLoss, reduce_method_metrics
 from atbptt_fairseq.tasks.streams import (
     SplitStream,
     batch_iterator,
@@ -93,7 +91,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
         self._last_call: Optional[Tuple[int, int]] = None  # (update, slot) of the last train_step
         self._snapshot: Optional[Snapshot] = None  # the loop before that call, for a retry
         self._processed_validations = 0  # validations --validate-interval-processed-tokens made
-        self._update_loss: Optional[Tuple[Tensor, Any]] = None  # the last update's, and its size
+        self._update_loss = UpdateLoss()  # the last update's, for training_diverged
         self._warned_unchecked_dictionary = False
         self._updates_trained = 0  # updates whose record is written
         self._estimate_seconds = 0.0  # of this update's estimate, for its record
@@ -262,7 +260,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             self.loop.rewind(self._snapshot)
             raise
         loss = loss.float()
-        self._update_loss = (loss, ntokens)  # training_diverged
+        self._update_loss.add(update_num, call[1], loss, ntokens)
         record = self.loop.update_record(update_num)
         estimate_tokens, estimate_seconds = self.loop.take_estimate_cost()
         self._estimate_seconds = estimate_seconds or self._estimate_seconds  # for the record
@@ -295,17 +293,12 @@ class AdaptiveTbpttLmTask(FairseqTask):
 
     def training_diverged(self, num_updates: int) -> Optional[str]:
         """Why the last update's training loss has diverged, in one line; None while it has not
-        (called by fairseq-train after every update, on every worker: the check is all-reduced)."""
-        if self._update_loss is None:
+        (called by fairseq-train after every update, on every worker: the loss is all-reduced,
+        the one sync per update, and goes into the update's record)."""
+        value = self._update_loss.take_bits_per_token()
+        if value is None:
             return None
-        loss, sample_size = self._update_loss
-        self._update_loss = None
-        bits = (loss.float() / max(float(sample_size), 1.0) / math.log(2)).reshape(1)
-        bits = torch.where(torch.isnan(bits), torch.full_like(bits, math.inf), bits)
-        if world()[0] > 1:
-            group = distributed_utils.get_data_parallel_group()
-            bits = distributed_utils.all_reduce(bits, group, op="max")
-        value = float(bits)
+        self._records.write_update(value)
         if value <= DIVERGED_BITS_PER_TOKEN:
             return None
         return (
@@ -342,7 +335,7 @@ class AdaptiveTbpttLmTask(FairseqTask):
             record = self.loop.update_record(update_num)
             if "est_sec" in record:
                 record["est_sec"], self._estimate_seconds = self._estimate_seconds, 0.0
-            self._records.write(record)
+            self._records.hold_update(record)  # written with its loss by training_diverged
             self._updates_trained = update_num + 1
         with scaled_learning_rate(optimizer.param_groups, self.loop.lr_factor):
             optimizer.step()

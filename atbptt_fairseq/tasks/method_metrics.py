@@ -4,11 +4,15 @@ task's records in ``atbptt_metrics.jsonl`` (:class:`RunRecords`)."""
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from fairseq import metrics
+from fairseq.distributed import utils as distributed_utils
 from fairseq.logging.meters import AverageMeter
+from torch import Tensor
 
 from atbptt import TbpttLoop
 from atbptt.records import MetricsFile, valid_record
+from atbptt_fairseq.tasks.workers import world
 
 # fairseq-train's aggregator of a whole epoch (its "train" log line)
 EPOCH_AGGREGATOR = "train"
@@ -66,6 +70,7 @@ class RunRecords:
         self.valid_subsets = str(valid_subsets).split(",")
         self.wall_before = 0.0  # of the attempts before the checkpoint resumed from
         self._validated: Tuple[int, int] = (-1, 0)  # (update, splits validated there)
+        self._held: Optional[Dict[str, Any]] = None  # an update record awaiting its loss
 
     def wall(self) -> float:
         """Seconds of training so far (NaN outside fairseq-train, which starts the meter)."""
@@ -75,6 +80,20 @@ class RunRecords:
     def write(self, *records: Dict[str, Any]) -> None:
         if self.metrics_file is not None:
             self.metrics_file.write(*records)
+
+    def hold_update(self, record: Dict[str, Any]) -> None:
+        """An update's record, written with its loss by :meth:`write_update` (a record still held
+        then is written first, without one)."""
+        self.write_update()
+        self._held = record
+
+    def write_update(self, loss: Optional[float] = None) -> None:
+        """Write the held update record with the run's wall clock and the update's training
+        ``loss`` in bits per token (as fairseq logs it)."""
+        if self._held is not None:
+            loss_field = {} if loss is None else {"loss": loss}
+            self.write({**self._held, **loss_field, "wall": self.wall()})
+            self._held = None
 
     def validation(self, stats: Dict[str, Any], aggregate, loop: TbpttLoop) -> None:
         """Record a validation whose fairseq ``stats`` and meters are given, naming its split by
@@ -95,3 +114,33 @@ class RunRecords:
         self.wall_before = float(state.get("wall", 0.0))
         if "num_updates" in state and self.metrics_file is not None:
             self.metrics_file.resume_at(int(state["num_updates"]))
+
+
+class UpdateLoss:
+    """An update's training loss over its micro-batches (--update-freq; a retried one counted
+    once), summed over the workers when taken: the loss fairseq logs for the update."""
+
+    def __init__(self) -> None:
+        self.update = -1
+        self.parts: Dict[int, Tuple[Tensor, int]] = {}  # slot: (summed loss in nats, tokens)
+
+    def add(self, update: int, slot: int, loss: Tensor, tokens: int) -> None:
+        if update != self.update:
+            self.update, self.parts = update, {}
+        self.parts[slot] = (loss.detach().float().reshape(()), tokens)
+
+    def take_bits_per_token(self) -> Optional[float]:
+        """The update's loss in bits per token over all workers (inf for NaN), forgotten then;
+        None if none was added since. One all-reduce and one sync: call it on every worker."""
+        if not self.parts:
+            return None
+        loss = torch.stack([part[0] for part in self.parts.values()]).sum()
+        tokens = float(sum(part[1] for part in self.parts.values()))
+        self.parts = {}
+        totals = torch.stack([loss, torch.tensor(tokens, device=loss.device)])
+        if world()[0] > 1:
+            group = distributed_utils.get_data_parallel_group()
+            totals = distributed_utils.all_reduce(totals, group)
+        loss_sum, token_count = totals.tolist()
+        bits = loss_sum / max(token_count, 1.0) / math.log(2)
+        return math.inf if math.isnan(bits) else bits
