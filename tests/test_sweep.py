@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -565,6 +566,32 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
     assert again.count("finished earlier, skipped") == 2 and "start" not in again
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     assert json.loads((out / "runs" / "fixed_k6_s1" / "result.json").read_text())["k"] == 6
+    for run in ("fixed_k6_s1", "delta0.5_s1"):
+        assert_records_alone_give_the_log_validations(out / "runs" / run, tmp_path / run)
+
+
+def assert_records_alone_give_the_log_validations(run_dir: Path, copy: Path) -> None:
+    """A run's metrics records, its stdout deleted, give the validation rows that its fairseq
+    log lines give (up to the log's rounding: losses to 3 decimals, wall clock to seconds)."""
+    from atbptt.records import METRICS_FILE
+
+    (copy / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / METRICS_FILE, copy / "checkpoints" / METRICS_FILE)
+    from_records = fairseq_logs.parse_run(copy)  # no train.log there
+    from_log = fairseq_logs.parse_log((run_dir / "train.log").read_text())
+    assert [row["num_updates"] for row in from_records.valid] == [12, 24]
+    assert len(from_records.valid) == len(from_log.valid)
+    for recorded, logged in zip(from_records.valid, from_log.valid, strict=True):
+        assert set(recorded) == set(results.VALIDATION_COLUMNS) == set(logged)
+        assert recorded["num_updates"] == logged["num_updates"]
+        assert recorded["valid_loss"] == pytest.approx(logged["valid_loss"], abs=6e-4)
+        assert recorded["valid_ppl"] == pytest.approx(logged["valid_ppl"], rel=1e-3)
+        for key in ("tokens", "processed_tokens"):
+            assert recorded[key] == pytest.approx(logged[key], rel=1e-3)
+        assert recorded["est_sec"] == pytest.approx(logged["est_sec"], abs=0.1)
+        assert recorded["wall"] == pytest.approx(logged["wall"], abs=2.5)
+    assert from_records.updates == from_log.updates == 24
+    assert from_records.tokens == from_log.tokens
 
 
 @pytest.mark.e2e

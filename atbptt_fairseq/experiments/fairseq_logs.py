@@ -1,6 +1,7 @@
-"""Reading a run's output: fairseq-train's JSON log lines (loss, validation, wall clock) and the
-loop's metrics records (:mod:`atbptt.records`: decisions on K, exact token counts); the text
-forms of the decisions are read only for runs that predate the records."""
+"""Reading a run's output: its metrics records (:mod:`atbptt.records`: per update K, tokens,
+training loss and wall clock, the decisions on K, the validations), and for runs that predate
+records with training losses and validations, fairseq-train's JSON log lines (loss, validation,
+wall clock) and the text forms of the decisions."""
 
 from __future__ import annotations
 
@@ -138,11 +139,82 @@ def _exact_estimates(rows: list[dict[str, float]], estimates: dict[int, dict[str
 
 
 def parse_run(run_dir: Path) -> ParsedLog:
-    """:func:`parse_log` of a run directory's train.log and its metrics records."""
+    """A run directory's trajectories: from its metrics records alone where they hold the
+    training losses and validations (:func:`parse_records`), else :func:`parse_log` of its
+    train.log and the records it has."""
     from atbptt.records import METRICS_FILE, read_records
 
     records = read_records(run_dir / "checkpoints" / METRICS_FILE)
+    if records_are_complete(records):
+        return parse_records(records)
     return parse_log((run_dir / "train.log").read_text(), records)
+
+
+def records_are_complete(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether a run's records hold its training losses and validations: the run was recorded
+    from its first update by a version that writes them (its update records have a loss)."""
+    updates = [record for record in records if record.get("kind") == "update"]
+    return bool(updates) and updates[0]["update"] == 0 and "loss" in updates[0]
+
+
+def _estimate_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_updates": int(record["update"]),
+        "trunc_k": float(record["truncation_length"]),
+        "bias_hat": float(record["relative_bias"]),
+        "beta_hat": float(record["decay_rate"]),
+        "fallback": record.get("fallback", ""),
+    }
+
+
+def parse_records(records: Sequence[dict[str, Any]]) -> ParsedLog:
+    """Trajectories and totals of a run from its metrics records alone (see
+    :func:`records_are_complete`): a training row per update, a validation row per validation of
+    the first validated split, exact token counts and the estimates' seconds cumulated."""
+    updates = [record for record in records if record.get("kind") == "update"]
+    valid = [record for record in records if record.get("kind") == "valid"]
+    valid = [record for record in valid if record["subset"] == valid[0]["subset"]]
+    estimate_seconds = np.cumsum([float(record.get("est_sec", 0.0)) for record in updates])
+
+    def seconds_after(num_updates: int) -> float:
+        return float(estimate_seconds[num_updates - 1]) if num_updates > 0 else 0.0
+
+    train_rows = [
+        {
+            "num_updates": record["update"] + 1,
+            "wall": float_field(record, "wall"),
+            "tokens": record["scored_tokens"],
+            "processed_tokens": record["processed_tokens"],
+            "est_sec": float(seconds),
+            **{key: float_field(record, key) for key in ("trunc_k", "bias_hat", "beta_hat")},
+            "loss": float_field(record, "loss"),
+            "ppl": 2.0 ** float_field(record, "loss"),
+        }
+        for record, seconds in zip(updates, estimate_seconds, strict=True)
+    ]
+    valid_rows = [
+        {
+            "num_updates": record["num_updates"],
+            "wall": float_field(record, "wall"),
+            "tokens": record["scored_tokens"],
+            "processed_tokens": record["processed_tokens"],
+            "est_sec": seconds_after(record["num_updates"]),
+            "valid_loss": float_field(record, "loss"),
+            "valid_ppl": 2.0 ** float_field(record, "loss"),
+        }
+        for record in valid
+    ]
+    walls = [row["wall"] for row in train_rows + valid_rows if not math.isnan(row["wall"])]
+    return ParsedLog(
+        train=train_rows,
+        valid=valid_rows,
+        estimates=[_estimate_row(r) for r in records if r.get("kind") == "k_decision"],
+        tokens=int(updates[-1]["scored_tokens"]),
+        processed_tokens=float(updates[-1]["processed_tokens"]),
+        est_sec=float(estimate_seconds[-1]),
+        wall_sec=max(walls, default=math.nan),
+        updates=int(updates[-1]["update"]) + 1,
+    )
 
 
 def parse_log(text: str, records: Sequence[dict[str, Any]] = ()) -> ParsedLog:
@@ -173,13 +245,7 @@ def parse_log(text: str, records: Sequence[dict[str, Any]] = ()) -> ParsedLog:
         decision = DECISION_LINE.search(line)
         if decision is not None:
             record = json.loads(decision.group(1))
-            state.estimates[int(record["update"])] = {
-                "num_updates": int(record["update"]),
-                "trunc_k": float(record["truncation_length"]),
-                "bias_hat": float(record["relative_bias"]),
-                "beta_hat": float(record["decay_rate"]),
-                "fallback": record.get("fallback", ""),
-            }
+            state.estimates[int(record["update"])] = _estimate_row(record)
             continue
         estimate = ESTIMATE_LINE.search(line)
         if estimate is not None and int(estimate.group(1)) not in state.estimates:
@@ -205,16 +271,7 @@ def parse_log(text: str, records: Sequence[dict[str, Any]] = ()) -> ParsedLog:
 
     decisions = [record for record in records if record.get("kind") == "k_decision"]
     if records:  # the run's own records replace what its log text said
-        state.estimates = {
-            int(record["update"]): {
-                "num_updates": int(record["update"]),
-                "trunc_k": float(record["truncation_length"]),
-                "bias_hat": float(record["relative_bias"]),
-                "beta_hat": float(record["decay_rate"]),
-                "fallback": record.get("fallback", ""),
-            }
-            for record in decisions
-        }
+        state.estimates = {int(record["update"]): _estimate_row(record) for record in decisions}
         last = [record for record in records if record.get("kind") == "update"][-1:]
         if last:
             exact_at_stop = {
