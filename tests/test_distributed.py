@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import BIN, REPO, TINY_TRAIN, json_records
 
+from atbptt.records import METRICS_FILE, read_records
 from atbptt_fairseq import fairseq_fixes
 
 # in-process calls into fairseq run as its CLIs do with the plugin: with its fixes
@@ -194,6 +195,11 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(fixed_runs):
     logged_two = [r["loss"] for r in json_records(two["output"], "train_inner")]
     logged_one = [r["loss"] for r in json_records(one["output"], "train_inner")]
     assert logged_two == logged_one  # rank 0 logs the all-reduced loss, to 3 decimals
+    recorded_two, recorded_one = (
+        [r["loss"] for r in read_records(run["checkpoint"].parent / METRICS_FILE, "update")]
+        for run in (two, one)
+    )  # rank 0 records it unrounded
+    assert len(recorded_two) == 20 and recorded_two == pytest.approx(recorded_one, rel=1e-5)
     a = torch.load(two["checkpoint"], weights_only=True)["model"]
     b = torch.load(one["checkpoint"], weights_only=True)["model"]
     difference = max(float((a[name] - b[name]).abs().max()) for name in a)
@@ -213,6 +219,8 @@ def test_validation_is_the_token_weighted_mean_over_all_ranks_columns(fixed_runs
     logged = [float(r["valid_loss"]) for r in json_records(two["output"], "valid")]
     assert logged == pytest.approx(two_losses, abs=5e-4)  # logged to 3 decimals
     assert logged == [float(r["valid_loss"]) for r in json_records(one["output"], "valid")]
+    recorded = read_records(two["checkpoint"].parent / METRICS_FILE, "valid")
+    assert [r["loss"] for r in recorded] == pytest.approx(two_losses, rel=1e-6)
 
 
 def test_adaptive_k_is_identical_on_every_rank(tiny_corpus, tmp_path):
