@@ -31,6 +31,7 @@ from .update_noise import UpdateNoiseAccumulator
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class TruncationDecision:
     """Outcome of one re-estimation of K."""

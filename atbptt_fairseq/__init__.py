@@ -11,8 +11,11 @@ Without fairseq the package still imports (its commands then say what to install
 and using a component raises ``ModuleNotFoundError`` with the same line.
 """
 
+import contextlib
+import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Optional
 
 from atbptt_fairseq.dependencies import missing_dependency_message
@@ -34,12 +37,28 @@ def _imported_by_fairseq_user_dir() -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """Keep the root logger's level and handlers as they were: importing fairseq calls
+    ``logging.basicConfig(level=logging.DEBUG)`` (fairseq/models/wav2vec/
+    wav2vec2_classification.py, upstream), which in a program that had not configured logging
+    yet prints every library's debug lines (matplotlib's among them) on stderr. fairseq's
+    command-line tools configure logging before they import a user dir: a no-op for them."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
 # the ModuleNotFoundError that kept the components from importing (fairseq or one of its own
 # dependencies is not installed); None when they imported
 missing_dependency: Optional[ModuleNotFoundError] = None
 
 try:
-    with warnings.catch_warnings():
+    with _root_logger_kept(), warnings.catch_warnings():
         # fairseq_cli.hydra_train (which the fixes wrap) warns on import that fairseq's
         # @hydra.main gives no version_base: fairseq's, and nothing a user can act on
         warnings.filterwarnings("ignore", message=HYDRA_VERSION_BASE, category=UserWarning)

@@ -103,3 +103,18 @@ def test_the_readme_lists_every_change_to_fairseq():
         assert f"| `{patch.target.__name__}.{patch.attribute}` |" in section, patch.attribute
     for other in ("sys.excepthook", "add_safe_globals", "atexit"):
         assert other in section
+
+
+def test_importing_the_plugin_leaves_the_root_logger_as_it_was():
+    """fairseq's import calls logging.basicConfig(level=DEBUG); a program that imports the plugin
+    (a sweep, the demo) would print every library's debug lines without the guard."""
+    probe = (
+        "import logging; import atbptt_fairseq.experiments.demo; root = logging.getLogger(); "
+        "print(root.level, len(root.handlers))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(30), "0"]
+    assert "DEBUG" not in result.stderr

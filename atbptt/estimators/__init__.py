@@ -20,6 +20,7 @@ from .base import (
     functional_step,
     run_segments,
     sequence_gradient,
+    trained_module,
 )
 from .exact_rtrl import ExactRtrl
 from .kf_rtrl import KfRtrl
@@ -44,4 +45,5 @@ __all__ = [
     "functional_step",
     "run_segments",
     "sequence_gradient",
+    "trained_module",
 ]

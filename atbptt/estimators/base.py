@@ -88,6 +88,13 @@ class Carry:
         return cls(tuple(saved["state"]), dict(saved["extras"]))
 
 
+def trained_module(model: RecurrentModel) -> RecurrentModel:
+    """The module an estimator takes the gradient of: the core recurrence a model hands over with
+    ``gradient_estimation_model()`` (whose parameters are the model's), else the model itself."""
+    handed_over = getattr(model, "gradient_estimation_model", None)
+    return model if handed_over is None else handed_over()
+
+
 class GradientEstimator(ABC):
     """Accumulates a gradient estimate into ``.grad``, one segment of a stream at a time.
 
@@ -126,10 +133,8 @@ class GradientEstimator(ABC):
         return float(batch_size * nominal)
 
     def trained_module(self, model: RecurrentModel) -> RecurrentModel:
-        """The module the gradient is taken of: a model may hand over its core recurrence with
-        ``gradient_estimation_model()``."""
-        handed_over = getattr(model, "gradient_estimation_model", None)
-        return model if handed_over is None else handed_over()
+        """The module the gradient is taken of (:func:`trained_module`)."""
+        return trained_module(model)
 
     def train_segment(
         self,

@@ -13,14 +13,12 @@ import csv
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from atbptt_fairseq.experiments import console
-from atbptt_fairseq.experiments.console import fail
+from atbptt_fairseq.experiments.console import fail, write_atomically
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DELTAS = (0.1, 0.5, 0.9)
@@ -127,18 +125,6 @@ def choose(estimate: Any, target: float) -> str:
     window = estimate.relative_bias.numel()
     below = bool(estimate.relative_bias[length - 1] < target)
     return str(length) if below else f">{window}"
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write through a temporary sibling, so a failed run leaves no half-written file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def plot(path: Path, title: str, rows: list[dict[str, float]], curves: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,21 @@ def fail(message: str) -> SystemExit:
     return SystemExit(f"error: {message}")
 
 
-def write_json(path: Path, payload: dict[str, Any], indent: int = 1) -> None:
-    """Write ``payload`` as JSON atomically (a temporary sibling, then a rename), so a reader or an
-    interrupted writer never sees half a file."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` write ``path``'s content to a temporary sibling, then rename it into place,
+    so that a reader or an interrupted writer never sees half a file (and a failed write leaves
+    none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any], indent: int = 1) -> None:
+    """Write ``payload`` as JSON atomically (:func:`write_atomically`)."""
+    text = json.dumps(payload, indent=indent) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -8,16 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import plots
+from .copy_task import PAPER_VARIABLE_LENGTHS, prepare_copy_task
+from .data import DataBinRequest
 from .fairseq_logs import parse_log, parse_run
-from .fairseq_process import REPO, child_env
 from .launch import fmt_seconds, say
 from .presets import get_preset
 from .runs import SweepSettings, option_value, plan_runs, token_count
@@ -25,6 +24,7 @@ from .sweep import check_out_dir, run_sweep
 
 FULL_STEPS = {"train": 4000, "valid": 1000, "test": 1000}
 QUICK_STEPS = {"train": 1000, "valid": 250, "test": 250}
+COPY_COLUMNS = 64  # the paper's batch of columns
 # Both runs get the tokens the fixed-K baseline runs through the model in this many updates
 # (64 columns x (2K - 1) per update in the overlap style): equal compute, not equal updates
 FULL_BASELINE_UPDATES = 3000
@@ -49,11 +49,14 @@ def prepare_data(dest: Path, quick: bool) -> None:
         return
     steps = QUICK_STEPS if quick else FULL_STEPS
     say(f"data: generating the variable-length copy task into {dest}")
-    command = [sys.executable, str(REPO / "scripts" / "prepare_copy_task.py")]
-    command += ["--dest", str(dest), "--variable", "--force"]
-    command += [f"--{split}-steps={count}" for split, count in steps.items()]
-    if subprocess.run(command, check=False, env=child_env()).returncode != 0:
-        raise SystemExit(1)  # prepare_copy_task.py said why in its last line
+    options = {"variable": True, **{f"{split}_steps": count for split, count in steps.items()}}
+    prepare_copy_task(
+        DataBinRequest(dest, force=True, options=options),
+        lengths=PAPER_VARIABLE_LENGTHS,
+        steps=steps,
+        columns=COPY_COLUMNS,
+        seed=1,
+    )
 
 
 def k_summary(run: plots.RunData, sweep_dir: Path) -> str:

@@ -468,7 +468,7 @@ def run_figures(run: TrainRun, save_dir: Path) -> RunFigures:
         tokens=throughput.tokens,
         est_sec=sum(est[1:]),
         est_sec_total=sum(est),
-        final_k=int(round(final_k)) if math.isfinite(final_k) else -1,
+        final_k=round(final_k) if math.isfinite(final_k) else -1,
         updates=throughput.updates,
         decisions=decisions,
     )

@@ -341,11 +341,13 @@ def parse_eval(text: str) -> tuple[float, float]:
 
 
 def training_finished(log_path: Path) -> bool:
-    """Whether the last fairseq-train attempt logged in ``log_path`` ran to its end.
-
+    """Whether the last fairseq-train attempt logged in ``log_path`` ran to its end (for a sweep
+    stopped after fairseq-train exited but before it wrote ``train_done.json``).
 
     Restarting a finished training would not be a no-op: fairseq would resume from
-    checkpoint_last.pt and run one more update before noticing the budget is spent.
+    checkpoint_last.pt and run one more update before noticing the budget is spent. fairseq's
+    "done training" line is the one sign that its last validation and checkpoint were written:
+    the metrics records reach the budget before those are.
     """
     if not log_path.is_file():
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .fairseq_logs import float_field, parse_eval
-from .fairseq_process import child_env, json_record
+from .fairseq_process import OutputLine, child_env, run_fairseq
 
 _SAY_LOCK = threading.Lock()  # whole lines, whichever of the --jobs threads prints them
 
@@ -138,41 +139,34 @@ def run_train(
     and at most one training line every ``progress_seconds``. ``lock_fd``: the run's lock, which
     the trainer holds too (:func:`run_lock`)."""
     children = children or ChildProcesses()
-    last_shown = time.monotonic()
+    last_shown = time.perf_counter()  # the clock of OutputLine.arrival
     last_train: dict[str, Any] = {}
     with log_path.open("a") as log:
+
+        def on_line(line: OutputLine) -> None:
+            nonlocal last_shown, last_train
+            log.write(line.text + "\n")
+            if line.record is None:
+                return
+            tag, record = line.record
+            if tag == "train_inner":
+                last_train = record
+                if line.arrival - last_shown < progress_seconds:
+                    return
+            if tag in ("train_inner", "valid"):
+                say(_progress_line(name, tag, record, of, last_train))
+                last_shown = line.arrival
+
         stamp = datetime.now().isoformat(timespec="seconds")
         log.write(f"# sweep attempt {stamp}: {' '.join(cmd)}\n")
         log.flush()
-        process = children.start(
+        code = run_fairseq(
             cmd,
-            keep_fds=() if lock_fd is None else (lock_fd,),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env(threads),
+            on_line,
+            threads=threads,
+            start=functools.partial(children.start, keep_fds=() if lock_fd is None else (lock_fd,)),
+            wait=children.wait,
         )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                log.write(line)
-                parsed = json_record(line)
-                if parsed is None:
-                    continue
-                tag, record = parsed
-                now = time.monotonic()
-                if tag == "train_inner":
-                    last_train = record
-                    if now - last_shown < progress_seconds:
-                        continue
-                if tag in ("train_inner", "valid"):
-                    say(_progress_line(name, tag, record, of, last_train))
-                    last_shown = now
-        except BaseException:
-            process.terminate()
-            children.wait(process)
-            raise
-        code = children.wait(process)
     if code != 0:
         tail = log_path.read_text().splitlines()[-25:]
         raise RunFailed(f"fairseq-train exited {code}; end of {log_path}:\n" + "\n".join(tail))

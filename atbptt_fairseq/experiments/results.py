@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .console import write_atomically
 from .fairseq_logs import ParsedLog
 from .runs import RunSpec
 
@@ -76,9 +75,8 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]
     frame = pd.DataFrame(
         [{key: _cell(row.get(key)) for key in columns} for row in rows], columns=list(columns)
     )
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\r\n")  # as the csv module writes
-    os.replace(tmp, path)
+    # CRLF line ends, as the csv module writes
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\r\n"))
 
 
 def read_frame(path: Path) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from atbptt.estimators import (
     KfRtrl,
     TanhRnn,
     Uoro,
+    trained_module,
 )
 from atbptt.gradient_profile import State
 from atbptt_fairseq.errors import UserInputError
@@ -32,14 +33,6 @@ def build_gradient_estimator(cfg: AdaptiveTbpttLmConfig) -> Optional[GradientEst
     seed = cfg.seed if isinstance(cfg.seed, int) else 0
     estimator = ESTIMATORS.get(method)
     return None if estimator is None else estimator(seed=seed)
-
-
-def gradient_estimation_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module --gradient-estimator trains: the one the model hands over with
-    ``gradient_estimation_model()`` (the one-hot models' core ``TanhRnn`` / ``ElementwiseLstm``,
-    whose parameters are the model's), else the model itself."""
-    handed_over = getattr(model, "gradient_estimation_model", None)
-    return model if handed_over is None else handed_over()
 
 
 def task_layout(state: State, batch_dim: int) -> Tuple[Tensor, ...]:
@@ -66,7 +59,7 @@ def check_estimator_model(cfg: AdaptiveTbpttLmConfig, model: torch.nn.Module) ->
     for one recurrence each), naming the architectures that work."""
     method = getattr(cfg, "gradient_estimator", "tbptt")
     required = ESTIMATOR_MODELS.get(method)
-    if required is None or isinstance(gradient_estimation_model(model), required):
+    if required is None or isinstance(trained_module(model), required):
         return
     raise UserInputError(
         f"--gradient-estimator {method} trains only models around atbptt.estimators."

@@ -25,7 +25,7 @@ run_config() {  # the configurations of issue 28, by name
     fixed20) sweep "$corpus" fixed --fixed 20 --deltas none ;;
     fixed50) sweep "$corpus" fixed --fixed 50 --deltas none ;;
     fixed100) sweep "$corpus" fixed --fixed 100 --deltas none ;;
-    fixed5) sweep "$corpus" fixed --fixed 5 --deltas none -- --min-truncation-length 5 ;;
+    fixed5) sweep "$corpus" fixed5 --fixed 5 --deltas none -- --min-truncation-length 5 ;;
     paper) sweep "$corpus" paper --fixed none --deltas 0.1 ;;
     inwindow) sweep "$corpus" inwindow --fixed none --deltas 0.1 -- --estimate-method in-window ;;
     noise)  # the in-window estimate, the bias relative to the update's noise, K from the start
