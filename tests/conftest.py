@@ -125,9 +125,9 @@ def load_example(name: str):
 
 
 def load_script(name: str):
-    """The command line ``scripts/<name>.py`` as a module, to call its ``main(argv)`` (or parse
-    with its ``build_parser()``) in-process: the scripts are command lines, not a library (their
-    logic is :mod:`atbptt_fairseq.experiments`, which the tests import)."""
+    """The command line ``scripts/<name>.py`` as a module, to call its ``main(argv)`` in-process:
+    the scripts are command lines, not a library (their parsers and logic are
+    :mod:`atbptt_fairseq.experiments`, which the tests import)."""
     return _load_file("scripts", name)
 
 

@@ -124,7 +124,7 @@ def test_copy_task_determinism() -> None:
 
 def test_copy_task_length_options(tmp_path: Path) -> None:
     def lengths(argv: list[str]) -> tuple[int, int]:
-        args = prepare_copy_task.build_parser().parse_args(argv)
+        args = copy_task.build_parser().parse_args(argv)
         return copy_task.resolve_lengths(
             args.fixed_length, args.variable, args.min_length, args.max_length
         )

@@ -1,25 +1,47 @@
-"""The King James Bible (Debian package ``bible-kjv``) as a word-level LM corpus.
+"""Prepare the King James Bible (Debian package ``bible-kjv``) as a word-level LM corpus.
 
-What ``scripts/prepare_bible.py`` does: read every verse from the package's ``bible`` command
-(installing it with apt-get when allowed), strip the references, lowercase and split punctuation
-off, then split and binarize the verses as :mod:`text_corpus` does; its docstring says more.
+A real English corpus (31,102 verses, about 0.9M words) that installs offline from the
+distribution's packages. The text comes from the package's ``bible`` command:
+
+    bible -f Gen1:1-Rev22:21 < /dev/null
+
+``-f`` turns pretty-printing off, so it prints one verse per line, each preceded by its reference
+(``Ge1:1 In the beginning ...``); the range is the whole book; stdin from /dev/null keeps it from
+entering its interactive prompt. The reference is stripped, leaving one verse per line.
+
+Tokenization (word level): lowercase; words are runs of letters/digits, with inner apostrophes
+and hyphens kept (``lord's``, ``well-favoured``); every other non-space character (punctuation
+such as ``, . ; : ? ! ( )``) is a token of its own. The verses are then split contiguously like
+prepare_text.py (first 90% train, next 5% valid, last 5% test, i.e. the end of the New Testament
+is valid/test) and binarized; fairseq appends </s> to every verse.
+
+    python scripts/prepare_bible.py --dest data-bin/kjv
+    python scripts/prepare_bible.py --dest data-bin/kjv_small --max-lines 2000 --install
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from atbptt_fairseq.experiments.console import fail
 from atbptt_fairseq.experiments.data import (
     DataBinRequest,
+    add_destination_options,
     check_destination,
+    data_bin_request,
     log,
     reported_os_errors,
 )
-from atbptt_fairseq.experiments.text_corpus import prepare_lines
+from atbptt_fairseq.experiments.text_corpus import (
+    add_split_options,
+    prepare_lines,
+    resolve_fractions,
+)
 
 BIBLE_COMMAND = ("bible", "-f", "Gen1:1-Rev22:21")
 REFERENCE = re.compile(r"^\S*?\d+:\d+\s+")
@@ -103,3 +125,38 @@ def prepare_bible(
             test_fraction=fractions[1],
             vocab_size=vocab_size,
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``scripts/prepare_bible.py``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_destination_options(parser)
+    parser.add_argument(
+        "--max-lines", type=int, default=None, help="use only the first N verses (small subset)"
+    )
+    add_split_options(parser)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="keep the N most frequent train words, the rest become <unk> (default: all)",
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="if `bible` is missing and running as root, apt-get install bible-kjv",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Read, tokenize and binarize the King James Bible into --dest."""
+    args = build_parser().parse_args(argv)
+    prepare_bible(
+        data_bin_request(args),
+        fractions=resolve_fractions(args),
+        max_lines=args.max_lines,
+        vocab_size=args.vocab_size,
+        install=args.install,
+    )
+    return 0

@@ -1,7 +1,6 @@
 """Training throughput of the plugin against a plain PyTorch loop and fairseq's own ``lstm_lm``.
 
-What ``scripts/bench_throughput.py`` runs; docs/scripts.md (section scripts/bench_throughput.py)
-says how it measures.
+Details: docs/scripts.md, section scripts/bench_throughput.py.
 """
 
 from __future__ import annotations
@@ -10,12 +9,14 @@ import argparse
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from atbptt_fairseq.experiments.bench import (
     Throughput,
+    add_machine_options,
     dictionary_size,
     finish,
     format_table,
@@ -351,3 +352,64 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             payload["presets"][name] = bench_preset(preset, work, args)
     finish(payload, started, args.json)
     return payload
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``scripts/bench_throughput.py``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["all", *PRESETS],
+        default="all",
+        help="sizes: ptb (V 10k, H 900, B 32, K 35), small (V 500, H 512, B 32, K 35), quick "
+        "(a smoke test); all = small then ptb (default)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of every contender, alternated (default 3)"
+    )
+    parser.add_argument(
+        "--updates",
+        type=int,
+        default=0,
+        help="measured updates per run after the warm-up; 0: the preset's default",
+    )
+    parser.add_argument(
+        "--log-interval",
+        type=int,
+        default=0,
+        help="updates per fairseq log line (and per timed group of (b)); 0: the preset's default",
+    )
+    parser.add_argument(
+        "--warmup-lines",
+        type=int,
+        default=1,
+        help="log intervals dropped at the start of every run (>= 1; default 1)",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.2, help="dropout of all three models (default 0.2)"
+    )
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    parser.add_argument(
+        "--no-overlap", action="store_true", help="skip the extra overlap-style plugin row"
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="directory for the corpora and run files (kept; corpora are reused); default: a "
+        "temporary directory, removed at the end",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of corpora and models")
+    add_machine_options(parser, waits_before="each run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen presets and print (and optionally save) the figures."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup_lines < 1 or args.updates < 0 or args.log_interval < 0:
+        parser.error("--repeats and --warmup-lines must be >= 1, --updates and --log-interval >= 0")
+    run_throughput_benchmark(args)
+    return 0
