@@ -9,6 +9,8 @@ VENV_FLAGS ?=
 TORCH_VERSION ?= 2.13.0
 # every part and the tests; the dependency lists are pyproject.toml's extras
 EXTRAS := fairseq,lightning,experiments,test
+# pytest-xdist workers; a test file runs whole in one worker, so its module fixtures are built once
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo bench format clean
 
@@ -25,10 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(PY) -m pytest -q tests -m "not e2e"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests -m "not e2e"
 
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/demo.py
