@@ -10,8 +10,8 @@ for result in "$grid"/*/*/runs/*/result.json; do
   mkdir -p "$dest/$relative"
   find "$run" -maxdepth 1 -type f ! -name lock -exec cp {} "$dest/$relative/" \;
   metrics="$run/checkpoints/atbptt_metrics.jsonl"  # the run's records (runs of code since issue 23)
-  [ -f "$metrics" ] && cp "$metrics" "$dest/$relative/"
+  if [ -f "$metrics" ]; then cp "$metrics" "$dest/$relative/"; fi
   for file in "$(dirname "$(dirname "$run")")"/*; do  # the configuration's own records
-    [ -f "$file" ] && cp "$file" "$dest/$(dirname "$(dirname "$relative")")/"
+    if [ -f "$file" ]; then cp "$file" "$dest/$(dirname "$(dirname "$relative")")/"; fi
   done
 done

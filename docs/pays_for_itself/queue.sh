@@ -25,6 +25,8 @@ run_config() {  # the configurations of issue 28, by name
     fixed20) sweep "$corpus" fixed --fixed 20 --deltas none ;;
     fixed50) sweep "$corpus" fixed --fixed 50 --deltas none ;;
     fixed100) sweep "$corpus" fixed --fixed 100 --deltas none ;;
+    fixed20_lr10)  # K = 20 at K = 10's lr (10 sqrt(20 / 2) = 10 sqrt(10)): the K or the lr?
+      sweep "$corpus" fixed20_lr10 --fixed 20 --deltas none -- --lr-scaling-reference 2 ;;
     fixed5) sweep "$corpus" fixed5 --fixed 5 --deltas none -- --min-truncation-length 5 ;;
     paper) sweep "$corpus" paper --fixed none --deltas 0.1 ;;
     inwindow) sweep "$corpus" inwindow --fixed none --deltas 0.1 -- --estimate-method in-window ;;

@@ -6,7 +6,10 @@ K decisions of atbptt_metrics.jsonl, eval_test_last.log where test_at_last.sh wr
 A GRID_DIR holds CORPUS/CONFIGURATION/runs/RUN. Two tables: one row per run, then mean ± sample
 std over seeds per corpus and configuration. Time to target: processed tokens a run needs to reach
 the best validation perplexity of the best fixed K (the fixed K with the lowest mean best
-validation perplexity) of the same seed, as a multiple of what that fixed-K run needed. With
+validation perplexity, among the protocol's fixed K: configurations named fixed or fixedN) of the
+same seed, as a multiple of what that fixed-K run needed. "Mean of the last 5" is the mean
+validation perplexity of the run's last five validations (its last 3M processed tokens): a
+figure of where training ended that one lucky or unlucky validation moves less. With
 --plots, DIR/CORPUS.png draws K (steps) and validation perplexity against processed tokens.
 """
 
@@ -47,16 +50,21 @@ def read_runs(grids: list[Path]) -> list[dict]:
             valid = list(csv.DictReader((run / "validation.csv").open()))
             curve = [(float(v["processed_tokens"]), float(v["valid_ppl"])) for v in valid]
             adaptive = record["mode"] == "adaptive"
-            name = f"{variant} delta {record['delta']:g}" if adaptive else record["config"]
+            baseline = not adaptive and re.fullmatch(r"fixed\d*", variant) is not None
+            if adaptive:
+                name = f"{variant} delta {record['delta']:g}"
+            else:
+                name = record["config"] if baseline else f"{variant} ({record['config']})"
             runs.append(
                 {
                     "corpus": corpus,
                     "configuration": name,
-                    "fixed": not adaptive,
+                    "fixed": baseline,
                     "seed": int(record["seed"]),
                     "curve": curve,
                     "best_valid": min(p for _, p in curve),
                     "last_valid": curve[-1][1],
+                    "last_five": statistics.mean(p for _, p in curve[-5:]),
                     "test_best": record["test_ppl"],
                     "test_last": last_test_ppl(run),
                     "ks": [d["truncation_length"] for d in decisions(run)] if adaptive else [],
@@ -110,24 +118,25 @@ def main(grids: list[Path]) -> None:
     references = {corpus: best_fixed(runs, corpus) for corpus in corpora}
     print(
         "| corpus | configuration | seed | best valid ppl | test ppl (best valid) | last valid ppl "
-        "| test ppl (last) | K at the decisions | processed tokens to the best fixed K's best "
-        "valid ppl |"
+        "| test ppl (last) | valid ppl, mean of the last 5 | K at the decisions | processed tokens "
+        "to the best fixed K's best valid ppl |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in sorted(runs, key=lambda r: (r["corpus"], r["configuration"], r["seed"])):
         ks = ", ".join(map(str, run["ks"])) or f"{run['final_k']:g}"
         last = "n/a" if run["test_last"] is None else f"{run['test_last']:.1f}"
         print(
             f"| {run['corpus']} | {run['configuration']} | {run['seed']} | {run['best_valid']:.1f} "
-            f"| {run['test_best']:.1f} | {run['last_valid']:.1f} | {last} | {ks} | "
+            f"| {run['test_best']:.1f} | {run['last_valid']:.1f} | {last} "
+            f"| {run['last_five']:.1f} | {ks} | "
             f"{time_to_target(runs, run, references[run['corpus']])} |"
         )
     print()
     print(
         "| corpus | configuration | seeds | best valid ppl | test ppl (best valid) "
-        "| last valid ppl | test ppl (last) |"
+        "| last valid ppl | test ppl (last) | valid ppl, mean of the last 5 |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for corpus in corpora:
         names = sorted({r["configuration"] for r in runs if r["corpus"] == corpus})
         for name in names:
@@ -138,7 +147,8 @@ def main(grids: list[Path]) -> None:
                 f"{spread([r['best_valid'] for r in mine])} | "
                 f"{spread([r['test_best'] for r in mine])} | "
                 f"{spread([r['last_valid'] for r in mine])} | "
-                f"{spread([r['test_last'] for r in mine])} |"
+                f"{spread([r['test_last'] for r in mine])} | "
+                f"{spread([r['last_five'] for r in mine])} |"
             )
 
 

@@ -6,6 +6,7 @@ set -uo pipefail
 grid=${1:?usage: test_at_last.sh GRID_DIR DATA_ROOT}
 data=${2:?usage: test_at_last.sh GRID_DIR DATA_ROOT}
 plugin=$(cd "$(dirname "$0")/../.." && pwd)/atbptt_fairseq
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core, beside the grid's runs
 for run in "$grid"/*/*/runs/*; do
   [ -f "$run/result.json" ] && [ -f "$run/checkpoints/checkpoint_last.pt" ] || continue
   [ -f "$run/eval_test_last.log" ] && continue
