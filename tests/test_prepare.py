@@ -291,6 +291,46 @@ def test_text_word_level_vocab_and_force(tmp_path: Path) -> None:
     no_leftovers(tmp_path)
 
 
+def test_split_by_file_draws_whole_files_that_fit_from_anywhere() -> None:
+    counts = [30, 24] + [6] * 30 + [400]  # 634 lines: a split of 5% holds 32, 8 per file at most
+    train, valid, test = text_corpus.split_files_by_lines(counts, (0.05, 0.05), seed=3)
+    assert sorted(train + valid + test) == list(range(len(counts)))
+    assert {0, 1, 32} <= set(train)  # too large for a quarter of a split
+    for split in (valid, test):
+        assert split == sorted(split) and 24 <= sum(counts[i] for i in split) <= 32
+    assert (train, valid, test) != text_corpus.split_files_by_lines(counts, (0.05, 0.05), seed=4)
+    with pytest.raises(SystemExit, match="no file small enough"):
+        text_corpus.split_files_by_lines([100, 100], (0.05, 0.05), seed=1)
+
+
+@pytest.mark.e2e
+def test_text_split_by_file_keeps_each_file_whole_and_in_order(tmp_path: Path) -> None:
+    texts = tmp_path / "texts"
+    for index in range(40):  # a line names its file in digits, words every split's dictionary has
+        lines = [f"{index // 10} {index % 10} line {j}" for j in range(10)]
+        write_text(texts / f"doc{index:02d}.txt", lines)
+    dest = tmp_path / "by_file"
+    args = ["--input", str(texts), "--dest", str(dest), "--split-ratio", "8,1,1"]
+    prepare_text.main([*args, "--split-by-file", "7"])
+    files = {}
+    for split in SPLITS:
+        sentences = load_split(dest, split)
+        files[split] = sorted({int(s[0]) * 10 + int(s[1]) for s in sentences})
+        assert sentences == [
+            [str(f // 10), str(f % 10), "line", str(j), "</s>"]
+            for f in files[split]
+            for j in range(10)
+        ]
+    assert [len(files[split]) for split in SPLITS] == [32, 4, 4]
+    assert max(files["valid"] + files["test"]) - min(files["valid"] + files["test"]) > 8
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_text.main(
+            [*args, "--split-by-file", "7", "--force", "--input", str(texts / "doc00.txt")]
+        )
+    assert "needs a directory" in error_of(excinfo)
+    no_leftovers(tmp_path)
+
+
 @pytest.mark.e2e
 def test_text_sentencepiece(tmp_path: Path) -> None:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]

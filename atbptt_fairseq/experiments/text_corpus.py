@@ -4,7 +4,9 @@ The lines are split contiguously: the first lines are train, then valid, and the
 (``--valid-fraction`` / ``--test-fraction``, 5% each by default, or ``--split-ratio 90,5,5``).
 Contiguous rather than shuffled so that the text keeps its order, which a recurrent model that
 carries its state across lines relies on. Empty lines are dropped; fairseq appends </s> to every
-kept line.
+kept line. For a directory of documents whose last files are unlike the rest (the tail of an
+alphabetical listing can be one kind of page), ``--split-by-file`` draws whole files for valid and
+test from all over the directory instead (:func:`split_files_by_lines`).
 
 Two tokenizations:
     word level (default)   whitespace tokens, optional --lowercase; --vocab-size N keeps the N most
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +57,7 @@ from atbptt_fairseq.experiments.data import (
 
 FAIRSEQ_SPECIAL_SYMBOLS = 4  # <s>, <pad>, </s>, <unk> come first in every fairseq dictionary
 SPM_BATCH_LINES = 10000
+MAX_FILE_SHARE = 0.25  # --split-by-file: the most of a split's lines one file may hold
 
 
 def list_input_files(path: Path) -> list[Path]:
@@ -102,6 +106,40 @@ def iter_text_lines(files: list[Path], lowercase: bool) -> Iterator[str]:
             text = normalize_line(line, lowercase)
             if text:
                 yield text
+
+
+def split_files_by_lines(
+    line_counts: Sequence[int], fractions: tuple[float, float], seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the (train, valid, test) files: valid and test take whole files, drawn in a
+    seeded random order, each file only if it fits in what the split still lacks of its
+    fraction of the lines and holds at most a quarter of them (so that a split holds at least
+    four files and no one unusual file fills it); train keeps the rest. Every split keeps its
+    files in their order."""
+    total = sum(line_counts)
+    order = list(range(len(line_counts)))
+    random.Random(seed).shuffle(order)
+    chosen: list[list[int]] = []
+    taken: set[int] = set()
+    for fraction in fractions:
+        room = round(total * fraction)
+        largest = room * MAX_FILE_SHARE
+        picked = []
+        for index in order:
+            if index not in taken and 0 < line_counts[index] <= min(room, largest):
+                picked.append(index)
+                taken.add(index)
+                room -= line_counts[index]
+        if not picked:
+            raise fail(
+                "--split-by-file found no file small enough for a split of "
+                f"{fraction:g} of {total} lines; give more files or larger fractions"
+            )
+        chosen.append(sorted(picked))
+    train = [index for index in range(len(line_counts)) if index not in taken]
+    if not any(line_counts[index] for index in train):
+        raise fail("--split-by-file left no lines for train; give more files or smaller fractions")
+    return train, chosen[0], chosen[1]
 
 
 def parse_split_ratio(text: str) -> tuple[float, float]:
@@ -191,10 +229,12 @@ def prepare_lines(
     vocab_size: int | None = None,
     spm_vocab_size: int | None = None,
     spm_model_type: str = "unigram",
+    counts: tuple[int, int, int] | None = None,
 ) -> None:
     """Split normalized non-empty lines into train/valid/test, tokenize and binarize them.
 
     ``read_lines`` is called twice (count, then write) so large inputs are streamed, not held.
+    ``counts``: the (train, valid, test) lines, instead of the fractions' contiguous split.
     """
     if vocab_size is not None and spm_vocab_size is not None:
         raise fail("--vocab-size and --spm-vocab-size exclude each other; choose one")
@@ -203,7 +243,8 @@ def prepare_lines(
             raise fail(f"{name} must be a positive number, got {value}")
     check_destination(destination)
     n_lines = sum(1 for _ in read_lines())
-    counts = split_counts(n_lines, valid_fraction, test_fraction)
+    if counts is None:
+        counts = split_counts(n_lines, valid_fraction, test_fraction)
     log(f"read {n_lines} non-empty lines")
 
     with work_directory(destination.path) as work, staged_directory(destination) as stage:
@@ -252,9 +293,11 @@ def prepare_text(
     vocab_size: int | None = None,
     spm_vocab_size: int | None = None,
     spm_model_type: str = "unigram",
+    split_seed: int | None = None,
 ) -> None:
-    """Read ``input_path`` (a file or a directory), split it contiguously into train, valid
-    and test (``fractions``: of valid and test) and binarize it as ``request`` asks."""
+    """Read ``input_path`` (a file or a directory), split it into train, valid and test
+    (``fractions``: of valid and test; contiguously, or with ``split_seed`` by whole files,
+    :func:`split_files_by_lines`) and binarize it as ``request`` asks."""
     destination = request.destination(
         "prepare_text.py",
         inputs=(input_path,),
@@ -262,9 +305,22 @@ def prepare_text(
     )
     with reported_os_errors(request.dest):
         files = list_input_files(input_path)
+        counts = None
+        if split_seed is not None:
+            if not input_path.is_dir():
+                raise fail("--split-by-file needs a directory of .txt files as --input")
+            per_file = [sum(1 for _ in iter_text_lines([file], lowercase)) for file in files]
+            groups = split_files_by_lines(per_file, fractions, split_seed)
+            counts = tuple(sum(per_file[index] for index in group) for group in groups)
+            log(
+                "split by file: "
+                + ", ".join(f"{split} {len(g)} files" for split, g in zip(SPLITS, groups))
+            )
+            files = [files[index] for group in groups for index in group]
         prepare_lines(
             lambda: iter_text_lines(files, lowercase),
             destination,
+            counts=counts,
             valid_fraction=fractions[0],
             test_fraction=fractions[1],
             vocab_size=vocab_size,
@@ -284,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_destination_options(parser)
     add_split_options(parser)
+    parser.add_argument(
+        "--split-by-file",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="a directory: draw whole files for valid and test from all over it (seeded) "
+        "instead of taking its last lines",
+    )
     parser.add_argument("--lowercase", action="store_true", help="lowercase the text")
     parser.add_argument(
         "--vocab-size",
@@ -307,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Read the input, split it contiguously and binarize it into --dest."""
+    """Read the input, split it (contiguously, or by file) and binarize it into --dest."""
     args = build_parser().parse_args(argv)
     prepare_text(
         args.input,
@@ -317,5 +381,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab_size=args.vocab_size,
         spm_vocab_size=args.spm_vocab_size,
         spm_model_type=args.spm_model_type,
+        split_seed=args.split_by_file,
     )
     return 0

@@ -2,8 +2,10 @@
 # The three real-text corpora of issue 28, from Debian packages that install offline:
 #   kjv  - the King James Bible (bible-kjv), word level, as scripts/prepare_bible.py prepares it
 #   perl - Perl's POD documentation (perl-doc), rendered with pod2text, 8000 SentencePiece pieces
+#   perlfiles - the same text with valid and test drawn by file (--split-by-file 1): perl's
+#          contiguous valid split is 71% perluniprops, a table of Unicode properties
 #   man  - the Linux man pages (manpages, manpages-dev), rendered with groff, 8000 pieces
-# Usage: prepare_corpora.sh DEST_ROOT   (run from the repository root; writes DEST_ROOT/{kjv,perl,man}
+# Usage: prepare_corpora.sh DEST_ROOT   (run from the repository root; writes DEST_ROOT/{kjv,perl,perlfiles,man}
 # and the rendered text under DEST_ROOT/text)
 set -euo pipefail
 root=${1:?usage: prepare_corpora.sh DEST_ROOT}
@@ -20,6 +22,8 @@ if [ ! -d "$root/perl" ]; then
   "$python" scripts/prepare_text.py --input "$root/text/perl" --dest "$root/perl" \
     --spm-vocab-size 8000
 fi
+[ -d "$root/perlfiles" ] || "$python" scripts/prepare_text.py --input "$root/text/perl" \
+  --dest "$root/perlfiles" --spm-vocab-size 8000 --split-by-file 1
 
 if [ ! -d "$root/man" ]; then
   # the packages' own pages; a page that only includes another (.so, under 200 bytes) is dropped
