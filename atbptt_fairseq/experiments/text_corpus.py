@@ -234,7 +234,8 @@ def prepare_lines(
     """Split normalized non-empty lines into train/valid/test, tokenize and binarize them.
 
     ``read_lines`` is called twice (count, then write) so large inputs are streamed, not held.
-    ``counts``: the (train, valid, test) lines, instead of the fractions' contiguous split.
+    ``counts``: the (train, valid, test) lines, instead of the fractions' contiguous split (the
+    caller counted them: the lines are then read once).
     """
     if vocab_size is not None and spm_vocab_size is not None:
         raise fail("--vocab-size and --spm-vocab-size exclude each other; choose one")
@@ -242,9 +243,11 @@ def prepare_lines(
         if value is not None and value < 1:
             raise fail(f"{name} must be a positive number, got {value}")
     check_destination(destination)
-    n_lines = sum(1 for _ in read_lines())
     if counts is None:
+        n_lines = sum(1 for _ in read_lines())
         counts = split_counts(n_lines, valid_fraction, test_fraction)
+    else:
+        n_lines = sum(counts)
     log(f"read {n_lines} non-empty lines")
 
     with work_directory(destination.path) as work, staged_directory(destination) as stage:
