@@ -50,6 +50,7 @@ SYMBOLS: tuple[str, ...] = (BLANK, START) + DATA_SYMBOLS
 
 PAPER_FIXED_LENGTH = 10
 PAPER_VARIABLE_LENGTHS = (5, 10)
+PAPER_COLUMNS = 64  # the paper's batch: one column a sequence
 
 
 def make_block(m: int, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--columns",
         type=int,
-        default=64,
+        default=PAPER_COLUMNS,
         help="number of columns (lines) in every split (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")

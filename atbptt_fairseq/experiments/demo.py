@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .copy_task import PAPER_VARIABLE_LENGTHS, prepare_copy_task
+from .copy_task import PAPER_COLUMNS, PAPER_VARIABLE_LENGTHS, prepare_copy_task
 from .data import DataBinRequest
 from .fairseq_logs import parse_log, parse_run
 from .launch import fmt_seconds, say
@@ -24,7 +24,6 @@ from .sweep import check_out_dir, run_sweep
 
 FULL_STEPS = {"train": 4000, "valid": 1000, "test": 1000}
 QUICK_STEPS = {"train": 1000, "valid": 250, "test": 250}
-COPY_COLUMNS = 64  # the paper's batch of columns
 # Both runs get the tokens the fixed-K baseline runs through the model in this many updates
 # (64 columns x (2K - 1) per update in the overlap style): equal compute, not equal updates
 FULL_BASELINE_UPDATES = 3000
@@ -54,7 +53,7 @@ def prepare_data(dest: Path, quick: bool) -> None:
         DataBinRequest(dest, force=True, options=options),
         lengths=PAPER_VARIABLE_LENGTHS,
         steps=steps,
-        columns=COPY_COLUMNS,
+        columns=PAPER_COLUMNS,
         seed=1,
     )
 
