@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from atbptt_fairseq.experiments import bench
+from atbptt_fairseq.experiments import bench, console
 from atbptt_fairseq.experiments.fairseq_process import OutputLine, run_fairseq
 
 TRAIN_INNER = "2026-01-01 00:00:00 | INFO | train_inner | "
@@ -78,7 +78,7 @@ def test_fairseq_train_runs_become_throughput(monkeypatch):
 
 
 def test_table_rotation_and_json():
-    table = bench.format_table(["name", "value"], [["a", 1], ["longer", 22]])
+    table = console.format_table(["name", "value"], [["a", 1], ["longer", 22]])
     assert table.splitlines() == [
         "name    value",
         "------  -----",

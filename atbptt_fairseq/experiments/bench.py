@@ -397,21 +397,6 @@ def rotate(items: Sequence[Any], shift: int) -> list[Any]:
     return list(items[shift:]) + list(items[:shift])
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table, first column left-aligned, the others right-aligned."""
-    cells = [[str(cell) for cell in header]] + [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def render(row: list[str]) -> str:
-        parts = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(cells[0]), rule] + [render(row) for row in cells[1:]])
-
-
 def verdict(met: bool) -> str:
     """``met`` / ``NOT met``."""
     return "met" if met else "NOT met"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
+from .console import format_table
 from .copy_task import PAPER_COLUMNS, PAPER_VARIABLE_LENGTHS, prepare_copy_task
 from .data import DataBinRequest
 from .fairseq_logs import parse_log, parse_run
@@ -129,15 +130,6 @@ def k_max_lines(runs: Sequence[plots.RunData], sweep_dir: Path) -> list[str]:
     return lines
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in
-             [header, *rows]]  # fmt: skip
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="The make demo: adaptive TBPTT against a fixed-K baseline on the variable-length "
@@ -235,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nBoth runs: the same compute, {budget:,} tokens through the model (training windows "
         "and the adaptive run's estimates), not the same updates.\n"
     )
-    say(format_table(header, summary_rows(runs, settings.out)) + "\n")
+    say(format_table(header, summary_rows(runs, settings.out), numbers_right=False) + "\n")
     say(
         "ppl: fairseq-eval-lm at the best validation checkpoint; K: K0 -> last K (range of the "
         "estimates); delta_hat: the last estimate of the relative gradient bias at the "

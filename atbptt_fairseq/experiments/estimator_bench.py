@@ -20,7 +20,6 @@ from atbptt_fairseq.experiments.bench import (
     TrainRun,
     add_machine_options,
     finish,
-    format_table,
     last_value,
     log,
     make_corpus,
@@ -37,6 +36,7 @@ from atbptt_fairseq.experiments.bench import (
     warn_if_disturbed,
     zipf_tokens,
 )
+from atbptt_fairseq.experiments.console import format_table
 from atbptt_fairseq.tasks.adaptive_tbptt_lm import AdaptiveTbpttLmConfig
 
 TARGET_OVERHEAD = 0.05

@@ -31,7 +31,6 @@ from typing import Any
 from atbptt_fairseq.experiments.bench import (
     add_machine_options,
     apply_threads,
-    format_table,
     log,
     machine_summary,
     resolve_device,
@@ -39,7 +38,7 @@ from atbptt_fairseq.experiments.bench import (
     synchronize,
     write_json,
 )
-from atbptt_fairseq.experiments.console import fail
+from atbptt_fairseq.experiments.console import fail, format_table
 from atbptt_fairseq.experiments.copy_task import SYMBOLS, make_column
 
 MODELS = ("tanh-rnn", "elstm")

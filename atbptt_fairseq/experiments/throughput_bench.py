@@ -19,7 +19,6 @@ from atbptt_fairseq.experiments.bench import (
     add_machine_options,
     dictionary_size,
     finish,
-    format_table,
     load_token_stream,
     log,
     make_corpus,
@@ -35,6 +34,7 @@ from atbptt_fairseq.experiments.bench import (
     wait_until_quiet,
     warn_if_disturbed,
 )
+from atbptt_fairseq.experiments.console import format_table
 
 TARGET_VS_PLAIN = 0.95
 TARGET_VS_LSTM_LM = 1.8
