@@ -26,6 +26,7 @@ from .config import (
 from .controller import (
     BIAS_REFERENCES,
     ESTIMATE_METHODS,
+    FIRST_ESTIMATES,
     LAG_ORIGINS,
     TruncationController,
     TruncationDecision,
@@ -71,6 +72,7 @@ from .update_noise import UpdateNoise, UpdateNoiseAccumulator
 __all__ = [
     "BIAS_REFERENCES",
     "ESTIMATE_METHODS",
+    "FIRST_ESTIMATES",
     "LAG_ORIGINS",
     "LR_SCALINGS",
     "RESUME_BREAKING_OPTIONS",

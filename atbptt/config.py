@@ -37,6 +37,11 @@ ESTIMATE_METHODS = ("norms", "in-window")
 window plus the norm tail beyond it (:mod:`atbptt.in_window`), whose ``measure`` returns an
 :class:`~atbptt.in_window.InWindowMeasurement`."""
 
+FIRST_ESTIMATES = ("start", "scheduled")
+"""When an adaptive run first estimates K: ``start``, before the first update, so training starts
+at the K the estimate chooses; ``scheduled``, when the schedule first calls for it, training at K0
+until then (the paper's)."""
+
 
 @dataclass
 class TbpttConfig:
@@ -178,12 +183,13 @@ class TbpttConfig:
         },
     )
     estimate_method: str = field(
-        default="norms",
+        default="in-window",
         metadata={
             "help": (
-                "norms: the paper's bias bound from state-gradient norms; in-window: the parameter "
-                "gradient's bias measured inside the window (one backward, lags in buckets) plus the "
-                "norms' geometric tail beyond it (docs/bias_check.md)"
+                "in-window: the parameter gradient's bias measured inside the window (one "
+                "backward, lags in buckets) plus the norms' geometric tail beyond it "
+                "(docs/bias_check.md; the default, chosen by docs/pays_for_itself); norms: the "
+                "paper's bias bound from state-gradient norms"
             ),
             "choices": ESTIMATE_METHODS,
         },
@@ -211,14 +217,15 @@ class TbpttConfig:
             "choices": BIAS_REFERENCES,
         },
     )
-    estimate_at_start: bool = field(
-        default=False,
+    first_estimate: str = field(
+        default="start",
         metadata={
             "help": (
-                "also estimate before the first update, so training starts at the K the "
-                "estimate chooses; otherwise (the paper) it trains at K0 until the first "
-                "estimate is due"
-            )
+                "start: estimate before the first update too, so training starts at the K the "
+                "estimate chooses (the default, chosen by docs/pays_for_itself); scheduled: train "
+                "at K0 until the schedule's first estimate (the paper's)"
+            ),
+            "choices": FIRST_ESTIMATES,
         },
     )
     monitor_bias: bool = field(
@@ -335,8 +342,10 @@ def check_config(config: TbpttConfig, flag: Callable[[str], str] = str) -> None:
         )
     if config.estimate_method == "in-window" and config.estimate_lag_origin != "final":
         raise ValueError(
-            f"{flag('estimate_method')} in-window measures the bias at K steps directly and has "
-            f"no lag origin to choose: leave out {flag('estimate_lag_origin')} previous"
+            f"{flag('estimate_method')} in-window (the default) measures the bias at K steps "
+            f"directly and has no lag origin to choose: leave out "
+            f"{flag('estimate_lag_origin')} previous, or set {flag('estimate_method')} norms "
+            "(the paper's bound)"
         )
     if config.bias_relative_to == "update" and config.estimate_method != "in-window":
         raise ValueError(

@@ -21,6 +21,7 @@ from .bias import (
 from .config import (  # noqa: F401  (re-exported: the controller's module was their home)
     BIAS_REFERENCES,
     ESTIMATE_METHODS,
+    FIRST_ESTIMATES,
     LAG_ORIGINS,
     TbpttConfig,
     check_config,
@@ -68,8 +69,11 @@ class TruncationController:
     estimate on a barely trained model that drops K from 100 to 10 would otherwise change the
     update's scale at once (the lr and clip scale with K).
 
-    Schedule: with ``estimate_at_start``, once before the first update (the paper trains at K0
-    until the first estimate is due). Then, with ``interval`` > 0, every ``interval`` updates. With ``interval`` 0, a compute
+    Its option defaults are :class:`TbpttConfig`'s (the one place of the defaults).
+
+    Schedule: with ``first_estimate`` start, once before the first update (``scheduled``, the
+    paper's: train at K0 until the first estimate is due). Then, with ``interval`` > 0, every
+    ``interval`` updates. With ``interval`` 0, a compute
     budget counted in tokens: an estimate runs R x S x (burn-in + W) tokens through the model, and
     the next one is due once the training tokens recorded since the last one (``record_tokens``)
     reach that number divided by ``budget``. Counting tokens rather than updates keeps the share
@@ -89,13 +93,13 @@ class TruncationController:
         num_estimates: int,
         interval: int,
         budget: float = 0.0,
-        cumulative: str = "approx",
-        lag_origin: str = "final",
+        cumulative: str = TbpttConfig.estimate_cumulative,
+        lag_origin: str = TbpttConfig.estimate_lag_origin,
         tail_anchor: int | None = None,
-        estimate_method: str = "norms",
-        max_change: float = 0.0,
-        bias_relative_to: str = "gradient",
-        estimate_at_start: bool = False,
+        estimate_method: str = TbpttConfig.estimate_method,
+        max_change: float = TbpttConfig.max_truncation_change,
+        bias_relative_to: str = TbpttConfig.bias_relative_to,
+        first_estimate: str = TbpttConfig.first_estimate,
     ) -> None:
         options = TbpttConfig(
             truncation_length=initial_length,
@@ -114,7 +118,7 @@ class TruncationController:
             estimate_method=estimate_method,
             estimate_cumulative=cumulative,
             bias_relative_to=bias_relative_to,
-            estimate_at_start=estimate_at_start,
+            first_estimate=first_estimate,
         )
         check_config(options, flag=lambda name: _ARGUMENTS.get(name, name))
         if burnin < 0:  # the options' -1 (W // 10) is resolved by now
@@ -134,7 +138,7 @@ class TruncationController:
         self.estimate_method = estimate_method
         self.max_change = max_change
         self.bias_relative_to = bias_relative_to
-        self.estimate_at_start = estimate_at_start
+        self.first_estimate = first_estimate
         self._truncation_length = initial_length
         self._last_estimate_update: int | None = None
         self._tokens_since_estimate = 0
@@ -173,11 +177,11 @@ class TruncationController:
 
     def is_due(self, num_updates: int) -> bool:
         """Whether to estimate before this update (at most once per update); before the first
-        (update 0) only with ``estimate_at_start``."""
+        (update 0) only with ``first_estimate`` start."""
         if num_updates == self._last_estimate_update:
             return False
         if num_updates <= 0:
-            return self.estimate_at_start and self._last_estimate_update is None
+            return self.first_estimate == "start" and self._last_estimate_update is None
         if self.interval > 0:
             return num_updates % self.interval == 0
         return self._tokens_since_estimate >= self.tokens_between_estimates
@@ -415,5 +419,5 @@ def build_controller(config: TbpttConfig) -> TruncationController:
         estimate_method=config.estimate_method,
         max_change=config.max_truncation_change,
         bias_relative_to=config.bias_relative_to,
-        estimate_at_start=config.estimate_at_start,
+        first_estimate=config.first_estimate,
     )

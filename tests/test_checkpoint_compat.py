@@ -37,6 +37,8 @@ TRAIN = [
     "--estimate-interval", "3",
     "--estimate-sequences", "4",
     "--estimate-repeats", "2",
+    "--estimate-method", "norms",  # the defaults of then
+    "--first-estimate", "scheduled",
     "--lr-scaling", "sqrt",
     "--seed", "3",
     "--cpu",

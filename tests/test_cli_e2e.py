@@ -186,7 +186,7 @@ def test_max_processed_tokens_counts_windows_and_estimates(tiny_corpus, tmp_path
         "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--truncation-length", "4",
         "--tbptt-style", "disjoint", "--batch-size", "2", "--cpu", "--max-processed-tokens", "40",
         "--target-bias", "0.5", "--min-truncation-length", "4", "--max-truncation-length", "4",
-        "--estimate-interval", "2", "--estimate-window", "6",
+        "--estimate-interval", "2", "--first-estimate", "scheduled", "--estimate-window", "6",
         "--estimate-burnin", "2", "--estimate-sequences", "2", "--estimate-repeats", "1",
         "--save-dir", str(tmp_path), "--no-epoch-checkpoints",
         "--log-format", "json", "--log-interval", "1", "--no-progress-bar",

@@ -228,7 +228,7 @@ def test_adaptive_k_is_identical_on_every_rank(tiny_corpus, tmp_path):
     rank0, rank1 = train_records(two["records"][0]), train_records(two["records"][1])
     assert [r["update"] for r in rank0] == [r["update"] for r in rank1] == list(range(20))
     assert [r["k"] for r in rank0] == [r["k"] for r in rank1]
-    assert len({r["k"] for r in rank0}) > 1  # K did move
+    assert {r["k"] for r in rank0} != {8}  # K did move from K0 (at the latest before update 0)
     # the gradient profile is all-reduced: both ranks see the same estimate
     assert [r["bias"] for r in rank0] == [r["bias"] for r in rank1]
     logged = [int(r["trunc_k"]) for r in json_records(two["output"], "train_inner")]

@@ -188,7 +188,12 @@ def test_learning_rate_scales_with_k_inside_the_step_and_never_compounds():
 @pytest.mark.parametrize(
     "method_options",
     [
-        dict(estimate_cumulative="exact", estimate_lag_origin="previous", estimate_tail_anchor=8),
+        dict(
+            estimate_method="norms",
+            estimate_cumulative="exact",
+            estimate_lag_origin="previous",
+            estimate_tail_anchor=8,
+        ),
         dict(estimate_method="in-window"),
     ],
 )
@@ -328,7 +333,7 @@ def test_records_are_returned_and_written_once_per_update_across_a_resume(tmp_pa
     updates = read_records(tmp_path / METRICS_FILE, "update")
     assert [r["update"] for r in updates] == list(range(20))
     decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
-    assert [d["update"] for d in decisions] == list(range(3, 20, 3))
+    assert [d["update"] for d in decisions] == [0, *range(3, 20, 3)]  # one before the first
     assert all(d["reason"] and "raw_choice" in d for d in decisions)
 
 
@@ -402,7 +407,7 @@ def test_copy_task_example_adapts_k_and_learns(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
-    assert [d["update"] for d in decisions] == [30, 60, 90], result.stdout
+    assert [d["update"] for d in decisions] == [0, 30, 60, 90], result.stdout
     assert len(read_records(tmp_path / METRICS_FILE, "update")) == 120
     losses = [float(x) for x in re.findall(r"train loss ([\d.]+)", result.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, result.stdout

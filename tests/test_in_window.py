@@ -122,12 +122,12 @@ def test_fairseq_train_with_the_in_window_estimate(tiny_corpus, tmp_path):
         "fairseq-train", str(tiny_corpus), *TINY_TRAIN, "--cpu", "--batch-size", "4",
         "--truncation-length", "6", "--target-bias", "0.5", "--min-truncation-length", "2",
         "--max-truncation-length", "12", "--estimate-window", "12", "--estimate-interval", "3",
-        "--estimate-sequences", "4", "--estimate-repeats", "1", "--estimate-method", "in-window",
-        "--max-update", "7", "--no-save", "--save-dir", str(tmp_path),
+        "--estimate-sequences", "4", "--estimate-repeats", "1", "--max-update", "7", "--no-save",
+        "--save-dir", str(tmp_path),
     ]  # fmt: skip
-    run_cli(*common)
+    run_cli(*common)  # the default estimate: in-window, before the first update and on schedule
     decisions = read_records(tmp_path / METRICS_FILE, "k_decision")
-    assert [d["update"] for d in decisions] == [3, 6]
+    assert [d["update"] for d in decisions] == [0, 3, 6]
     assert all(
         2 <= d["truncation_length"] <= 12 and math.isfinite(d["relative_bias"]) for d in decisions
     )

@@ -69,7 +69,7 @@ def test_a_retried_update_advances_the_carried_state_once(tiny_corpus, monkeypat
         task.train_step(slots[2], model, criterion, optimizer, 2)
         assert state_of(task)[0] == after_once[0]
         assert all(torch.equal(a, b) for a, b in zip(state_of(task)[1], after_once[1]))
-    assert estimates == [2]  # estimated once, not on the retries
+    assert estimates == [0, 2]  # before the first update, then once, not on the retries
     first_try, *retries = batches[2:]
     for tokens, state in retries:  # every retry trains the same segment from the same state
         assert torch.equal(tokens, first_try[0])
@@ -128,12 +128,23 @@ def spy_on_the_estimator(monkeypatch):
             kwargs["readout"] = spying_readout
         return measure(spying_step, state, inputs, final_targets, burnin, batch_dim, **kwargs)
 
+    in_window = estimator_module.measure_in_window
+
+    def spying_in_window(model, state, inputs, final_targets, **kwargs):
+        seen.append(("parameters", next(model.parameters()).dtype))
+        seen.append(("initial state", state[0].dtype))
+        return in_window(model, state, inputs, final_targets, **kwargs)  # sums kept in fp64
+
     monkeypatch.setattr(estimator_module, "measure_gradient_profile", spying_measure)
+    monkeypatch.setattr(estimator_module, "measure_in_window", spying_in_window)
     return seen
 
 
-def test_bf16_model_trains_and_the_estimate_runs_in_fp32(tiny_corpus, monkeypatch):
-    task, slots, model, criterion, optimizer = setup(tiny_corpus, torch.bfloat16, **ADAPTIVE)
+@pytest.mark.parametrize("method", ["in-window", "norms"])
+def test_bf16_model_trains_and_the_estimate_runs_in_fp32(tiny_corpus, monkeypatch, method):
+    task, slots, model, criterion, optimizer = setup(
+        tiny_corpus, torch.bfloat16, **ADAPTIVE, estimate_method=method
+    )
     seen = spy_on_the_estimator(monkeypatch)
     for update in range(3):  # an estimate at update 2
         loss, _, _ = task.train_step(slots[update], model, criterion, optimizer, update)
@@ -145,8 +156,9 @@ def test_bf16_model_trains_and_the_estimate_runs_in_fp32(tiny_corpus, monkeypatc
     assert math.isfinite(decision.relative_bias) and 2 <= decision.truncation_length <= 12
 
 
-def test_the_estimate_ignores_an_enclosing_autocast(tiny_corpus, monkeypatch):
-    task, _, model, _, _ = setup(tiny_corpus, **ADAPTIVE)
+@pytest.mark.parametrize("method", ["in-window", "norms"])
+def test_the_estimate_ignores_an_enclosing_autocast(tiny_corpus, monkeypatch, method):
+    task, _, model, _, _ = setup(tiny_corpus, **ADAPTIVE, estimate_method=method)
     seen = spy_on_the_estimator(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         task.loop.estimate(model, update=2)

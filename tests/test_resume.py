@@ -77,6 +77,7 @@ ADAPTIVE_BUDGET = [
     "--estimate-interval", "0",
     "--estimate-budget", "0.5",
     *ADAPTIVE[ADAPTIVE.index("--estimate-interval") + 2 :],
+    "--estimate-method", "norms", "--first-estimate", "scheduled",  # the paper's: K moves here
 ]  # fmt: skip
 EXTRA_ARGS = {"fixed": [], "adaptive": ADAPTIVE, "adaptive_budget": ADAPTIVE_BUDGET}
 TIMING_KEYS = {"wps", "ups", "wall", "train_wall", "est_sec", "gb_free"}
@@ -395,7 +396,7 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
     path = tmp_path / METRICS_FILE
     updates = read_records(path, "update")
     assert [r["update"] for r in updates] == list(range(6))
-    assert [d["update"] for d in read_records(path, "k_decision")] == [2, 4]
+    assert [d["update"] for d in read_records(path, "k_decision")] == [0, 2, 4]
     assert updates[-1]["scored_tokens"] == task.loop.scored_tokens
     assert updates[2]["est_sec"] > 0 and updates[3]["est_sec"] == 0
     assert [r["loss"] for r in updates] == pytest.approx(losses)  # bits per token, as logged
@@ -405,7 +406,7 @@ def test_metrics_records_are_written_once_per_update_across_a_resume(tiny_corpus
     restored, _ = new_task()
     restored.set_checkpoint_dict(state)
     assert [r["update"] for r in read_records(path, "update")] == list(range(4))
-    assert [d["update"] for d in read_records(path, "k_decision")] == [2]
+    assert [d["update"] for d in read_records(path, "k_decision")] == [0, 2]
     assert [r["num_updates"] for r in read_records(path, "valid")] == [4, 4]
 
 

@@ -555,7 +555,7 @@ def test_mini_sweep_end_to_end_then_skips(tiny_corpus, tmp_path, monkeypatch, ca
     assert table[0]["final_k"] == 6 and table[0]["tokens"] == 24 * 4 * 6
     assert 2 <= table[1]["final_k"] <= 20
     trajectory = results.read_csv(out / "runs" / "delta0.5_s1" / "trajectory.csv")
-    assert trajectory[-1]["num_updates"] == 24 and trajectory[0]["trunc_k"] == 8
+    assert trajectory[-1]["num_updates"] == 24 and 2 <= trajectory[0]["trunc_k"] <= 20
     validation = results.read_csv(out / "runs" / "delta0.5_s1" / "validation.csv")
     assert [row["num_updates"] for row in validation] == [12, 24]
     assert list((tmp_path / "tb" / "delta0.5_s1").rglob("events.out.tfevents.*"))

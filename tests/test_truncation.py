@@ -45,6 +45,8 @@ def make_controller(**overrides) -> TruncationController:
         "num_sequences": 4,
         "num_estimates": 3,
         "interval": 5,
+        "estimate_method": "norms",  # the paper's controller, fed the profiles above
+        "first_estimate": "scheduled",
     }
     options.update(overrides)
     return TruncationController(**options)
@@ -268,14 +270,14 @@ def test_controller_schedule():
 
 
 def test_controller_estimates_before_the_first_update_only_when_asked():
-    assert not make_controller(interval=5).is_due(0)  # the paper: train at K0 first
-    controller = make_controller(interval=5, estimate_at_start=True)
+    assert not make_controller(interval=5).is_due(0)  # the paper's schedule: train at K0 first
+    controller = make_controller(interval=5, first_estimate="start")
     assert controller.is_due(0)
     decision = controller.estimate(measuring(0.9, 0.9, 0.9), num_updates=0)
     assert decision.truncation_length == 22  # beta 0.9, delta 0.1 (DESIGN.md section 3)
     assert not controller.is_due(0)  # a retried first update does not estimate again
     assert [n for n in range(1, 11) if controller.is_due(n)] == [5, 10]
-    resumed = make_controller(interval=5, estimate_at_start=True)
+    resumed = make_controller(interval=5, first_estimate="start")
     resumed.load_state_dict(controller.state_dict())
     assert not resumed.is_due(0)
 
@@ -529,7 +531,7 @@ def test_the_controller_and_the_options_share_one_check():
     with pytest.raises(ValueError, match=r"--estimate_tail_anchor must lie in \[0, --estimate_w"):
         check_config(TbpttConfig(estimate_tail_anchor=400), flag)
     with pytest.raises(ValueError, match="--bias_relative_to update needs .* --estimate_method"):
-        check_config(TbpttConfig(bias_relative_to="update"), flag)
+        check_config(TbpttConfig(bias_relative_to="update", estimate_method="norms"), flag)
     with pytest.raises(ValueError, match="--estimate_repeats must be at least 2"):
         check_config(
             TbpttConfig(bias_relative_to="update", estimate_method="in-window", estimate_repeats=1),

@@ -126,7 +126,9 @@ def test_the_controller_chooses_k_against_the_update(noise, expected):
 
 def test_the_update_reference_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="in-window"):
-        TruncationController(4, 1, 8, 0.1, 8, 0, 4, 3, 1, bias_relative_to="update")
+        TruncationController(
+            4, 1, 8, 0.1, 8, 0, 4, 3, 1, estimate_method="norms", bias_relative_to="update"
+        )
     with pytest.raises(ValueError, match="at least 2"):
         controller(0.1, repeats=1)
     with pytest.raises(ValueError, match="bias_relative_to must be one of"):
@@ -142,7 +144,7 @@ def test_fairseq_train_chooses_k_against_the_update(tiny_corpus, tmp_path):
         "--truncation-length", "6", "--target-bias", "0.5", "--min-truncation-length", "2",
         "--max-truncation-length", "12", "--estimate-window", "12", "--estimate-interval", "3",
         "--estimate-sequences", "4", "--estimate-repeats", "2", "--estimate-method", "in-window",
-        "--bias-relative-to", "update", "--estimate-at-start", "--max-update", "4", "--no-save",
+        "--bias-relative-to", "update", "--first-estimate", "start", "--max-update", "4", "--no-save",
         "--save-dir", str(tmp_path),
     ]  # fmt: skip
     run_cli(*common)
@@ -152,7 +154,7 @@ def test_fairseq_train_chooses_k_against_the_update(tiny_corpus, tmp_path):
         assert 2 <= decision["truncation_length"] <= 12
         assert 0.0 <= decision["signal_share"] <= 1.0 and decision["update_bias"] >= 0.0
         assert "bias_hat/update < 0.5" in decision["reason"]
-    norms = [arg for arg in common if arg != "in-window" and arg != "--estimate-method"]
+    norms = ["norms" if arg == "in-window" else arg for arg in common]
     output = run_cli(*norms, check=False)  # refused before training: no records
     assert output.strip().splitlines()[-1].startswith("atbptt_fairseq: error: "), output[-2000:]
     assert "in-window" in output.strip().splitlines()[-1]

@@ -253,7 +253,7 @@ ESTIMATE_OPTIONS = (
     "estimate_method",
     "estimate_cumulative",
     "bias_relative_to",
-    "estimate_at_start",
+    "first_estimate",
 )
 # the options that bound the choices of an adaptive K
 ADAPTIVE_OPTIONS = ("min_truncation_length", "max_truncation_length", "max_truncation_change")

@@ -32,10 +32,11 @@ run_config() {  # the configurations of issue 28, by name
     inwindow) sweep "$corpus" inwindow --fixed none --deltas 0.1 -- --estimate-method in-window ;;
     noise)  # the in-window estimate, the bias relative to the update's noise, K from the start
       sweep "$corpus" noise --fixed none --deltas 0.1 -- --estimate-method in-window \
-        --bias-relative-to update --estimate-at-start ;;
-    inwindow_start)  # the in-window estimate relative to the gradient, K from the start
+        --bias-relative-to update --first-estimate start ;;
+    inwindow_start)  # the default since stop 37 (the preset sets the paper's rule): the in-window
+      # estimate relative to the gradient, K from the start (--estimate-at-start before stop 37)
       sweep "$corpus" inwindow_start --fixed none --deltas 0.1 -- --estimate-method in-window \
-        --estimate-at-start ;;
+        --first-estimate start ;;
     candidate)  # the in-window estimate, K moved at most x2 per decision
       sweep "$corpus" candidate --fixed none --deltas 0.1 -- --estimate-method in-window \
         --max-truncation-change 2 ;;
