@@ -37,6 +37,11 @@ run_config() {  # the configurations of issue 28, by name
       # estimate relative to the gradient, K from the start (--estimate-at-start before stop 37)
       sweep "$corpus" inwindow_start --fixed none --deltas 0.1 -- --estimate-method in-window \
         --first-estimate start ;;
+    inwindow_start_step20)  # the default rule with every step at K = 20's length, lr x clip =
+      # 10 sqrt(20) x 1 / 20 whatever K (a fixed lr and clip threshold): K no longer sets the step
+      sweep "$corpus" inwindow_start_step20 --fixed none --deltas 0.1 -- --estimate-method \
+        in-window --first-estimate start --lr-scaling none --lr 44.72 --truncation-clip-norm 0 \
+        --clip-norm 0.05 ;;
     candidate)  # the in-window estimate, K moved at most x2 per decision
       sweep "$corpus" candidate --fixed none --deltas 0.1 -- --estimate-method in-window \
         --max-truncation-change 2 ;;
