@@ -66,11 +66,12 @@ class Run:
 
     def __init__(self, corpus, scheduler: str, **task_options) -> None:
         torch.manual_seed(0)
+        # K follows K_SCHEDULE from the first update: no estimate before it
         self.task = make_task(
             corpus, truncation_length=8, target_bias=0.5, min_truncation_length=2,
             max_truncation_length=16, estimate_window=16, lr_scaling="sqrt",
             first_estimate="scheduled", **task_options,
-        )  # fmt: skip  # K follows K_SCHEDULE from the first update: no estimate before it
+        )  # fmt: skip
         self.slots = list(
             self.task.get_batch_iterator(
                 self.task.dataset("train"), max_sentences=2
