@@ -303,6 +303,28 @@ def test_split_by_file_draws_whole_files_that_fit_from_anywhere() -> None:
         text_corpus.split_files_by_lines([100, 100], (0.05, 0.05), seed=1)
 
 
+def test_text_split_by_file_checks_options_before_reading_any_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = tmp_path / "texts"
+    write_text(texts / "doc.txt", ["a line"])
+    occupied = tmp_path / "occupied"
+    write_text(occupied / "notes.txt", ["not a data-bin"])
+
+    def unread(*_: object) -> None:
+        raise AssertionError("read a file before checking the options")
+
+    monkeypatch.setattr(text_corpus, "iter_text_lines", unread)
+    args = ["--input", str(texts), "--split-by-file", "1"]
+    for extra, message in (
+        (["--dest", str(tmp_path / "out"), "--vocab-size", "0"], "--vocab-size must be a positive"),
+        (["--dest", str(occupied)], "--dest"),
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            prepare_text.main([*args, *extra])
+        assert message in error_of(excinfo)
+
+
 @pytest.mark.e2e
 def test_text_split_by_file_keeps_each_file_whole_and_in_order(tmp_path: Path) -> None:
     texts = tmp_path / "texts"

@@ -220,6 +220,18 @@ def encode_file(model: Path, source: Path, target: Path) -> None:
     write_lines(target, pieces())
 
 
+def check_request(
+    destination: Destination, vocab_size: int | None, spm_vocab_size: int | None
+) -> None:
+    """Fail on a bad tokenization or destination before any input is read (reading can be long)."""
+    if vocab_size is not None and spm_vocab_size is not None:
+        raise fail("--vocab-size and --spm-vocab-size exclude each other; choose one")
+    for name, value in (("--vocab-size", vocab_size), ("--spm-vocab-size", spm_vocab_size)):
+        if value is not None and value < 1:
+            raise fail(f"{name} must be a positive number, got {value}")
+    check_destination(destination)
+
+
 def prepare_lines(
     read_lines: Callable[[], Iterable[str]],
     destination: Destination,
@@ -237,12 +249,7 @@ def prepare_lines(
     ``counts``: the (train, valid, test) lines, instead of the fractions' contiguous split (the
     caller counted them: the lines are then read once).
     """
-    if vocab_size is not None and spm_vocab_size is not None:
-        raise fail("--vocab-size and --spm-vocab-size exclude each other; choose one")
-    for name, value in (("--vocab-size", vocab_size), ("--spm-vocab-size", spm_vocab_size)):
-        if value is not None and value < 1:
-            raise fail(f"{name} must be a positive number, got {value}")
-    check_destination(destination)
+    check_request(destination, vocab_size, spm_vocab_size)
     if counts is None:
         n_lines = sum(1 for _ in read_lines())
         counts = split_counts(n_lines, valid_fraction, test_fraction)
@@ -312,6 +319,7 @@ def prepare_text(
         if split_seed is not None:
             if not input_path.is_dir():
                 raise fail("--split-by-file needs a directory of .txt files as --input")
+            check_request(destination, vocab_size, spm_vocab_size)  # before counting every file
             per_file = [sum(1 for _ in iter_text_lines([file], lowercase)) for file in files]
             groups = split_files_by_lines(per_file, fractions, split_seed)
             counts = tuple(sum(per_file[index] for index in group) for group in groups)
