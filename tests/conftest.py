@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+
 from atbptt_fairseq.experiments.fairseq_process import json_records  # noqa: F401  (the experiments' parser)
 
 REPO = Path(__file__).resolve().parents[1]

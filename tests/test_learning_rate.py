@@ -20,12 +20,12 @@ from fairseq.optim.lr_scheduler.reduce_lr_on_plateau import (
     ReduceLROnPlateauLRSchedule,
     ReduceLROnPlateauLRScheduleConfig,
 )
+from test_model_task import make_decoder, make_task
 
 from atbptt import learning_rate_factor, scaled_learning_rate
 from atbptt_fairseq.criterions.tbptt_cross_entropy import TbpttCrossEntropyCriterion
 from atbptt_fairseq.models.tbptt_lstm_lm import TbpttLstmLanguageModel
 from atbptt_fairseq.optim.tbptt_sgd import TbpttSgd, TbpttSgdConfig
-from test_model_task import make_decoder, make_task
 
 LR = 2.0
 UPDATES = 12

@@ -9,8 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-
 from conftest import load_script
 
 from atbptt_fairseq.experiments import bible, copy_task, lm_corpora, text_corpus

@@ -2,10 +2,13 @@
 T steps of the training stream, and KF-RTRL gradient / sensitivity norms over 80 segments of 10 from
 the zero state, parameters fixed, for 3 random seeds. Usage: python diag.py CHECKPOINT DATA_BIN"""
 
-import torch, sys
-from fairseq.data import data_utils, Dictionary
-from atbptt.estimators import TanhRnn, KfRtrl
-from atbptt.estimators.base import full_gradient, flatten, trainable
+import sys
+
+import torch
+from fairseq.data import Dictionary, data_utils
+
+from atbptt.estimators import KfRtrl, TanhRnn
+from atbptt.estimators.base import flatten, full_gradient, trainable
 
 torch.manual_seed(0)
 data = sys.argv[2]  # the copy data-bin the run trained on

@@ -3,8 +3,10 @@ per update the gradient norm, the sensitivity norms ||A||, ||u|| and the recurre
 spectral radius. Usage: python train_diag.py CHECKPOINT DATA_BIN UPDATES"""
 
 import sys
+
 import torch
 from fairseq.data import Dictionary, data_utils
+
 from atbptt.estimators import KfRtrl, TanhRnn
 from atbptt.estimators.base import trainable
 
