@@ -884,6 +884,20 @@ def test_a_run_subprocess_holds_the_run_lock_and_dies_with_its_starter(tmp_path)
     assert started[0].returncode == -9
 
 
+def test_the_train_log_holds_each_line_as_soon_as_the_sweep_reads_it(tmp_path):
+    """A sweep killed from outside (kill -9, a session's end) loses no line it has read."""
+    log = tmp_path / "train.log"
+    trainer = (  # the line is built, so that the command in the log's header does not hold it
+        "import pathlib, time\n"
+        "line = 'line ' + str(6 * 7)\n"
+        "print(line, flush=True)\n"
+        "time.sleep(1)\n"  # the sweep has read the line by now
+        f"print('kept' if line in pathlib.Path({str(log)!r}).read_text() else 'lost')\n"
+    )
+    launch.run_train([sys.executable, "-c", trainer], log, "run", "1", progress_seconds=60)
+    assert log.read_text().splitlines()[-1] == "kept"
+
+
 @pytest.mark.e2e
 def test_kill_9_of_the_sweep_leaves_no_trainer_running(tiny_corpus, tmp_path):
     import subprocess

@@ -141,7 +141,8 @@ def run_train(
     children = children or ChildProcesses()
     last_shown = time.perf_counter()  # the clock of OutputLine.arrival
     last_train: dict[str, Any] = {}
-    with log_path.open("a") as log:
+    # line-buffered: a sweep killed from outside (a session's end) loses no line it has read
+    with log_path.open("a", buffering=1) as log:
 
         def on_line(line: OutputLine) -> None:
             nonlocal last_shown, last_train
