@@ -11,6 +11,11 @@ same seed, as a multiple of what that fixed-K run needed. "Mean of the last 5" i
 validation perplexity of the run's last five validations (its last 3M processed tokens): a
 figure of where training ended that one lucky or unlucky validation moves less. With
 --plots, DIR/CORPUS.png draws K (steps) and validation perplexity against processed tokens.
+
+Runs whose train.log lost lines when their sweep was killed (the sweep's log was block-buffered
+then) are mended here, and listed under the tables: their validations after the gap are placed
+by the exact processed-token count at the budget's stop, and the validations the log lost come
+back from recovered_validations.csv (recover_validations.py: the sweeps printed them).
 """
 
 import csv
@@ -21,6 +26,10 @@ import sys
 from pathlib import Path
 
 from atbptt.records import METRICS_FILE, read_records
+from atbptt_fairseq.experiments.fairseq_logs import BUDGET_STOP_LINE, LOADED_LINE
+
+RECOVERED = Path(__file__).with_name("recovered_validations.csv")
+LOGGED_UPDATE = re.compile(r'"(?:valid_)?num_updates": "(\d+)"')
 
 
 def decisions(run: Path) -> list[dict]:
@@ -40,7 +49,55 @@ def last_test_ppl(run: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def log_gap(run: Path) -> int | None:
+    """The last update train.log holds before a resumed attempt that starts past it (the lines in
+    between were lost), or None where the log lost nothing."""
+    last = 0
+    for attempt in (run / "train.log").read_text().split("# sweep attempt ")[1:]:
+        loaded = LOADED_LINE.search(attempt)
+        if loaded is not None and int(loaded.group(1)) > last:
+            return last
+        last = max([last, *map(int, LOGGED_UPDATE.findall(attempt))])
+    return None
+
+
+def mend(run: Path, valid: list[dict], trajectory: list[dict], recovered: list[dict]) -> str:
+    """Mend the validations and trajectory of a run whose log lost lines (in place); say how.
+
+    The tokens the log lost are the gap between its parsed count at the last validation (the
+    budget's stop) and the exact count of the stop line; every record after the gap moves by
+    it. A recovered validation sits between its neighbours, evenly (the protocol validates at
+    equal processed-token intervals)."""
+    gap = log_gap(run)
+    if gap is None:
+        return ""
+    stop = BUDGET_STOP_LINE.findall((run / "train.log").read_text())[-1]
+    offset = float(stop[1].replace(",", "")) - float(valid[-1]["processed_tokens"])
+    for row in (*valid, *trajectory):
+        if int(row["num_updates"]) > gap:
+            row["processed_tokens"] = float(row["processed_tokens"]) + offset
+    valid.extend(recovered)
+    valid.sort(key=lambda row: int(row["num_updates"]))
+    lost = {id(row) for row in recovered}
+    for index, row in enumerate(valid):
+        if id(row) in lost:  # evenly between the row before and the next logged one
+            logged = next(i for i in range(index, len(valid)) if id(valid[i]) not in lost)
+            before = float(valid[index - 1]["processed_tokens"])
+            span = float(valid[logged]["processed_tokens"]) - before
+            row["processed_tokens"] = before + span / (logged - index + 1)
+    positions = [float(row["processed_tokens"]) for row in valid]
+    steps = [later - before for before, later in zip(positions, positions[1:])]
+    missing = sum(round(step / statistics.median(steps)) - 1 for step in steps)
+    return (
+        f"{run.parts[-4]} {run.parts[-3]} {run.name}: the log lost the lines after update "
+        f"{gap}; later records moved by {offset / 1e6:+.2f}M processed tokens; "
+        f"{len(recovered)} validation(s) recovered, {missing} missing (not printed in a kept "
+        "sweep output)"
+    )
+
+
 def read_runs(grids: list[Path]) -> list[dict]:
+    recovered = list(csv.DictReader(RECOVERED.open())) if RECOVERED.is_file() else []
     runs = []
     for grid in grids:
         for result in sorted(grid.glob("*/*/runs/*/result.json")):
@@ -48,6 +105,13 @@ def read_runs(grids: list[Path]) -> list[dict]:
             corpus, variant = run.parts[-4], run.parts[-3]
             record = json.loads(result.read_text())
             valid = list(csv.DictReader((run / "validation.csv").open()))
+            trajectory = list(csv.DictReader((run / "trajectory.csv").open()))
+            mine = [
+                dict(row)
+                for row in recovered
+                if (row["corpus"], row["configuration"], row["run"]) == (corpus, variant, run.name)
+            ]
+            mended = mend(run, valid, trajectory, mine)
             curve = [(float(v["processed_tokens"]), float(v["valid_ppl"])) for v in valid]
             adaptive = record["mode"] == "adaptive"
             baseline = not adaptive and re.fullmatch(r"fixed\d*", variant) is not None
@@ -69,7 +133,8 @@ def read_runs(grids: list[Path]) -> list[dict]:
                     "test_last": last_test_ppl(run),
                     "ks": [d["truncation_length"] for d in decisions(run)] if adaptive else [],
                     "final_k": record["final_k"],
-                    "trajectory": list(csv.DictReader((run / "trajectory.csv").open())),
+                    "trajectory": trajectory,
+                    "mended": mended,
                 }
             )
     return runs
@@ -150,6 +215,13 @@ def main(grids: list[Path]) -> None:
                 f"{spread([r['test_last'] for r in mine])} | "
                 f"{spread([r['last_five'] for r in mine])} |"
             )
+    mended = [run["mended"] for run in runs if run["mended"]]
+    if mended:
+        print()
+        print("Mended records (train.log lost lines when the sweep was killed):")
+        print()
+        for line in mended:
+            print(f"- {line}")
 
 
 def plot(runs: list[dict], out: Path) -> None:
