@@ -71,8 +71,9 @@ def mend(run: Path, valid: list[dict], trajectory: list[dict], recovered: list[d
     gap = log_gap(run)
     if gap is None:
         return ""
-    stop = BUDGET_STOP_LINE.findall((run / "train.log").read_text())[-1]
-    offset = float(stop[1].replace(",", "")) - float(valid[-1]["processed_tokens"])
+    stops = BUDGET_STOP_LINE.findall((run / "train.log").read_text())
+    exact = float(stops[-1][1].replace(",", "")) if stops else None  # None: a run without a budget
+    offset = 0.0 if exact is None else exact - float(valid[-1]["processed_tokens"])
     for row in (*valid, *trajectory):
         if int(row["num_updates"]) > gap:
             row["processed_tokens"] = float(row["processed_tokens"]) + offset
