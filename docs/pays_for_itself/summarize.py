@@ -141,6 +141,11 @@ def read_runs(grids: list[Path]) -> list[dict]:
     return runs
 
 
+def in_order(name: str) -> str:
+    """Sort key of a configuration name: numbers by value (fixed_k20 before fixed_k100)."""
+    return re.sub(r"\d+", lambda number: number.group().zfill(6), name)
+
+
 def best_fixed(runs: list[dict], corpus: str) -> str | None:
     """The fixed K of ``corpus`` with the lowest mean best validation perplexity."""
     fixed = {}
@@ -188,7 +193,7 @@ def main(grids: list[Path]) -> None:
         "to the best fixed K's best valid ppl |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for run in sorted(runs, key=lambda r: (r["corpus"], r["configuration"], r["seed"])):
+    for run in sorted(runs, key=lambda r: (r["corpus"], in_order(r["configuration"]), r["seed"])):
         ks = ", ".join(map(str, run["ks"])) or f"{run['final_k']:g}"
         last = "n/a" if run["test_last"] is None else f"{run['test_last']:.1f}"
         print(
@@ -204,7 +209,7 @@ def main(grids: list[Path]) -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for corpus in corpora:
-        names = sorted({r["configuration"] for r in runs if r["corpus"] == corpus})
+        names = sorted({r["configuration"] for r in runs if r["corpus"] == corpus}, key=in_order)
         for name in names:
             mine = [r for r in runs if r["corpus"] == corpus and r["configuration"] == name]
             marker = " (best fixed)" if name == references[corpus] else ""
