@@ -1,9 +1,10 @@
 """The issue-28 grid's tables, from each finished run's records (result.json, validation.csv, the
 K decisions of atbptt_metrics.jsonl, eval_test_last.log where test_at_last.sh wrote it).
 
-    python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] [--plots DIR] > table.md
+    python docs/pays_for_itself/summarize.py GRID_DIR [GRID_DIR ...] [--plots DIR]
 
-A GRID_DIR holds CORPUS/CONFIGURATION/runs/RUN. Two tables: one row per run, then mean ± sample
+A GRID_DIR holds CORPUS/CONFIGURATION/runs/RUN. The output (Markdown) goes between the table
+markers of this directory's README.md. Two tables: one row per run, then mean ± sample
 std over seeds per corpus and configuration. Time to target: processed tokens a run needs to reach
 the best validation perplexity of the best fixed K (the fixed K with the lowest mean best
 validation perplexity, among the protocol's fixed K: configurations named fixed or fixedN) of the
