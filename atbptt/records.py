@@ -98,12 +98,20 @@ def drop_records_from(path: str | os.PathLike, update: int) -> None:
 
 class MetricsFile:
     """``atbptt_metrics.jsonl`` in ``folder``: records appended as they come, and on a resume
-    the records after the restored update dropped, so that none is written twice."""
+    the records after the restored update dropped, so that none is written twice.
+
+    The first write of a run also drops the file's records from its update on: they belong to
+    an attempt that died before saving the checkpoint this run starts from (or before any, when
+    this run starts from scratch in the same folder)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / METRICS_FILE
+        self._written = False
 
     def write(self, *records: dict[str, Any]) -> None:
+        if records and not self._written:
+            drop_records_from(self.path, min(map(record_update, records)))
+            self._written = True
         append_records(self.path, records)
 
     def resume_at(self, update: int) -> None:

@@ -337,6 +337,19 @@ def test_records_are_returned_and_written_once_per_update_across_a_resume(tmp_pa
     assert all(d["reason"] and "raw_choice" in d for d in decisions)
 
 
+def test_a_run_started_again_from_scratch_drops_the_records_of_the_dead_attempt(tmp_path):
+    """An attempt killed before its first checkpoint left records; the run started again in the
+    same folder (no checkpoint to resume) writes each update's records once, its own."""
+    driver, model, optimizer = make_run(seed=0)
+    driver.metrics = MetricsFile(tmp_path)
+    train(driver, model, optimizer, until=7)
+    again, again_model, again_optimizer = make_run(seed=0)
+    again.metrics = MetricsFile(tmp_path)
+    train(again, again_model, again_optimizer, until=5)
+    assert [r["update"] for r in read_records(tmp_path / METRICS_FILE, "update")] == list(range(5))
+    assert [d["update"] for d in read_records(tmp_path / METRICS_FILE, "k_decision")] == [0, 3]
+
+
 def test_bad_batch_sizes_and_models_are_refused_in_one_line():
     tokens, targets = copy_task.copy_stream(200, 2, 4, seed=1)
     for batch_size in (0, -2):
