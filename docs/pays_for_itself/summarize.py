@@ -16,7 +16,9 @@ figure of where training ended that one lucky or unlucky validation moves less. 
 Runs whose train.log lost lines when their sweep was killed (the sweep's log was block-buffered
 then) are mended here, and listed under the tables: their validations after the gap are placed
 by the exact processed-token count at the budget's stop, and the validations the log lost come
-back from recovered_validations.csv (recover_validations.py: the sweeps printed them).
+back from recovered_validations.csv (recover_validations.py: the sweeps printed them). A run
+started again from scratch after its first attempt died before any checkpoint wrote its first
+updates' records twice (until atbptt.records dropped a dead attempt's): the later are kept.
 """
 
 import csv
@@ -42,6 +44,13 @@ def decisions(run: Path) -> list[dict]:
             return read_records(metrics, kind="k_decision")
     lines = (run / "train.log").read_text().splitlines()
     return [json.loads(line.split("k_decision ", 1)[1]) for line in lines if "k_decision {" in line]
+
+
+def last_of_each(rows: list[dict], key: str) -> list[dict]:
+    """The last row of each update, in update order: a run started again from scratch (its
+    first attempt killed before any checkpoint) wrote its first updates' records twice, until
+    the metrics file learnt to drop a dead attempt's records."""
+    return sorted({int(row[key]): row for row in rows}.values(), key=lambda row: int(row[key]))
 
 
 def last_test_ppl(run: Path) -> float | None:
@@ -114,6 +123,14 @@ def read_runs(grids: list[Path]) -> list[dict]:
                 if (row["corpus"], row["configuration"], row["run"]) == (corpus, variant, run.name)
             ]
             mended = mend(run, valid, trajectory, mine)
+            if len(last_of_each(trajectory, "num_updates")) < len(trajectory):
+                twice = len(trajectory) - len(last_of_each(trajectory, "num_updates"))
+                trajectory = last_of_each(trajectory, "num_updates")
+                mended = mended or f"{corpus} {variant} {run.name}:"
+                mended += (
+                    f" records of {twice} updates written twice (the run was started again from"
+                    " scratch), the later kept"
+                )
             curve = [(float(v["processed_tokens"]), float(v["valid_ppl"])) for v in valid]
             adaptive = record["mode"] == "adaptive"
             baseline = not adaptive and re.fullmatch(r"fixed\d*", variant) is not None
@@ -133,7 +150,9 @@ def read_runs(grids: list[Path]) -> list[dict]:
                     "last_five": statistics.mean(p for _, p in curve[-5:]),
                     "test_best": record["test_ppl"],
                     "test_last": last_test_ppl(run),
-                    "ks": [d["truncation_length"] for d in decisions(run)] if adaptive else [],
+                    "ks": [d["truncation_length"] for d in last_of_each(decisions(run), "update")]
+                    if adaptive
+                    else [],
                     "final_k": record["final_k"],
                     "trajectory": trajectory,
                     "mended": mended,
@@ -225,7 +244,7 @@ def main(grids: list[Path]) -> None:
     mended = [run["mended"] for run in runs if run["mended"]]
     if mended:
         print()
-        print("Mended records (train.log lost lines when the sweep was killed):")
+        print("Mended records (what killed sweeps left; see the module's docstring):")
         print()
         for line in mended:
             print(f"- {line}")
