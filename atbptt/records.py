@@ -117,3 +117,4 @@ class MetricsFile:
     def resume_at(self, update: int) -> None:
         """Drop the records of ``update`` and later (the resumed run writes them again)."""
         drop_records_from(self.path, update)
+        self._written = True  # nothing of a dead attempt is left for the first write to drop

@@ -59,11 +59,11 @@ def last_test_ppl(run: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-def log_gap(run: Path) -> int | None:
-    """The last update train.log holds before a resumed attempt that starts past it (the lines in
-    between were lost), or None where the log lost nothing."""
+def log_gap(log: str) -> int | None:
+    """The last update a train.log (its text) holds before a resumed attempt that starts past it
+    (the lines in between were lost), or None where the log lost nothing."""
     last = 0
-    for attempt in (run / "train.log").read_text().split("# sweep attempt ")[1:]:
+    for attempt in log.split("# sweep attempt ")[1:]:
         loaded = LOADED_LINE.search(attempt)
         if loaded is not None and int(loaded.group(1)) > last:
             return last
@@ -78,10 +78,11 @@ def mend(run: Path, valid: list[dict], trajectory: list[dict], recovered: list[d
     budget's stop) and the exact count of the stop line; every record after the gap moves by
     it. A recovered validation sits between its neighbours, evenly (the protocol validates at
     equal processed-token intervals)."""
-    gap = log_gap(run)
+    log = (run / "train.log").read_text()
+    gap = log_gap(log)
     if gap is None:
         return ""
-    stops = BUDGET_STOP_LINE.findall((run / "train.log").read_text())
+    stops = BUDGET_STOP_LINE.findall(log)
     exact = float(stops[-1][1].replace(",", "")) if stops else None  # None: a run without a budget
     offset = 0.0 if exact is None else exact - float(valid[-1]["processed_tokens"])
     for row in (*valid, *trajectory):
@@ -123,9 +124,10 @@ def read_runs(grids: list[Path]) -> list[dict]:
                 if (row["corpus"], row["configuration"], row["run"]) == (corpus, variant, run.name)
             ]
             mended = mend(run, valid, trajectory, mine)
-            if len(last_of_each(trajectory, "num_updates")) < len(trajectory):
-                twice = len(trajectory) - len(last_of_each(trajectory, "num_updates"))
-                trajectory = last_of_each(trajectory, "num_updates")
+            once = last_of_each(trajectory, "num_updates")
+            if len(once) < len(trajectory):
+                twice = len(trajectory) - len(once)
+                trajectory = once
                 mended = mended or f"{corpus} {variant} {run.name}:"
                 mended += (
                     f" records of {twice} updates written twice (the run was started again from"
@@ -203,8 +205,7 @@ def spread(values: list[float | None]) -> str:
     return f"{statistics.mean(known):.1f} ± {statistics.stdev(known):.1f}"
 
 
-def main(grids: list[Path]) -> None:
-    runs = read_runs(grids)
+def main(runs: list[dict]) -> None:
     corpora = sorted({run["corpus"] for run in runs})
     references = {corpus: best_fixed(runs, corpus) for corpus in corpora}
     print(
@@ -297,7 +298,7 @@ if __name__ == "__main__":
         index = arguments.index("--plots")
         plots = Path(arguments[index + 1])
         del arguments[index : index + 2]
-    grids = [Path(argument) for argument in arguments]
-    main(grids)
+    runs = read_runs([Path(argument) for argument in arguments])
+    main(runs)
     if plots is not None:
-        plot(read_runs(grids), plots)
+        plot(runs, plots)
